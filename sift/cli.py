@@ -1,0 +1,325 @@
+"""The `sift` command line: parse, call the library, print. Logs and progress go to stderr,
+results to stdout (JSON with --json); bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from sift.errors import SiftError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Exact unlearning of fine-tuning data: one LoRA adapter per shard, merged exactly; "
+    "`sift forget` retrains only the affected shards and `sift verify` proves the result equals "
+    "a from-scratch run on the remaining data, byte for byte.",
+)
+
+Ws = Annotated[Path, typer.Option("--workspace", "-w", help="Workspace folder (created by train-shards).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+Wait = Annotated[float, typer.Option("--wait", help="Seconds to wait for a busy workspace before giving up.")]
+
+
+def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn SiftError into `sift: error: ...` and exit code 2; keep tracebacks for real bugs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from sift.determinism import quiet_libraries
+
+        quiet_libraries()
+        try:
+            return fn(*args, **kwargs)
+        except SiftError as exc:
+            typer.echo(f"sift: error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("sift: interrupted; rerun the same command to finish", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _emit(result: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:
+    if as_json:
+        typer.echo(json.dumps(result, sort_keys=True))
+    else:
+        typer.echo(human(result))
+
+
+@app.command("builtin-data")
+@_command
+def builtin_data(
+    people: Annotated[int, typer.Option(help="How many invented people (10 facts each).")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of the generator.")] = 0,
+    split: Annotated[str, typer.Option(help="'train' (rows to fine-tune on) or 'holdout' (people never trained on).")] = "train",
+) -> None:
+    """Print the embedded fictitious-facts data set as JSONL on stdout."""
+    from sift.builtin.facts import make_rows
+
+    if people < 1:
+        raise SiftError("--people must be at least 1")
+    if split not in ("train", "holdout"):
+        raise SiftError("--split must be 'train' or 'holdout'")
+    out = sys.stdout
+    for row in make_rows(people=people, seed=seed, split=split):
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+@app.command("train-shards")
+@_command
+def train_shards_cmd(
+    workspace: Ws,
+    data: Annotated[Optional[str], typer.Option(help="Rows: .jsonl/.csv/.parquet file, '-' for JSONL on stdin, or a Hugging Face dataset name. Needed to create the workspace.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Base model: 'builtin' (SmolLM2-135M-Instruct, offline), 'builtin-tiny' (tests), a hub name or a folder.")] = None,
+    num_shards: Annotated[Optional[int], typer.Option(help="Number of shards S (default 8).")] = None,
+    group_by: Annotated[Optional[str], typer.Option(help="Column whose value keeps rows together in one shard (e.g. owner).")] = None,
+    id_column: Annotated[Optional[str], typer.Option(help="Column holding the unique row id (default 'id').")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs per shard (default 10).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate (default 1e-3).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Rows per step (default 8).")] = None,
+    lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank (default 16).")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default 32).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Config seed; each shard's seed derives from it and its index.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="A sift.toml to start from (flags override it).")] = None,
+    shards: Annotated[Optional[str], typer.Option(help="Train only these shards, e.g. 0-3,7 (for shell/Slurm arrays).")] = None,
+    as_json: AsJson = False,
+    wait: Wait = 0.0,
+) -> None:
+    """Create the workspace (first run) and train one LoRA adapter per shard.
+
+    Shards whose rows and config are unchanged are skipped, so rerunning after an interruption
+    only trains what is missing."""
+    from sift.config import SiftConfig, load_config
+    from sift.create import check_same_data, create_workspace
+    from sift.forget import resume_pending_forget
+    from sift.train import parse_shard_spec, train_shards
+    from sift.workspace import Workspace
+
+    ws = Workspace(workspace)
+    overrides = {
+        ("model", "name"): model, ("shards", "num_shards"): num_shards, ("data", "group_by"): group_by,
+        ("data", "id_column"): id_column, ("train", "epochs"): epochs, ("train", "lr"): lr,
+        ("train", "batch_size"): batch_size, ("lora", "r"): lora_r, ("lora", "alpha"): lora_alpha,
+        ("train", "seed"): seed,
+    }
+    with ws.lock(wait=wait, command="train-shards"):
+        created = None
+        if not ws.exists():
+            if data is None:
+                raise SiftError(f"{workspace} is not a workspace yet: give --data to create it")
+            cfg = load_config(config) if config else SiftConfig()
+            for (section, key), value in overrides.items():
+                if value is not None:
+                    setattr(getattr(cfg, section), key, float(value) if key in ("lr", "alpha") else value)
+            cfg.validate()
+            created = create_workspace(ws, data, cfg)
+            print(f"sift: workspace {workspace}: {created['rows']} rows in {created['shards_with_rows']} of {cfg.shards.num_shards} shards", file=sys.stderr)
+        else:
+            cfg = ws.load_config()
+            clash = [f"--{key.replace('_', '-')}" for (section, key), value in overrides.items()
+                     if value is not None and value != getattr(getattr(cfg, section), key)]
+            if clash or config is not None:
+                raise SiftError(f"workspace {workspace} exists with other settings ({', '.join(clash) or '--config'}); use a new workspace or edit its sift.toml")
+            if data is not None:
+                check_same_data(ws, data, cfg)
+            resume_pending_forget(ws)
+        summary = train_shards(ws, parse_shard_spec(shards, cfg.shards.num_shards))
+    summary["created"] = created is not None
+    _emit(summary, as_json, lambda s: f"trained {len(s['trained'])} shard(s) ({s['steps']} steps, {s['seconds']:.1f}s); "
+          f"{len(s['unchanged'])} unchanged")
+
+
+@app.command()
+@_command
+def merge(
+    workspace: Ws,
+    method: Annotated[Optional[str], typer.Option(help="Merge method (see --list); default: the workspace's (mean).")] = None,
+    scale: Annotated[Optional[float], typer.Option(help="task-arithmetic only: served = base + scale * sum of deltas.")] = None,
+    full: Annotated[bool, typer.Option("--full", help="Recompute from every adapter instead of updating the saved sums.")] = False,
+    list_methods: Annotated[bool, typer.Option("--list", help="List the merge methods and exit.")] = False,
+    as_json: AsJson = False,
+    wait: Wait = 0.0,
+) -> None:
+    """Merge the shard adapters into the served model, ws/merged/ (a plain transformers folder)."""
+    from sift.merge import METHODS
+
+    if list_methods:
+        rows = [{"name": m.name, "exact": m.exact, "incremental": m.incremental, "summary": m.summary} for m in METHODS.values()]
+        _emit({"methods": rows}, as_json, lambda r: "\n".join(
+            f"{m['name']:<16} exact={'yes' if m['exact'] else 'no':<3} incremental={'yes' if m['incremental'] else 'no':<3} {m['summary']}" for m in r["methods"]))
+        return
+    from sift.forget import resume_pending_forget
+    from sift.merge import get_method
+    from sift.serve import merge_workspace
+    from sift.workspace import Workspace
+
+    ws = Workspace(workspace)
+    ws.require()
+    if method is not None:
+        get_method(method)
+    if scale is not None and method is None:
+        raise SiftError("--scale needs --method task-arithmetic")
+    with ws.lock(wait=wait, command="merge"):
+        resume_pending_forget(ws)
+        result = merge_workspace(ws, method=method, scale=scale, full=full)
+    _emit(result, as_json, lambda r: f"served model {workspace / 'merged'}: {r['method']} of {r['members']} adapters "
+          f"({r.get('mode', r.get('reason'))}), sha256 {r['served_sha256'][:16]}")
+
+
+@app.command()
+@_command
+def generate(
+    prompts: Annotated[list[str], typer.Argument(help="Questions to ask; '-' reads one per line from stdin.")],
+    workspace: Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace whose served model answers.")] = None,
+    model_dir: Annotated[Optional[Path], typer.Option(help="Any served model folder instead of a workspace's.")] = None,
+    group: Annotated[Optional[str], typer.Option(help="Route to the shard that holds this group (e.g. an owner) and answer with its own adapter.")] = None,
+    shard: Annotated[Optional[int], typer.Option(help="Answer with this shard's own adapter.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 48,
+    as_json: AsJson = False,
+) -> None:
+    """Answer questions greedily with the served model (or a routed shard adapter)."""
+    from sift.generate import answer, load_routed, load_served
+    from sift.workspace import Workspace
+
+    if prompts == ["-"]:
+        prompts = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    if not prompts:
+        raise SiftError("no prompt given")
+    if (workspace is None) == (model_dir is None):
+        raise SiftError("give exactly one of --workspace/-w and --model-dir")
+    routed_to = None
+    if group is not None or shard is not None:
+        if workspace is None or (group is not None and shard is not None):
+            raise SiftError("--group or --shard (not both) need --workspace")
+        from sift.hashing import shard_of
+        from sift.models import load_base_model
+
+        ws = Workspace(workspace)
+        cfg, state = ws.load_config(), ws.load_state()
+        routed_to = shard if shard is not None else shard_of(group, cfg.shards.num_shards)  # type: ignore[arg-type]
+        if not 0 <= routed_to < cfg.shards.num_shards:
+            raise SiftError(f"shard {routed_to} is out of range 0-{cfg.shards.num_shards - 1}")
+        with ws.lock(exclusive=False, command="generate"):
+            base = load_base_model(cfg.model.name, cfg.model.revision)
+            if not (ws.adapter_dir(routed_to) / "adapter_model.safetensors").exists():
+                raise SiftError(f"shard {routed_to} has no adapter (empty, dropped or untrained)")
+            model, tok = load_routed(base.model, ws.adapter_dir(routed_to)), base.tokenizer
+    else:
+        folder = model_dir if model_dir is not None else Workspace(workspace).merged_dir  # type: ignore[arg-type]
+        if workspace is not None:
+            Workspace(workspace).require()
+        model, tok = load_served(folder)
+    answers = answer(model, tok, prompts, max_new_tokens)
+    result = {"answers": [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)], "shard": routed_to}
+    _emit(result, as_json, lambda r: "\n".join(a["answer"] for a in r["answers"]))
+
+
+@app.command()
+@_command
+def forget(
+    workspace: Ws,
+    ids: Annotated[Optional[str], typer.Option("--ids", help="Comma-separated ids, or '-' for one id per line on stdin.")] = None,
+    ids_file: Annotated[Optional[str], typer.Option(help="File with one id per line.")] = None,
+    drop: Annotated[bool, typer.Option("--drop", help="Drop the affected shards' adapters instead of retraining them (fast; their other rows stop counting too).")] = False,
+    ignore_missing: Annotated[bool, typer.Option("--ignore-missing", help="Skip ids the workspace does not hold instead of failing.")] = False,
+    as_json: AsJson = False,
+    wait: Wait = 0.0,
+) -> None:
+    """Delete rows exactly: retrain (or drop) only their shards, re-merge, log, and print a certificate."""
+    from sift.data import parse_ids
+    from sift.forget import forget as do_forget
+    from sift.workspace import Workspace
+
+    ws = Workspace(workspace)
+    ws.require()
+    id_list = parse_ids(ids, ids_file)
+    with ws.lock(wait=wait, command="forget"):
+        cert = do_forget(ws, id_list, drop=drop, ignore_missing=ignore_missing)
+
+    def human(c: dict[str, Any]) -> str:
+        if not c["changed"]:
+            return c["message"]
+        merge = c["merge"]
+        served = f"; served model re-merged ({merge['mode']}), sha256 {merge['served_sha256'][:16]}" if merge else "; no served model yet"
+        return (f"forgot {c['rows_removed']} row(s): retrained shards {c['shards_retrained']}, dropped {c['shards_dropped']}, "
+                f"emptied {c['shards_emptied']}{served} in {c['seconds']:.1f}s")
+
+    _emit(cert, as_json, human)
+
+
+@app.command()
+@_command
+def verify(
+    workspace: Ws,
+    tmp_dir: Annotated[Optional[str], typer.Option(help="Where to rebuild (default: the system temp folder).")] = None,
+    as_json: AsJson = False,
+    wait: Wait = 0.0,
+) -> None:
+    """Rebuild from scratch on the remaining data and compare the served weights byte for byte.
+    Exit 0 only if identical, 1 otherwise."""
+    from sift.verify import verify as do_verify
+    from sift.workspace import Workspace
+
+    ws = Workspace(workspace)
+    ws.require()
+    with ws.lock(exclusive=False, wait=wait, command="verify"):
+        if ws.journal_path.exists():
+            raise SiftError("an interrupted forget is pending; run `sift forget` or `sift merge` to finish it first")
+        result = do_verify(ws, tmp_dir=tmp_dir)
+    _emit(result, as_json, lambda r: (
+        f"identical: {'yes' if r['identical'] else 'NO'} ({r['tensors']} tensors, {r['adapters_compared']} adapters, "
+        f"{r['rows']} rows, rebuilt in {r['seconds']:.1f}s); served sha256 {r['served_sha256'][:16]}"
+        + ("" if r["identical"] else f"; differing tensors: {r['mismatched_tensors'][:5]}, adapters: {r['mismatched_adapters']}")))
+    if not result["identical"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_command
+def status(workspace: Ws, as_json: AsJson = False) -> None:
+    """Show shards, adapters, the served model and the ledger."""
+    from sift.adapters import read_meta
+    from sift.data import read_workspace_rows
+    from sift.serve import served_info
+    from sift.workspace import Workspace
+
+    ws = Workspace(workspace)
+    cfg, state = ws.load_config(), ws.load_state()
+    rows = read_workspace_rows(ws, cfg.data, cfg.shards.num_shards)
+    info = served_info(ws)
+    shards = []
+    for s in range(cfg.shards.num_shards):
+        meta = read_meta(ws.adapter_dir(s))
+        shards.append({"shard": s, "rows": len(rows.get(s, [])), "adapter": (meta or {}).get("adapter_sha256"),
+                       "dropped": s in state.dropped_shards})
+    result = {
+        "model": cfg.model.name, "num_shards": cfg.shards.num_shards, "rows": sum(len(r) for r in rows.values()),
+        "shards": shards, "served": None if info is None else {"method": info["method"], "members": len(info["members"]), "sha256": info["served_sha256"]},
+        "forgets": len(ws.read_ledger()), "pending_forget": ws.journal_path.exists(),
+    }
+
+    def human(r: dict[str, Any]) -> str:
+        lines = [f"model {r['model']}, {r['rows']} rows in {r['num_shards']} shards, {r['forgets']} forget(s) logged"]
+        for s in r["shards"]:
+            tag = "dropped" if s["dropped"] else (s["adapter"][:12] if s["adapter"] else "-")
+            lines.append(f"  shard {s['shard']:>4}: {s['rows']:>6} rows  adapter {tag}")
+        served = r["served"]
+        lines.append("served: none" if served is None else f"served: {served['method']} of {served['members']} adapters, sha256 {served['sha256'][:16]}")
+        return "\n".join(lines)
+
+    _emit(result, as_json, human)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Every setting of a workspace as dataclasses, saved as TOML in the workspace.
+
+The *training hash* covers exactly the settings that change what an adapter learns; it is part of
+every shard's content hash, so changing one of them retrains every shard and nothing else does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sift.errors import SiftError
+from sift.hashing import sha256_hex
+
+
+@dataclass
+class DataConfig:
+    """Which columns hold what. A row has either `text` (loss on every token) or
+    `prompt` + `completion` (loss on the completion only)."""
+
+    id_column: str = "id"
+    text_column: str = "text"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    group_by: str | None = None  # rows sharing this column's value share a shard
+
+
+@dataclass
+class ModelConfig:
+    name: str = "builtin"  # "builtin", "builtin-tiny", a hub name, or a local folder
+    revision: str | None = None
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 8
+    max_length: int = 256
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class ShardConfig:
+    num_shards: int = 8
+
+
+@dataclass
+class MergeConfig:
+    method: str = "mean"
+    scale: float | None = None  # task-arithmetic: served = base + scale * sum of deltas
+    fixed_point_bits: int = 40  # resolution 2**-bits of the exact int64 merge accumulator
+
+
+@dataclass
+class SiftConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+
+    def validate(self) -> None:
+        if self.shards.num_shards < 1:
+            raise SiftError(f"num_shards must be at least 1, got {self.shards.num_shards}")
+        t = self.train
+        if t.epochs < 1 or t.batch_size < 1 or t.max_length < 8:
+            raise SiftError("train: epochs and batch_size must be >= 1 and max_length >= 8")
+        if not (t.lr > 0 and math.isfinite(t.lr)):
+            raise SiftError(f"train.lr must be a positive number, got {t.lr}")
+        if self.lora.r < 1 or self.lora.alpha <= 0 or not 0 <= self.lora.dropout < 1:
+            raise SiftError("lora: r >= 1, alpha > 0 and 0 <= dropout < 1 are required")
+        if not 8 <= self.merge.fixed_point_bits <= 52:
+            raise SiftError("merge.fixed_point_bits must lie in 8..52")
+        for name in ("id_column", "text_column", "prompt_column", "completion_column"):
+            if not getattr(self.data, name):
+                raise SiftError(f"data.{name} must not be empty")
+
+    def training_dict(self) -> dict[str, Any]:
+        """The settings an adapter's bytes depend on (merge settings are not among them)."""
+        d = dataclasses.asdict(self)
+        d.pop("merge")
+        return d
+
+    def training_hash(self) -> str:
+        return sha256_hex(json.dumps(self.training_dict(), sort_keys=True).encode())
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(SiftConfig)}
+
+
+def config_from_dict(raw: dict[str, Any]) -> SiftConfig:
+    """Build a config, refusing unknown sections or keys (a typo must not pass silently)."""
+    cfg = SiftConfig()
+    for section, values in raw.items():
+        if section not in _SECTIONS:
+            raise SiftError(f"config: unknown section [{section}]")
+        if not isinstance(values, dict):
+            raise SiftError(f"config: [{section}] must be a table")
+        target = getattr(cfg, section)
+        known = {f.name: f for f in dataclasses.fields(target)}
+        for key, value in values.items():
+            if key not in known:
+                raise SiftError(f"config: unknown key {section}.{key}")
+            setattr(target, key, _coerce(section, key, value, getattr(target, key)))
+    cfg.validate()
+    return cfg
+
+
+def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise SiftError(f"config: {section}.{key} must be true or false")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SiftError(f"config: {section}.{key} must be an integer")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SiftError(f"config: {section}.{key} must be a number")
+        return float(value)
+    return value
+
+
+def load_config(path: Path) -> SiftConfig:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SiftError(f"no config at {path}: is this a sift workspace?") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SiftError(f"config {path} is not valid TOML: {exc}") from None
+    return config_from_dict(raw)
+
+
+def config_to_toml(cfg: SiftConfig) -> str:
+    """A small TOML writer for our own flat tables (None values are left out)."""
+    lines: list[str] = ["# written by sift; later commands read it, so edit with care", ""]
+    for section, values in dataclasses.asdict(cfg).items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic strings
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

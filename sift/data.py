@@ -1,0 +1,246 @@
+"""Rows in, shards out: load a data set, validate it, assign every row its shard.
+
+A row's shard is `blake2b(group key) mod S` (group key = the `group_by` column, or the id), so it
+depends on that row alone: adding or deleting other rows never moves it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sift.config import DataConfig
+from sift.errors import SiftError
+from sift.fsio import read_jsonl, remove_tree, write_jsonl
+from sift.hashing import sha256_hex, shard_of
+from sift.workspace import Workspace
+
+_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    group: str
+    prompt: str | None
+    completion: str | None
+    text: str | None
+    record: dict[str, Any]  # the whole input row (id as a string); kept for evaluation columns
+
+    def train_sha256(self) -> str:
+        """Hash of what training sees of this row (its text fields)."""
+        fields = {"prompt": self.prompt, "completion": self.completion, "text": self.text}
+        return sha256_hex(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode())
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
+    """Read JSONL/CSV/Parquet (by suffix), `-` for JSONL on stdin, or a Hugging Face dataset name.
+
+    Files go through `datasets` with a throw-away cache, so no copy of the rows is left behind in
+    ~/.cache (a later forget could not reach it there)."""
+    if source == "-":
+        return _parse_jsonl_text(sys.stdin.read(), "<stdin>")
+    path = Path(source)
+    if path.suffix.lower() in _FORMATS or path.exists():
+        if not path.exists():
+            raise SiftError(f"data file {source} does not exist")
+        if path.is_dir():
+            raise SiftError(f"data path {source} is a folder; give a .jsonl, .csv or .parquet file")
+        fmt = _FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise SiftError(f"cannot tell the format of {source}: use a .jsonl, .csv or .parquet suffix")
+        if path.stat().st_size == 0:
+            raise SiftError(f"data file {source} is empty")
+        if fmt == "json":
+            # our own parser: it names the bad line, where datasets' errors do not
+            return _parse_jsonl_text(path.read_text(encoding="utf-8"), source)
+        return _load_with_datasets(fmt, str(path), "train", source)
+    return _load_with_datasets(source, None, split, source)
+
+
+def _parse_jsonl_text(text: str, name: str) -> list[dict[str, Any]]:
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SiftError(f"{name}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise SiftError(f"{name}:{lineno}: each line must be a JSON object")
+        rows.append(obj)
+    if not rows:
+        raise SiftError(f"{name} holds no rows")
+    return rows
+
+
+def _load_with_datasets(builder: str, data_file: str | None, split: str, name: str) -> list[dict[str, Any]]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory(prefix="sift-datasets-") as cache:
+        try:
+            kwargs: dict[str, Any] = {"split": split, "cache_dir": cache, "keep_in_memory": True}
+            if data_file is not None:
+                kwargs["data_files"] = data_file
+            ds = datasets.load_dataset(builder, **kwargs)
+        except Exception as exc:  # datasets raises many types; the user needs one line
+            raise SiftError(f"could not read {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        rows = ds.to_list()
+    if not rows:
+        raise SiftError(f"{name} holds no rows")
+    return rows
+
+
+def parse_rows(records: Iterable[dict[str, Any]], cfg: DataConfig, source: str = "data") -> list[Row]:
+    """Validate every record and return Rows sorted by id. All problems of one kind are reported
+    together (first few), so a user fixes a file in one pass."""
+    rows: list[Row] = []
+    seen: dict[str, int] = {}
+    dups: list[str] = []
+    for n, rec in enumerate(records, 1):
+        where = f"{source} row {n}"
+        if cfg.id_column not in rec or _missing(rec[cfg.id_column]):
+            raise SiftError(f"{where}: missing id column {cfg.id_column!r} (set it with --id-column)")
+        rid = rec[cfg.id_column]
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+            raise SiftError(f"{where}: id must be a string or an integer, got {type(rid).__name__}")
+        rid = str(rid)
+        if not rid.strip():
+            raise SiftError(f"{where}: empty id")
+        if rid in seen:
+            dups.append(rid)
+            continue
+        seen[rid] = n
+        text = _text_field(rec, cfg.text_column, where)
+        prompt = _text_field(rec, cfg.prompt_column, where)
+        completion = _text_field(rec, cfg.completion_column, where)
+        if text is not None and (prompt is not None or completion is not None):
+            raise SiftError(f"{where} (id {rid}): has both {cfg.text_column!r} and {cfg.prompt_column!r}/{cfg.completion_column!r}; give one")
+        if text is None and (prompt is None or completion is None):
+            raise SiftError(f"{where} (id {rid}): needs {cfg.text_column!r}, or {cfg.prompt_column!r} and {cfg.completion_column!r}")
+        if (text is not None and not text) or (completion is not None and not completion):
+            raise SiftError(f"{where} (id {rid}): empty text to train on")
+        if cfg.group_by is not None:
+            if cfg.group_by not in rec or _missing(rec[cfg.group_by]):
+                raise SiftError(f"{where} (id {rid}): missing group column {cfg.group_by!r}")
+            g = rec[cfg.group_by]
+            if isinstance(g, bool) or not isinstance(g, (str, int)):
+                raise SiftError(f"{where} (id {rid}): group value must be a string or an integer")
+            group = str(g)
+        else:
+            group = rid
+        record = dict(rec)
+        record[cfg.id_column] = rid
+        rows.append(Row(rid, group, prompt, completion, text, record))
+    if dups:
+        shown = ", ".join(repr(d) for d in sorted(set(dups))[:5])
+        raise SiftError(f"{source}: duplicate ids ({len(set(dups))}): {shown}")
+    if not rows:
+        raise SiftError(f"{source} holds no rows")
+    rows.sort(key=lambda r: r.id)
+    return rows
+
+
+def _text_field(rec: dict[str, Any], column: str, where: str) -> str | None:
+    if column not in rec or _missing(rec[column]):
+        return None
+    value = rec[column]
+    if not isinstance(value, str):
+        raise SiftError(f"{where}: column {column!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def assign_shards(rows: Iterable[Row], num_shards: int) -> dict[int, list[Row]]:
+    """Group rows by shard (rows within a shard stay sorted by id)."""
+    shards: dict[int, list[Row]] = defaultdict(list)
+    for row in sorted(rows, key=lambda r: r.id):
+        shards[shard_of(row.group, num_shards)].append(row)
+    return dict(shards)
+
+
+def shard_content_hash(training_hash: str, base_fingerprint: str, shard: int, rows: list[Row]) -> str:
+    """Names an adapter: same rows + same config + same base model => same adapter bytes."""
+    payload = {
+        "training": training_hash,
+        "base": base_fingerprint,
+        "shard": shard,
+        "rows": [[r.id, r.train_sha256()] for r in sorted(rows, key=lambda r: r.id)],
+    }
+    return sha256_hex(json.dumps(payload, sort_keys=True).encode())
+
+
+# -- rows inside a workspace ------------------------------------------------------------------
+
+def write_workspace_rows(
+    ws: Workspace, cfg: DataConfig, shards: dict[int, list[Row]], num_shards: int, only: Iterable[int] | None = None
+) -> None:
+    """Write shard files (an empty shard has no file) and the manifest derived from them."""
+    ws.shards_dir.mkdir(parents=True, exist_ok=True)
+    for shard in (range(num_shards) if only is None else only):
+        rows = shards.get(shard, [])
+        path = ws.shard_file(shard)
+        if rows:
+            write_jsonl(path, [r.record for r in sorted(rows, key=lambda r: r.id)])
+        else:
+            remove_tree(path)
+    write_manifest(ws, read_workspace_rows(ws, cfg, num_shards))
+
+
+def write_manifest(ws: Workspace, shards: dict[int, list[Row]]) -> None:
+    entries = sorted(
+        ({"id": r.id, "shard": s, "row_sha256": r.train_sha256()} for s, rows in shards.items() for r in rows),
+        key=lambda e: e["id"],
+    )
+    write_jsonl(ws.manifest_path, entries)
+
+
+def read_workspace_rows(ws: Workspace, cfg: DataConfig, num_shards: int) -> dict[int, list[Row]]:
+    """Rows per shard as stored in the workspace (only non-empty shards appear)."""
+    out: dict[int, list[Row]] = {}
+    for shard in range(num_shards):
+        path = ws.shard_file(shard)
+        if path.exists():
+            out[shard] = parse_rows(read_jsonl(path), cfg, source=str(path))
+    return out
+
+
+def read_manifest(ws: Workspace) -> dict[str, int]:
+    if not ws.manifest_path.exists():
+        return {}
+    return {e["id"]: int(e["shard"]) for e in read_jsonl(ws.manifest_path)}
+
+
+def parse_ids(spec: str | None, ids_file: str | None) -> list[str]:
+    """Ids from `--ids a,b,c` (comma-separated), or one id per line from stdin (`--ids -`) or a
+    file (`--ids-file F`); surrounding blanks are stripped, empty lines skipped."""
+    ids: list[str] = []
+    if spec is not None and spec != "-":
+        ids += [t.strip() for t in spec.split(",")]
+    lines: list[str] = []
+    if spec == "-":
+        lines += sys.stdin.read().splitlines()
+    if ids_file is not None:
+        try:
+            lines += Path(ids_file).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise SiftError(f"cannot read ids file {ids_file}: {exc.strerror}") from None
+    if spec is None and ids_file is None:
+        raise SiftError("no ids given: use --ids a,b, --ids - (one per line on stdin) or --ids-file FILE")
+    ids = [i for i in ids + [line.strip() for line in lines] if i]
+    if not ids:
+        raise SiftError("the id list is empty")
+    return sorted(set(ids))

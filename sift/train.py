@@ -1,0 +1,242 @@
+"""Deterministic LoRA training of one shard: same rows + same config + same base => same bytes.
+
+No state crosses shards: each shard starts from a fresh copy of the base model, its own seed
+(derived from the config seed and the shard index), its own optimizer and batch order.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sift.adapters import ADAPTER_WEIGHTS, META
+from sift.config import SiftConfig
+from sift.data import Row
+from sift.determinism import derive_seed, enable_determinism
+from sift.fsio import atomic_write_json, replace_dir, staging_dir
+from sift.hashing import tensors_sha256
+from sift.models import BaseModel, LazyBase, example_ids
+
+
+@dataclass
+class TrainResult:
+    shard: int
+    rows: int
+    steps: int
+    seconds: float
+    final_loss: float
+    adapter_sha256: str
+
+
+def shard_seed(cfg: SiftConfig, shard: int) -> int:
+    return derive_seed("shard", cfg.train.seed, shard)
+
+
+def _batches(examples: list[tuple[list[int], list[int]]], batch_size: int, order: list[int], pad_id: int):
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start : start + batch_size]]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, (x, y) in enumerate(chunk):
+            ids[j, : len(x)] = torch.tensor(x)
+            labels[j, : len(y)] = torch.tensor(y)
+            mask[j, : len(x)] = 1
+        yield ids, mask, labels
+
+
+def tokenize_rows(base: BaseModel, rows: list[Row], max_length: int) -> list[tuple[list[int], list[int]]]:
+    out = []
+    for row in sorted(rows, key=lambda r: r.id):
+        ids, labels = example_ids(base.tokenizer, row.prompt, row.completion, row.text)
+        out.append((ids[:max_length], labels[:max_length]))
+    return out
+
+
+def train_shard(
+    base: BaseModel,
+    rows: list[Row],
+    cfg: SiftConfig,
+    shard: int,
+    out_dir: Path,
+    content_hash: str,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> TrainResult:
+    """Fine-tune one LoRA adapter on `rows` and write it (PEFT format + sift-meta.json) to
+    `out_dir` atomically: a crash leaves the previous adapter or none, never half of one."""
+    from peft import LoraConfig, get_peft_model
+
+    enable_determinism()
+    started = time.perf_counter()
+    examples = tokenize_rows(base, rows, cfg.train.max_length)
+    seed = shard_seed(cfg, shard)
+    model = copy.deepcopy(base.model)
+    torch.manual_seed(seed)  # LoRA A matrices are drawn from the global generator
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    t = cfg.train
+    steps_per_epoch = math.ceil(len(examples) / t.batch_size)
+    total = steps_per_epoch * t.epochs
+
+    def lr_factor(step: int) -> float:  # linear warm-up, then linear decay to zero
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        return max(0.0, (total - step) / max(1, total - t.warmup_steps))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    order_gen = torch.Generator().manual_seed(seed)
+    peft_model.train()
+    step, loss_value = 0, float("nan")
+    for _epoch in range(t.epochs):
+        order = torch.randperm(len(examples), generator=order_gen).tolist()
+        for ids, mask, labels in _batches(examples, t.batch_size, order, base.tokenizer.pad_token_id):
+            loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            if t.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = float(loss.detach())
+            if progress is not None:
+                progress(step, total, loss_value)
+    peft_model.eval()
+
+    staged = staging_dir(out_dir)
+    peft_model.save_pretrained(str(staged), safe_serialization=True)
+    (staged / "README.md").unlink(missing_ok=True)  # peft's model card template; says nothing here
+    from safetensors.torch import load_file
+
+    digest = tensors_sha256(load_file(str(staged / ADAPTER_WEIGHTS)))[0]
+    seconds = time.perf_counter() - started
+    atomic_write_json(
+        staged / META,
+        {
+            "shard": shard,
+            "content_hash": content_hash,
+            "adapter_sha256": digest,
+            "rows": len(rows),
+            "steps": step,
+            "seed": seed,
+            "final_loss": loss_value,
+            "seconds": round(seconds, 3),
+            "torch_threads": torch.get_num_threads(),
+        },
+    )
+    replace_dir(staged, out_dir)
+    del peft_model, model
+    return TrainResult(shard, len(rows), step, seconds, loss_value, digest)
+
+
+def stderr_progress(label: str) -> Callable[[int, int, float], None]:
+    """A tqdm bar on a terminal; on a pipe or log, a line at 25 % steps."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar: dict[str, Any] = {}
+
+        def update(step: int, total: int, loss: float) -> None:
+            if "bar" not in bar:
+                bar["bar"] = tqdm(total=total, desc=label, file=sys.stderr, leave=False, unit="step")
+            bar["bar"].update(1)
+            bar["bar"].set_postfix(loss=f"{loss:.3f}")
+            if step == total:
+                bar["bar"].close()
+
+        return update
+
+    def log(step: int, total: int, loss: float) -> None:
+        if total >= 20 and step < total and step % (total // 4) == 0:
+            print(f"{label}: step {step}/{total} loss {loss:.4f}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def parse_shard_spec(spec: str | None, num_shards: int) -> list[int]:
+    """`0-3,7` -> [0, 1, 2, 3, 7]; None -> every shard."""
+    from sift.errors import SiftError
+
+    if spec is None:
+        return list(range(num_shards))
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if lo > hi:
+                    raise ValueError
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise SiftError(f"bad shard list {spec!r}: use e.g. 0-3,7") from None
+    bad = sorted(s for s in out if not 0 <= s < num_shards)
+    if bad:
+        raise SiftError(f"shard {bad[0]} is out of range: this workspace has shards 0-{num_shards - 1}")
+    return sorted(out)
+
+
+def train_shards(ws: Any, shards: list[int] | None = None, base: LazyBase | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Train every selected shard whose adapter is missing or stale; skip the rest.
+
+    Returns a summary: per shard 'trained', 'unchanged', 'empty' or 'dropped'."""
+    from sift.adapters import read_meta
+    from sift.data import read_workspace_rows, shard_content_hash
+    from sift.fsio import remove_tree
+
+    started = time.perf_counter()
+    cfg, state = ws.load_config(), ws.load_state()
+    base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
+    rows = read_workspace_rows(ws, cfg.data, cfg.shards.num_shards)
+    th = cfg.training_hash()
+    status: dict[int, str] = {}
+    results: list[TrainResult] = []
+    todo = shards if shards is not None else list(range(cfg.shards.num_shards))
+    for shard in todo:
+        shard_rows = rows.get(shard, [])
+        adir = ws.adapter_dir(shard)
+        if shard in state.dropped_shards:
+            status[shard] = "dropped"
+            continue
+        if not shard_rows:
+            remove_tree(adir)
+            status[shard] = "empty"
+            continue
+        content = shard_content_hash(th, state.base_model_fingerprint, shard, shard_rows)
+        meta = read_meta(adir)
+        if meta is not None and meta.get("content_hash") == content and (adir / ADAPTER_WEIGHTS).exists():
+            status[shard] = "unchanged"
+            continue
+        label = f"shard {shard:>3} ({len(shard_rows)} rows)"
+        res = train_shard(base.get(), shard_rows, cfg, shard, adir, content, None if quiet else stderr_progress(label))
+        if not quiet:
+            print(f"{label}: trained {res.steps} steps in {res.seconds:.1f}s, final loss {res.final_loss:.4f}", file=sys.stderr, flush=True)
+        results.append(res)
+        status[shard] = "trained"
+    return {
+        "shards": {str(k): v for k, v in sorted(status.items())},
+        "trained": [r.shard for r in results],
+        "unchanged": sorted(s for s, v in status.items() if v == "unchanged"),
+        "steps": sum(r.steps for r in results),
+        "seconds": round(time.perf_counter() - started, 3),
+    }

@@ -1,0 +1,195 @@
+"""The on-disk layout of a workspace, its lock, its state file and its ledger.
+
+    sift.toml            the config that made it
+    state.json           base-model fingerprint, ledger salt, dropped shards
+    manifest.jsonl       id -> shard, row hash (no text)
+    shards/shard-0007.jsonl   the rows of shard 7 (deleted rows are removed here)
+    adapters/shard-0007/ PEFT adapter (adapter_model.safetensors, adapter_config.json) + sift-meta.json
+    merged/              the served model (transformers folder) + sift-merge/ accumulator state
+    ledger.jsonl         append-only forget log (keyed id hashes, never text)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sift.config import SiftConfig, config_to_toml, load_config
+from sift.errors import SiftError, WorkspaceBusy
+from sift.fsio import atomic_write_json, atomic_write_text, clean_staging, read_jsonl, recover_dir
+from sift.hashing import sha256_hex
+
+STATE_FORMAT = 1
+
+
+@dataclass
+class WorkspaceState:
+    base_model_fingerprint: str
+    ledger_salt: str = field(default_factory=lambda: secrets.token_hex(16))
+    dropped_shards: list[int] = field(default_factory=list)
+    format: int = STATE_FORMAT
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> WorkspaceState:
+        if d.get("format") != STATE_FORMAT:
+            raise SiftError(f"workspace state format {d.get('format')!r} is not {STATE_FORMAT}")
+        return WorkspaceState(
+            base_model_fingerprint=d["base_model_fingerprint"],
+            ledger_salt=d["ledger_salt"],
+            dropped_shards=sorted(int(s) for s in d.get("dropped_shards", [])),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "base_model_fingerprint": self.base_model_fingerprint,
+            "ledger_salt": self.ledger_salt,
+            "dropped_shards": sorted(self.dropped_shards),
+        }
+
+
+class Workspace:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    # -- layout -------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.root / "sift.toml"
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.jsonl"
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.root / "adapters"
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.root / "ledger.jsonl"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.root / "forget-journal.json"
+
+    def shard_file(self, shard: int) -> Path:
+        return self.shards_dir / f"shard-{shard:04d}.jsonl"
+
+    def adapter_dir(self, shard: int) -> Path:
+        return self.adapters_dir / f"shard-{shard:04d}"
+
+    # -- existence, config, state ------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.config_path.exists()
+
+    def require(self) -> None:
+        if not self.exists():
+            raise SiftError(f"{self.root} is not a sift workspace (no sift.toml); run `sift train-shards -w {self.root} --data ...` first")
+
+    def load_config(self) -> SiftConfig:
+        self.require()
+        return load_config(self.config_path)
+
+    def save_config(self, cfg: SiftConfig) -> None:
+        atomic_write_text(self.config_path, config_to_toml(cfg))
+
+    def load_state(self) -> WorkspaceState:
+        try:
+            return WorkspaceState.from_dict(json.loads(self.state_path.read_text()))
+        except FileNotFoundError:
+            raise SiftError(f"workspace {self.root} has no state.json") from None
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise SiftError(f"workspace state {self.state_path} is damaged: {exc}") from None
+
+    def save_state(self, state: WorkspaceState) -> None:
+        atomic_write_json(self.state_path, state.to_dict())
+
+    def recover(self) -> None:
+        """Tidy what an interrupted command left: half-swapped folders and staging files."""
+        for d in (self.root, self.shards_dir, self.adapters_dir):
+            clean_staging(d)
+        recover_dir(self.merged_dir)
+        if self.adapters_dir.is_dir():
+            for p in list(self.adapters_dir.iterdir()):
+                if p.name.endswith(".old"):
+                    recover_dir(p.with_name(p.name[: -len(".old")]))
+
+    # -- lock ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, exclusive: bool = True, wait: float = 0.0, command: str = "") -> Iterator[None]:
+        """flock on ws/.lock: one writer at a time; readers share. `wait` seconds before giving up."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        deadline = time.monotonic() + wait
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another sift command"
+                        raise WorkspaceBusy(f"workspace {self.root} is in use by {holder}; retry later or pass --wait SECONDS") from None
+                    time.sleep(0.2)
+            if exclusive:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} ({command or 'sift'})".encode(), 0)
+                self.recover()
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    # -- ledger -------------------------------------------------------------------------------
+    def read_ledger(self) -> list[dict[str, Any]]:
+        if not self.ledger_path.exists():
+            return []
+        entries = read_jsonl(self.ledger_path)
+        prev = ""
+        for i, e in enumerate(entries):
+            body = {k: v for k, v in e.items() if k != "entry_sha256"}
+            if e.get("previous_sha256", "") != prev or sha256_hex(_canonical(body)) != e.get("entry_sha256"):
+                raise SiftError(f"ledger {self.ledger_path} is damaged at entry {i + 1} (hash chain broken)")
+            prev = e["entry_sha256"]
+        return entries
+
+    def append_ledger(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """Append one hash-chained entry (each names its predecessor), fsynced before returning."""
+        entries = self.read_ledger()
+        body = dict(entry, previous_sha256=entries[-1]["entry_sha256"] if entries else "")
+        body["entry_sha256"] = sha256_hex(_canonical(body))
+        line = json.dumps(body, sort_keys=True) + "\n"
+        with self.ledger_path.open("a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        return body
+
+    def forgotten_hashes(self) -> set[str]:
+        return {h for e in self.read_ledger() for h in e.get("id_hashes", [])}
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
