@@ -139,7 +139,7 @@ def train_shards_cmd(
 @app.command()
 @_command
 def merge(
-    workspace: Ws,
+    workspace: Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace folder.")] = None,
     method: Annotated[Optional[str], typer.Option(help="Merge method (see --list); default: the workspace's (mean).")] = None,
     scale: Annotated[Optional[float], typer.Option(help="task-arithmetic only: served = base + scale * sum of deltas.")] = None,
     full: Annotated[bool, typer.Option("--full", help="Recompute from every adapter instead of updating the saved sums.")] = False,
@@ -160,6 +160,8 @@ def merge(
     from sift.serve import merge_workspace
     from sift.workspace import Workspace
 
+    if workspace is None:
+        raise SiftError("--workspace/-w is required")
     ws = Workspace(workspace)
     ws.require()
     if method is not None:

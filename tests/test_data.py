@@ -1,0 +1,105 @@
+import json
+
+import pytest
+
+from sift.config import DataConfig
+from sift.data import load_records, parse_ids, parse_rows
+from sift.errors import SiftError
+
+
+def _parse(records, **kw):
+    return parse_rows(records, DataConfig(**kw), source="rows")
+
+
+def test_missing_id_column():
+    with pytest.raises(SiftError, match="missing id column 'id'"):
+        _parse([{"text": "x"}])
+
+
+def test_duplicate_ids_are_listed():
+    with pytest.raises(SiftError, match=r"duplicate ids \(2\): '1', 'b'"):
+        _parse([{"id": 1, "text": "x"}, {"id": "1", "text": "y"}, {"id": "b", "text": "z"}, {"id": "b", "text": "w"}])
+
+
+def test_needs_text_or_prompt_and_completion():
+    with pytest.raises(SiftError, match="needs 'text', or 'prompt' and 'completion'"):
+        _parse([{"id": 1, "prompt": "q"}])
+    with pytest.raises(SiftError, match="has both"):
+        _parse([{"id": 1, "text": "t", "prompt": "q", "completion": "a"}])
+    with pytest.raises(SiftError, match="must be a string"):
+        _parse([{"id": 1, "text": 5}])
+    with pytest.raises(SiftError, match="empty text"):
+        _parse([{"id": 1, "prompt": "q", "completion": ""}])
+
+
+def test_group_column_required_when_grouping():
+    with pytest.raises(SiftError, match="missing group column 'owner'"):
+        _parse([{"id": 1, "text": "t"}], group_by="owner")
+
+
+def test_custom_id_column_and_int_ids():
+    rows = _parse([{"key": 7, "text": "t"}, {"key": "a", "text": "u"}], id_column="key")
+    assert [r.id for r in rows] == ["7", "a"]
+    assert rows[0].record["key"] == "7"
+
+
+def test_empty_and_bad_files(tmp_path):
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("")
+    with pytest.raises(SiftError, match="is empty"):
+        load_records(str(empty))
+    blank = tmp_path / "b.jsonl"
+    blank.write_text("\n\n")
+    with pytest.raises(SiftError, match="holds no rows"):
+        load_records(str(blank))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "text": "a"}\n{"id": 2, "text": \n')
+    with pytest.raises(SiftError, match=r"bad.jsonl:2: not valid JSON"):
+        load_records(str(bad))
+    with pytest.raises(SiftError, match="does not exist"):
+        load_records(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(SiftError, match="cannot tell the format"):
+        other = tmp_path / "rows.txt"
+        other.write_text("x")
+        load_records(str(other))
+
+
+def test_csv_and_parquet_through_datasets(tmp_path):
+    csv = tmp_path / "rows.csv"
+    csv.write_text("id,prompt,completion\n1,q1,a1\n2,q2,a2\n")
+    rows = _parse(load_records(str(csv)))
+    assert [(r.id, r.prompt, r.completion) for r in rows] == [("1", "q1", "a1"), ("2", "q2", "a2")]
+    import datasets
+
+    pq = tmp_path / "rows.parquet"
+    datasets.Dataset.from_list([{"id": "x", "text": "hello"}, {"id": "y", "text": "world"}]).to_parquet(str(pq))
+    assert [r.text for r in _parse(load_records(str(pq)))] == ["hello", "world"]
+
+
+def test_parse_ids(tmp_path, monkeypatch):
+    assert parse_ids("b, a,,a", None) == ["a", "b"]
+    f = tmp_path / "ids.txt"
+    f.write_text("x y\n\n  z \n")
+    assert parse_ids(None, str(f)) == ["x y", "z"]  # one id per line: ids may hold blanks
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("3\n17\n"))
+    assert parse_ids("-", None) == ["17", "3"]
+    with pytest.raises(SiftError, match="no ids given"):
+        parse_ids(None, None)
+    with pytest.raises(SiftError, match="empty"):
+        parse_ids(" , ", None)
+
+
+def test_builtin_facts_are_deterministic_and_complete():
+    from sift.builtin.facts import FACT_KINDS, make_rows
+
+    a, b = make_rows(people=5, seed=3), make_rows(people=5, seed=3)
+    assert json.dumps(a) == json.dumps(b)
+    assert len(a) == 5 * len(FACT_KINDS) and len({r["id"] for r in a}) == len(a)
+    assert make_rows(people=5, seed=4) != a
+    hold = make_rows(people=5, seed=3, split="holdout")
+    assert not {r["owner"] for r in hold} & {r["owner"] for r in a}
+    for r in a:
+        assert r["answer"] in r["completion"] and len(r["perturbed_completions"]) == 3
+        assert all(r["answer"] not in p for p in r["perturbed_completions"])
