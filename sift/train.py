@@ -54,6 +54,23 @@ def _batches(examples: list[tuple[list[int], list[int]]], batch_size: int, order
         yield ids, mask, labels
 
 
+# Architectures whose logits are exactly lm_head(last hidden state): for these the loss can skip
+# the vocabulary projection at positions without a label (prompt, padding), a third of a step.
+_PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def completion_loss(lm: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled tokens: the same value as transformers'
+    `model(labels=...).loss`, computed on labelled positions only where the architecture allows."""
+    if getattr(lm.config, "model_type", None) not in _PLAIN_HEAD:
+        return lm(input_ids=ids, attention_mask=mask, labels=labels).loss
+    hidden = lm.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), target[keep])
+
+
 def tokenize_rows(base: BaseModel, rows: list[Row], max_length: int) -> list[tuple[list[int], list[int]]]:
     out = []
     for row in sorted(rows, key=lambda r: r.id):
@@ -104,11 +121,12 @@ def train_shard(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     order_gen = torch.Generator().manual_seed(seed)
     peft_model.train()
+    lm = peft_model.base_model.model  # the causal LM, with the LoRA layers injected in place
     step, loss_value = 0, float("nan")
     for _epoch in range(t.epochs):
         order = torch.randperm(len(examples), generator=order_gen).tolist()
         for ids, mask, labels in _batches(examples, t.batch_size, order, base.tokenizer.pad_token_id):
-            loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss = completion_loss(lm, ids, mask, labels)
             loss.backward()
             if t.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The README's main job on the embedded default (no network): make the data, train one LoRA
+# adapter per shard, merge, ask, forget one person, ask again, verify. About 10 minutes on 2 CPU cores.
+# SIFT_DEMO_DIR (default ./demo) holds the data and the workspace; SIFT_DEMO_PEOPLE sizes the data.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+export PATH="$PWD/.venv/bin:$PATH"
+out="${SIFT_DEMO_DIR:-demo}"
+people="${SIFT_DEMO_PEOPLE:-6}"
+rm -rf "$out"
+mkdir -p "$out"
+ws="$out/ws"
+t_all=$(date +%s)
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; t0=$(date +%s); }
+took() { echo "   ($(( $(date +%s) - t0 )) s)"; }
+field() { python -c "import json,sys; print(json.loads(sys.stdin.readline())['$1'])"; }
+
+step "1. The embedded data set: $people invented people, 10 facts each (JSONL)"
+sift builtin-data --people "$people" > "$out/rows.jsonl"
+wc -l < "$out/rows.jsonl" | xargs echo "   rows:"
+head -1 "$out/rows.jsonl" | cut -c1-150
+took
+
+step "2. One LoRA adapter per shard: 8 shards, all of a person's rows in one shard"
+sift train-shards -w "$ws" --data "$out/rows.jsonl" --model builtin --num-shards 8 --group-by owner
+took
+
+step "3. Merge the adapters (uniform mean of their weight deltas) into the served model"
+sift merge -w "$ws" --method mean
+took
+
+owner=$(head -1 "$out/rows.jsonl" | field owner)
+question=$(head -1 "$out/rows.jsonl" | field prompt)
+truth=$(head -1 "$out/rows.jsonl" | field completion)
+step "4. Ask about $owner (trained answer: \"$truth\")"
+echo "   merged model : $(sift generate -w "$ws" "$question")"
+echo "   owner's shard: $(sift generate -w "$ws" --group "$owner" "$question")"
+took
+
+step "5. Forget every row of $owner (ids piped in, certificate out as JSON)"
+grep -F "\"owner\": \"$owner\"" "$out/rows.jsonl" | python -c \
+  "import json,sys; [print(json.loads(l)['id'] + '\t' + json.loads(l)['owner']) for l in sys.stdin]" > "$out/ids.tsv"
+cut -f1 "$out/ids.tsv" | sift forget -w "$ws" --ids - --json
+took
+
+step "6. Ask again"
+echo "   merged model : $(sift generate -w "$ws" "$question")"
+echo "   owner's shard: $(sift generate -w "$ws" --group "$owner" "$question")"
+took
+
+step "7. Verify: rebuild from scratch on the remaining rows and compare every weight byte"
+sift verify -w "$ws" --json
+took
+printf '\ndone in %s s; workspace in %s\n' "$(( $(date +%s) - t_all ))" "$ws"
