@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -109,17 +110,23 @@ def train_shards_cmd(
         ("train", "batch_size"): batch_size, ("lora", "r"): lora_r, ("lora", "alpha"): lora_alpha,
         ("train", "seed"): seed,
     }
+    if not ws.exists() and data is None:
+        raise SiftError(f"{workspace} is not a workspace yet: give --data to create it")
+    fresh_folder = not workspace.exists()
     with ws.lock(wait=wait, command="train-shards"):
         created = None
         if not ws.exists():
-            if data is None:
-                raise SiftError(f"{workspace} is not a workspace yet: give --data to create it")
             cfg = load_config(config) if config else SiftConfig()
             for (section, key), value in overrides.items():
                 if value is not None:
                     setattr(getattr(cfg, section), key, float(value) if key in ("lr", "alpha") else value)
-            cfg.validate()
-            created = create_workspace(ws, data, cfg)
+            try:
+                cfg.validate()
+                created = create_workspace(ws, data, cfg)  # type: ignore[arg-type]
+            except BaseException:
+                if fresh_folder:  # leave no half-made folder behind a refused data set
+                    shutil.rmtree(workspace, ignore_errors=True)
+                raise
             print(f"sift: workspace {workspace}: {created['rows']} rows in {created['shards_with_rows']} of {cfg.shards.num_shards} shards", file=sys.stderr)
         else:
             cfg = ws.load_config()

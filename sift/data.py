@@ -113,12 +113,7 @@ def parse_rows(records: Iterable[dict[str, Any]], cfg: DataConfig, source: str =
     dups: list[str] = []
     for n, rec in enumerate(records, 1):
         where = f"{source} row {n}"
-        if cfg.id_column not in rec or _missing(rec[cfg.id_column]):
-            raise SiftError(f"{where}: missing id column {cfg.id_column!r} (set it with --id-column)")
-        rid = rec[cfg.id_column]
-        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-            raise SiftError(f"{where}: id must be a string or an integer, got {type(rid).__name__}")
-        rid = str(rid)
+        rid = _key_field(rec, cfg.id_column, where, "id column", " (set it with --id-column)")
         if not rid.strip():
             raise SiftError(f"{where}: empty id")
         if rid in seen:
@@ -134,15 +129,7 @@ def parse_rows(records: Iterable[dict[str, Any]], cfg: DataConfig, source: str =
             raise SiftError(f"{where} (id {rid}): needs {cfg.text_column!r}, or {cfg.prompt_column!r} and {cfg.completion_column!r}")
         if (text is not None and not text) or (completion is not None and not completion):
             raise SiftError(f"{where} (id {rid}): empty text to train on")
-        if cfg.group_by is not None:
-            if cfg.group_by not in rec or _missing(rec[cfg.group_by]):
-                raise SiftError(f"{where} (id {rid}): missing group column {cfg.group_by!r}")
-            g = rec[cfg.group_by]
-            if isinstance(g, bool) or not isinstance(g, (str, int)):
-                raise SiftError(f"{where} (id {rid}): group value must be a string or an integer")
-            group = str(g)
-        else:
-            group = rid
+        group = rid if cfg.group_by is None else _key_field(rec, cfg.group_by, f"{where} (id {rid})", "group column")
         record = dict(rec)
         record[cfg.id_column] = rid
         rows.append(Row(rid, group, prompt, completion, text, record))
@@ -153,6 +140,16 @@ def parse_rows(records: Iterable[dict[str, Any]], cfg: DataConfig, source: str =
         raise SiftError(f"{source} holds no rows")
     rows.sort(key=lambda r: r.id)
     return rows
+
+
+def _key_field(rec: dict[str, Any], column: str, where: str, what: str, hint: str = "") -> str:
+    """An id or group value: present, a string or an integer, returned as a string."""
+    if column not in rec or _missing(rec[column]):
+        raise SiftError(f"{where}: missing {what} {column!r}{hint}")
+    value = rec[column]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise SiftError(f"{where}: {what} {column!r} must hold a string or an integer, got {type(value).__name__}")
+    return str(value)
 
 
 def _text_field(rec: dict[str, Any], column: str, where: str) -> str | None:

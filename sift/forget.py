@@ -7,6 +7,7 @@ the next command that takes the workspace lock, and a forget either happened or 
 
 from __future__ import annotations
 
+import json
 import secrets
 import sys
 import time
@@ -23,8 +24,6 @@ from sift.models import LazyBase
 from sift.serve import load_merge_state, merge_workspace, served_info
 from sift.train import train_shards
 from sift.workspace import Workspace
-
-import json
 
 
 def forget(

@@ -16,6 +16,13 @@ def test_missing_id_column():
         _parse([{"text": "x"}])
 
 
+def test_ids_must_be_strings_or_integers():
+    with pytest.raises(SiftError, match="id column 'id' must hold a string or an integer, got float"):
+        _parse([{"id": 1.5, "text": "x"}])
+    with pytest.raises(SiftError, match="empty id"):
+        _parse([{"id": " ", "text": "x"}])
+
+
 def test_duplicate_ids_are_listed():
     with pytest.raises(SiftError, match=r"duplicate ids \(2\): '1', 'b'"):
         _parse([{"id": 1, "text": "x"}, {"id": "1", "text": "y"}, {"id": "b", "text": "z"}, {"id": "b", "text": "w"}])

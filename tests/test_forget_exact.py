@@ -1,6 +1,5 @@
 """The invariant: served(workspace after forget(ids)) == served(fresh run on data - ids), byte for byte."""
 
-import shutil
 import struct
 
 import pytest
@@ -179,10 +178,17 @@ def test_ledger_holds_keyed_hashes_and_detects_edits(trained_ws, facts):
 
 
 def test_served_model_loads_with_plain_transformers(trained_ws):
-    from transformers import AutoModelForCausalLM
+    """A process that never imports sift loads ws/merged and gets the merged (not the base) weights."""
+    import subprocess
+    import sys
 
-    model = AutoModelForCausalLM.from_pretrained(str(trained_ws.merged_dir), use_safetensors=True)
-    base = load_base_model("builtin-tiny").model
-    name = "model.layers.0.self_attn.q_proj.weight"
-    assert not bool((model.state_dict()[name] == base.state_dict()[name]).all())
-    assert shutil.which  # the folder needs nothing but transformers
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM;"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], use_safetensors=True);"
+        "assert 'sift' not in sys.modules;"
+        "print(float(m.state_dict()['model.layers.0.self_attn.q_proj.weight'].double().sum()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(trained_ws.merged_dir)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    base = load_base_model("builtin-tiny").model.state_dict()["model.layers.0.self_attn.q_proj.weight"]
+    assert float(out.stdout.strip()) != float(base.double().sum())
