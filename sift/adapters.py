@@ -51,6 +51,12 @@ def read_meta(adapter_dir: Path) -> dict | None:
         return None
 
 
+def adapter_is_current(adapter_dir: Path, content_hash: str) -> bool:
+    """True when the folder holds an adapter trained on exactly the content `content_hash` names."""
+    meta = read_meta(adapter_dir)
+    return meta is not None and meta.get("content_hash") == content_hash and (adapter_dir / ADAPTER_WEIGHTS).exists()
+
+
 def load_adapter(adapter_dir: Path, shard: int) -> Adapter:
     """Load a PEFT LoRA adapter folder (safetensors only) and check it against its recorded hash."""
     weights = adapter_dir / ADAPTER_WEIGHTS

@@ -207,8 +207,9 @@ def generate(
     if group is not None or shard is not None:
         if workspace is None or (group is not None and shard is not None):
             raise SiftError("--group or --shard (not both) need --workspace")
+        from sift.adapters import ADAPTER_WEIGHTS
         from sift.hashing import shard_of
-        from sift.models import load_base_model
+        from sift.models import LazyBase
 
         ws = Workspace(workspace)
         cfg, state = ws.load_config(), ws.load_state()
@@ -216,8 +217,8 @@ def generate(
         if not 0 <= routed_to < cfg.shards.num_shards:
             raise SiftError(f"shard {routed_to} is out of range 0-{cfg.shards.num_shards - 1}")
         with ws.lock(exclusive=False, command="generate"):
-            base = load_base_model(cfg.model.name, cfg.model.revision)
-            if not (ws.adapter_dir(routed_to) / "adapter_model.safetensors").exists():
+            base = LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint).get()
+            if not (ws.adapter_dir(routed_to) / ADAPTER_WEIGHTS).exists():
                 raise SiftError(f"shard {routed_to} has no adapter (empty, dropped or untrained)")
             model, tok = load_routed(base.model, ws.adapter_dir(routed_to)), base.tokenizer
     else:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from sift.adapters import ADAPTER_WEIGHTS, load_adapter, read_meta
+from sift.adapters import adapter_is_current, load_adapter, read_meta
 from sift.config import SiftConfig
 from sift.data import read_workspace_rows, shard_content_hash
 from sift.errors import SiftError
@@ -38,12 +38,11 @@ def current_adapters(ws: Workspace, cfg: SiftConfig, state: WorkspaceState) -> d
     for shard in sorted(rows):
         if shard in state.dropped_shards:
             continue
-        meta = read_meta(ws.adapter_dir(shard))
         want = shard_content_hash(th, state.base_model_fingerprint, shard, rows[shard])
-        if meta is None or meta.get("content_hash") != want or not (ws.adapter_dir(shard) / ADAPTER_WEIGHTS).exists():
-            stale.append(shard)
+        if adapter_is_current(ws.adapter_dir(shard), want):
+            out[shard] = read_meta(ws.adapter_dir(shard))["adapter_sha256"]  # type: ignore[index]
         else:
-            out[shard] = meta["adapter_sha256"]
+            stale.append(shard)
     if stale:
         shown = ",".join(str(s) for s in stale[:10])
         raise SiftError(f"shards {shown}{'...' if len(stale) > 10 else ''} have no up-to-date adapter; run `sift train-shards -w {ws.root}` first")

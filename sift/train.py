@@ -17,13 +17,17 @@ from typing import Any
 
 import torch
 
-from sift.adapters import ADAPTER_WEIGHTS, META
+from safetensors.torch import load_file
+
+from sift.adapters import ADAPTER_WEIGHTS, META, adapter_is_current
 from sift.config import SiftConfig
-from sift.data import Row
+from sift.data import Row, read_workspace_rows, shard_content_hash
 from sift.determinism import derive_seed, enable_determinism
-from sift.fsio import atomic_write_json, replace_dir, staging_dir
+from sift.errors import SiftError
+from sift.fsio import atomic_write_json, remove_tree, replace_dir, staging_dir
 from sift.hashing import tensors_sha256
 from sift.models import BaseModel, LazyBase, example_ids
+from sift.workspace import Workspace
 
 
 @dataclass
@@ -142,8 +146,6 @@ def train_shard(
     staged = staging_dir(out_dir)
     peft_model.save_pretrained(str(staged), safe_serialization=True)
     (staged / "README.md").unlink(missing_ok=True)  # peft's model card template; says nothing here
-    from safetensors.torch import load_file
-
     digest = tensors_sha256(load_file(str(staged / ADAPTER_WEIGHTS)))[0]
     seconds = time.perf_counter() - started
     atomic_write_json(
@@ -191,8 +193,6 @@ def stderr_progress(label: str) -> Callable[[int, int, float], None]:
 
 def parse_shard_spec(spec: str | None, num_shards: int) -> list[int]:
     """`0-3,7` -> [0, 1, 2, 3, 7]; None -> every shard."""
-    from sift.errors import SiftError
-
     if spec is None:
         return list(range(num_shards))
     out: set[int] = set()
@@ -214,14 +214,10 @@ def parse_shard_spec(spec: str | None, num_shards: int) -> list[int]:
     return sorted(out)
 
 
-def train_shards(ws: Any, shards: list[int] | None = None, base: LazyBase | None = None, quiet: bool = False) -> dict[str, Any]:
+def train_shards(ws: Workspace, shards: list[int] | None = None, base: LazyBase | None = None, quiet: bool = False) -> dict[str, Any]:
     """Train every selected shard whose adapter is missing or stale; skip the rest.
 
     Returns a summary: per shard 'trained', 'unchanged', 'empty' or 'dropped'."""
-    from sift.adapters import read_meta
-    from sift.data import read_workspace_rows, shard_content_hash
-    from sift.fsio import remove_tree
-
     started = time.perf_counter()
     cfg, state = ws.load_config(), ws.load_state()
     base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
@@ -241,8 +237,7 @@ def train_shards(ws: Any, shards: list[int] | None = None, base: LazyBase | None
             status[shard] = "empty"
             continue
         content = shard_content_hash(th, state.base_model_fingerprint, shard, shard_rows)
-        meta = read_meta(adir)
-        if meta is not None and meta.get("content_hash") == content and (adir / ADAPTER_WEIGHTS).exists():
+        if adapter_is_current(adir, content):
             status[shard] = "unchanged"
             continue
         label = f"shard {shard:>3} ({len(shard_rows)} rows)"
