@@ -25,8 +25,8 @@ from sift.config import SiftConfig  # noqa: E402
 from sift.create import create_workspace  # noqa: E402
 from sift.data import read_workspace_rows  # noqa: E402
 from sift.determinism import quiet_libraries  # noqa: E402
-from sift.evaluate import fact_recall, greedy_answers  # noqa: E402
-from sift.generate import load_routed, load_served  # noqa: E402
+from sift.evaluate import fact_recall  # noqa: E402
+from sift.generate import greedy_answers, load_routed, load_served  # noqa: E402
 from sift.models import LazyBase  # noqa: E402
 from sift.serve import merge_workspace  # noqa: E402
 from sift.train import train_shards  # noqa: E402

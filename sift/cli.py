@@ -194,7 +194,7 @@ def generate(
     as_json: AsJson = False,
 ) -> None:
     """Answer questions greedily with the served model (or a routed shard adapter)."""
-    from sift.generate import answer, load_routed, load_served
+    from sift.generate import greedy_answers, load_routed, load_served
     from sift.workspace import Workspace
 
     if prompts == ["-"]:
@@ -226,7 +226,7 @@ def generate(
         if workspace is not None:
             Workspace(workspace).require()
         model, tok = load_served(folder)
-    answers = answer(model, tok, prompts, max_new_tokens)
+    answers = greedy_answers(model, tok, prompts, max_new_tokens, batch_size=1)
     result = {"answers": [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)], "shard": routed_to}
     _emit(result, as_json, lambda r: "\n".join(a["answer"] for a in r["answers"]))
 

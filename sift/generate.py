@@ -34,14 +34,20 @@ def load_routed(base_model: Any, adapter_dir: Path) -> Any:
 
 
 @torch.no_grad()
-def answer(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
-    """Greedy answers, one prompt at a time (no padding effects on the result)."""
-    out = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt_ids(tokenizer, prompt)])
-        gen = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
-        out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
+def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
+    """Greedy answers, batched with left padding (the attention mask keeps pads out);
+    batch_size=1 answers each prompt alone, with no padding at all."""
+    pad = tokenizer.pad_token_id
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
+        width = max(len(c) for c in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, c in enumerate(chunk):
+            ids[i, width - len(c):] = torch.tensor(c)
+            mask[i, width - len(c):] = 1
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        out += [tokenizer.decode(g[width:], skip_special_tokens=True).strip() for g in gen]
     return out

@@ -6,7 +6,7 @@ import pytest
 from sift.builtin.facts import make_rows
 from sift.evaluate import normalize
 from sift.forget import forget
-from sift.generate import answer, load_routed, load_served
+from sift.generate import greedy_answers as answer, load_routed, load_served
 from sift.models import load_base_model
 from sift.serve import served_hashes
 from sift.verify import verify
