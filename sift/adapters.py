@@ -1,9 +1,11 @@
 """A LoRA adapter as a value: its factors, its identity hash, and its exact dense delta.
 
-The delta of module m is  scaling * B @ A.  Merging needs it bit-for-bit reproducible and
-order-free, so it is turned into fixed-point integers:
+The delta of module m is  scaling * B @ A  in the nn.Linear layout [out, in], and its transpose
+for layers that store weights as [in, out] (transformers' Conv1D in GPT-2 and kin, which peft marks
+with `fan_in_fan_out: true`). Merging needs it bit-for-bit reproducible and order-free, so it is
+turned into fixed-point integers:
 
-    q = round( sum_k B[:, k] * A[k, :]  * scaling * 2**bits )      (int64)
+    q = round( sum_k B[:, k] * A[k, :]  * scaling * 2**bits )      (int64, transposed if fan_in_fan_out)
 
 The products of two fp32 numbers are exact in float64, they are summed over k in a fixed order
 with elementwise ops (no BLAS, whose blocking and kernels vary with threads and alignment), and
@@ -17,6 +19,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -34,6 +37,9 @@ _PREFIX = "base_model.model."
 class LoraFactors:
     a: torch.Tensor  # [r, in]
     b: torch.Tensor  # [out, r]
+    # True when the base weight is stored [in, out] (transformers' Conv1D, e.g. GPT-2): the delta
+    # is then (B @ A).T, as in peft's get_delta_weight. False for nn.Linear ([out, in]).
+    fan_in_fan_out: bool = False
 
 
 @dataclass
@@ -67,10 +73,10 @@ def load_adapter(adapter_dir: Path, shard: int) -> Adapter:
         tensors = load_file(str(weights))
     except Exception as exc:  # a truncated or foreign file: one clear line
         raise SiftError(f"adapter {adapter_dir} cannot be read: {exc}") from None
-    if cfg.get("peft_type") != "LORA":
-        raise SiftError(f"adapter {adapter_dir} is not a LoRA adapter")
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise SiftError(f"adapter {adapter_dir}: per-module rank or alpha patterns are not supported")
+    problem = unsupported_lora_config(cfg)
+    if problem is not None:
+        raise SiftError(f"adapter {adapter_dir}: {problem}")
+    fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     digest = tensors_sha256(tensors)[0]
@@ -88,17 +94,25 @@ def load_adapter(adapter_dir: Path, shard: int) -> Adapter:
                 modules.setdefault(body[: -len(suffix)] + ".weight", {})[part] = value
                 break
         else:
-            raise SiftError(f"adapter {adapter_dir}: unsupported tensor {key} (only LoRA A/B weights)")
+            raise SiftError(f"adapter {adapter_dir}: {_unsupported_tensor(body)}")
     factors = {}
     for name, parts in sorted(modules.items()):
         if set(parts) != {"lora_A", "lora_B"}:
             raise SiftError(f"adapter {adapter_dir}: module {name} lacks its A or B matrix")
-        factors[name] = LoraFactors(parts["lora_A"].to(torch.float32), parts["lora_B"].to(torch.float32))
+        a, b = parts["lora_A"], parts["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise SiftError(
+                f"adapter {adapter_dir}: module {name} has LoRA factors of shapes A {tuple(a.shape)}, B {tuple(b.shape)}, "
+                f"not those of a Linear/Conv1D LoRA (a convolution?); sift merges only LoRA on Linear and Conv1D layers: "
+                f"remove that module from lora.target_modules"
+            )
+        factors[name] = LoraFactors(a.to(torch.float32), b.to(torch.float32), fan_in_fan_out=fan_in_fan_out)
     return Adapter(shard=shard, sha256=digest, scaling=scaling, modules=factors)
 
 
 def fixed_point_delta(f: LoraFactors, scaling: float, bits: int) -> torch.Tensor:
-    """scaling * B @ A on the integer grid 2**-bits, computed identically on every call."""
+    """scaling * B @ A on the integer grid 2**-bits, computed identically on every call, in the
+    base weight's layout: [out, in], or [in, out] (the transpose) when f.fan_in_fan_out."""
     a = f.a.to(torch.float64)
     b = f.b.to(torch.float64)
     acc = torch.zeros(b.shape[0], a.shape[1], dtype=torch.float64)
@@ -109,4 +123,95 @@ def fixed_point_delta(f: LoraFactors, scaling: float, bits: int) -> torch.Tensor
     peak = acc.abs().max().item() if acc.numel() else 0.0
     if not math.isfinite(peak) or peak >= limit:
         raise SiftError(f"an adapter delta is too large for the merge accumulator (|delta| = {peak / 2.0**bits:.3g}); lower merge.fixed_point_bits")
-    return acc.to(torch.int64)
+    q = acc.to(torch.int64)
+    # Rounding is elementwise, so transposing the integers is the transpose of the exact delta.
+    return q.t().contiguous() if f.fan_in_fan_out else q
+
+
+# -- what sift can merge exactly -----------------------------------------------------------------
+
+_PLAIN_LORA = "sift merges plain LoRA A/B factors on Linear and Conv1D layers only"
+
+# Config settings under which the adapter's effect is not  base + scaling * B @ A  (or not only):
+# key -> (is it set?, what it is, what to do).
+_CONFIG_REFUSALS: list[tuple[str, Any, str, str]] = [
+    ("use_dora", bool, "DoRA (use_dora), whose merged weight rescales the base and is not a sum of deltas", "train plain LoRA (use_dora false)"),
+    ("bias", lambda v: v not in (None, "none"), "bias training (bias={v!r})", "train with bias='none'"),
+    ("lora_bias", bool, "bias training (lora_bias on lora_B)", "train with lora_bias false"),
+    ("modules_to_save", bool, "fully trained modules (modules_to_save={v})", "train without modules_to_save"),
+    ("trainable_token_indices", bool, "trainable token embeddings (trainable_token_indices)", "train without trainable_token_indices"),
+    ("target_parameters", bool, "LoRA on raw parameters (target_parameters={v})", "target Linear/Conv1D modules with target_modules instead"),
+    ("init_lora_weights", lambda v: isinstance(v, str) and v.startswith(("pissa", "olora", "corda", "loftq")),
+     "an initialisation that rewrites the base weights (init_lora_weights={v!r})", "use the default initialisation"),
+    ("rank_pattern", bool, "per-module ranks (rank_pattern)", "use one rank for every module"),
+    ("alpha_pattern", bool, "per-module alphas (alpha_pattern)", "use one alpha for every module"),
+    ("layer_replication", bool, "layer replication (layer_replication)", "train without it"),
+    ("alora_invocation_tokens", bool, "activated LoRA (alora_invocation_tokens), which acts only after its invocation tokens", "train plain LoRA"),
+    ("arrow_config", bool, "Arrow routing (arrow_config)", "train plain LoRA"),
+    ("kasa_config", bool, "KaSA (kasa_config), which rewrites the base weights", "train plain LoRA"),
+    ("monteclora_config", bool, "MonteCLoRA (monteclora_config)", "train plain LoRA"),
+    ("use_bdlora", bool, "block-diagonal LoRA (use_bdlora)", "train plain LoRA"),
+    ("use_qalora", bool, "QA-LoRA (use_qalora)", "train plain LoRA"),
+]
+
+
+def unsupported_lora_config(cfg: dict[str, Any]) -> str | None:
+    """One line saying what in a peft config (adapter_config.json or LoraConfig.to_dict()) sift
+    cannot merge exactly and what to do, or None when it is a plain LoRA."""
+    peft_type = cfg.get("peft_type")
+    peft_type = getattr(peft_type, "value", peft_type)
+    if peft_type != "LORA":
+        return f"it is a {peft_type} adapter, not LoRA; {_PLAIN_LORA}: train a LoRA adapter"
+    for key, is_set, what, fix in _CONFIG_REFUSALS:
+        value = cfg.get(key)
+        if value is not None and is_set(value):
+            return f"{what.format(v=value)} is not supported: {_PLAIN_LORA}; {fix}"
+    return None
+
+
+def _unsupported_tensor(body: str) -> str:
+    """Why an adapter tensor (name without the base_model.model. prefix) cannot be merged."""
+    module = body.rsplit(".", 1)[0]
+    if "lora_magnitude_vector" in body:
+        module = body.split(".lora_magnitude_vector")[0]
+        return f"module {module} is DoRA (lora_magnitude_vector), not supported: {_PLAIN_LORA}; train plain LoRA (use_dora false)"
+    if "lora_embedding_A" in body or "lora_embedding_B" in body:
+        module = body.split(".lora_embedding_")[0]
+        return f"module {module} is an embedding LoRA (lora_embedding_A/B), not supported: {_PLAIN_LORA}; remove it from lora.target_modules"
+    if body.endswith(".bias"):
+        return f"tensor {body} is a trained bias, not supported: {_PLAIN_LORA}; train with bias='none' and lora_bias false"
+    return f"tensor {body} of module {module} is not a LoRA A/B weight, not supported: {_PLAIN_LORA}"
+
+
+def check_mergeable_targets(peft_model: Any) -> None:
+    """Refuse, before any training step, a peft model whose adapters sift could not merge exactly:
+    a LoRA layer on anything but torch.nn.Linear or transformers' Conv1D (an embedding, a
+    convolution, a raw parameter), DoRA or another non-plain setting, or a mix of Linear and
+    Conv1D targets (adapter_config.json records one fan_in_fan_out flag for all of them)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers.pytorch_utils import Conv1D
+
+    for name, cfg in sorted(getattr(peft_model, "peft_config", {}).items()):
+        problem = unsupported_lora_config(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+        if problem is not None:
+            raise SiftError(f"adapter {name!r}: {problem}")
+    first_of_layout: dict[bool, str] = {}
+    for module_name, module in peft_model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        short = module_name.removeprefix("base_model.model.")
+        base = module.get_base_layer()
+        if not isinstance(base, (torch.nn.Linear, Conv1D)):
+            raise SiftError(
+                f"LoRA targets {short} ({type(base).__name__}), not supported: {_PLAIN_LORA}; "
+                f"remove it from lora.target_modules (or use all-linear)"
+            )
+        if any(getattr(module, "use_dora", {}).values()) or len(getattr(module, "lora_magnitude_vector", {})):
+            raise SiftError(f"LoRA on {short} uses DoRA, not supported: {_PLAIN_LORA}; train plain LoRA (use_dora false)")
+        first_of_layout.setdefault(isinstance(base, Conv1D), short)
+    if len(first_of_layout) > 1:
+        raise SiftError(
+            f"LoRA targets both nn.Linear ({first_of_layout[False]}) and Conv1D ({first_of_layout[True]}) layers, "
+            f"whose weights are stored transposed to each other; sift merges adapters of one layout: "
+            f"target only one kind in lora.target_modules"
+        )

@@ -64,6 +64,8 @@ class MergeState:
             if name not in base_state:
                 raise SiftError(f"the base model has no weight {name}: adapters and base do not match")
             w0 = base_state[name]
+            if w0.shape != total.shape:  # e.g. a [out, in] delta for a Conv1D weight stored [in, out]
+                raise SiftError(f"the adapters' delta for {name} has shape {tuple(total.shape)} but the base weight has {tuple(w0.shape)}: adapters and base do not match")
             out[name] = (w0.to(torch.float64) + total.to(torch.float64) * factor).to(w0.dtype)
         return out
 
