@@ -88,6 +88,7 @@ def train_shards_cmd(
     lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank (default 16).")] = None,
     lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default 32).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Config seed; each shard's seed derives from it and its index.")] = None,
+    router: Annotated[Optional[str], typer.Option(help="Default router of the workspace: auto (keys with --group-by, else embed), keys, embed or none.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="A sift.toml to start from (flags override it).")] = None,
     shards: Annotated[Optional[str], typer.Option(help="Train only these shards, e.g. 0-3,7 (for shell/Slurm arrays).")] = None,
     as_json: AsJson = False,
@@ -108,7 +109,7 @@ def train_shards_cmd(
         ("model", "name"): model, ("shards", "num_shards"): num_shards, ("data", "group_by"): group_by,
         ("data", "id_column"): id_column, ("train", "epochs"): epochs, ("train", "lr"): lr,
         ("train", "batch_size"): batch_size, ("lora", "r"): lora_r, ("lora", "alpha"): lora_alpha,
-        ("train", "seed"): seed,
+        ("train", "seed"): seed, ("serving", "router"): router,
     }
     if not ws.exists() and data is None:
         raise SiftError(f"{workspace} is not a workspace yet: give --data to create it")
@@ -158,7 +159,7 @@ def merge(
     from sift.merge import METHODS
 
     if list_methods:
-        rows = [{"name": m.name, "exact": m.exact, "incremental": m.incremental, "summary": m.summary} for m in METHODS.values()]
+        rows = [m.describe() for m in METHODS.values()]
         _emit({"methods": rows}, as_json, lambda r: "\n".join(
             f"{m['name']:<16} exact={'yes' if m['exact'] else 'no':<3} incremental={'yes' if m['incremental'] else 'no':<3} {m['summary']}" for m in r["methods"]))
         return
@@ -182,53 +183,101 @@ def merge(
           f"({r.get('mode', r.get('reason'))}), sha256 {r['served_sha256'][:16]}")
 
 
+def _read_prompts(prompts: list[str]) -> list[str]:
+    if prompts == ["-"]:
+        prompts = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    if not prompts:
+        raise SiftError("no prompt given")
+    return prompts
+
+
+RouterOpt = Annotated[Optional[str], typer.Option("--router", help="Router for this request: keys (group values named in the prompt) or embed (nearest prompts of each shard, by the frozen base). Default: the workspace's (serving.router).")]
+
+
 @app.command()
 @_command
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="Questions to ask; '-' reads one per line from stdin.")],
     workspace: Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace whose served model answers.")] = None,
     model_dir: Annotated[Optional[Path], typer.Option(help="Any served model folder instead of a workspace's.")] = None,
-    group: Annotated[Optional[str], typer.Option(help="Route to the shard that holds this group (e.g. an owner) and answer with its own adapter.")] = None,
+    router: RouterOpt = None,
+    merged: Annotated[bool, typer.Option("--merged", help="Answer with the merged model, without routing.")] = False,
+    group: Annotated[Optional[str], typer.Option(help="Answer with the adapter of the shard that holds this group (e.g. an owner).")] = None,
     shard: Annotated[Optional[int], typer.Option(help="Answer with this shard's own adapter.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 48,
-    as_json: AsJson = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout: {answers: [{prompt, answer, served_by: {path, shard, router}, score}]}, plus answer and served_by at the top for a single prompt.")] = False,
 ) -> None:
-    """Answer questions greedily with the served model (or a routed shard adapter)."""
-    from sift.generate import greedy_answers, load_routed, load_served
+    """Answer questions greedily. With a workspace, each request is routed to the shard that
+    learned what it asks about and answered by that shard's own adapter; what no shard claims is
+    answered by the merged model. The answer goes to stdout, the path that served it to stderr."""
+    from sift.serving.answer import WorkspaceServer
+    from sift.serving.generate import greedy_answers
+    from sift.serving.load import load_served
     from sift.workspace import Workspace
 
-    if prompts == ["-"]:
-        prompts = [line for line in sys.stdin.read().splitlines() if line.strip()]
-    if not prompts:
-        raise SiftError("no prompt given")
+    prompts = _read_prompts(prompts)
     if (workspace is None) == (model_dir is None):
         raise SiftError("give exactly one of --workspace/-w and --model-dir")
-    routed_to = None
-    if group is not None or shard is not None:
-        if workspace is None or (group is not None and shard is not None):
-            raise SiftError("--group or --shard (not both) need --workspace")
-        from sift.adapters import ADAPTER_WEIGHTS
-        from sift.hashing import shard_of
-        from sift.models import LazyBase
+    if model_dir is not None:
+        if group is not None or shard is not None or router is not None or merged:
+            raise SiftError("--router, --merged, --group and --shard need --workspace")
+        model, tok = load_served(model_dir)
+        answers = greedy_answers(model, tok, prompts, max_new_tokens, batch_size=1)
+        _emit_answers([{"prompt": p, "answer": a, "served_by": {"path": "model-dir", "shard": None, "router": None}, "score": None}
+                       for p, a in zip(prompts, answers)], as_json)
+        return
+    if merged and (group is not None or shard is not None or router is not None):
+        raise SiftError("--merged answers without routing: leave out --router, --group and --shard")
+    ws = Workspace(workspace)  # type: ignore[arg-type]
+    ws.require()
+    with ws.lock(exclusive=False, command="generate"):
+        answers = WorkspaceServer(ws).answer(prompts, router=router, merged=merged, shard=shard, group=group, max_new_tokens=max_new_tokens)
+    for a in answers:
+        print(f"sift: {_served_by_line(a.served_by())}", file=sys.stderr, flush=True)
+    _emit_answers([a.to_dict() for a in answers], as_json)
 
-        ws = Workspace(workspace)
-        cfg, state = ws.load_config(), ws.load_state()
-        routed_to = shard if shard is not None else shard_of(group, cfg.shards.num_shards)  # type: ignore[arg-type]
-        if not 0 <= routed_to < cfg.shards.num_shards:
-            raise SiftError(f"shard {routed_to} is out of range 0-{cfg.shards.num_shards - 1}")
-        with ws.lock(exclusive=False, command="generate"):
-            base = LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint).get()
-            if not (ws.adapter_dir(routed_to) / ADAPTER_WEIGHTS).exists():
-                raise SiftError(f"shard {routed_to} has no adapter (empty, dropped or untrained)")
-            model, tok = load_routed(base.model, ws.adapter_dir(routed_to)), base.tokenizer
-    else:
-        folder = model_dir if model_dir is not None else Workspace(workspace).merged_dir  # type: ignore[arg-type]
-        if workspace is not None:
-            Workspace(workspace).require()
-        model, tok = load_served(folder)
-    answers = greedy_answers(model, tok, prompts, max_new_tokens, batch_size=1)
-    result = {"answers": [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)], "shard": routed_to}
+
+def _served_by_line(by: dict[str, Any]) -> str:
+    where = f"shard {by['shard']}'s adapter" if by["shard"] is not None else f"the {by['path']} model"
+    why = {
+        "routed": f"routed by the {by['router']} router",
+        "shard": "the shard was given",
+        "merged": "no shard claimed the request" if by["router"] else "asked for the merged model",
+        "base": "no shard claimed the request and there is no merged model yet",
+    }.get(by["path"], "")
+    return f"answered by {where} ({why})" if why else f"answered by {where}"
+
+
+def _emit_answers(answers: list[dict[str, Any]], as_json: bool) -> None:
+    """Plain: one answer per line. JSON: one object {"answers": [...]}; with a single prompt it
+    also carries that prompt's "answer" and "served_by" at the top."""
+    result: dict[str, Any] = {"answers": answers}
+    if len(answers) == 1:
+        result.update(answer=answers[0]["answer"], served_by=answers[0]["served_by"])
     _emit(result, as_json, lambda r: "\n".join(a["answer"] for a in r["answers"]))
+
+
+@app.command()
+@_command
+def route(
+    prompts: Annotated[list[str], typer.Argument(help="Prompts to route; '-' reads one per line from stdin.")],
+    workspace: Ws,
+    router: RouterOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON line per prompt: {prompt, shard, router, score}.")] = False,
+) -> None:
+    """Print which shard would answer each prompt (no generation): shard, router, score.
+    A prompt no shard claims gets shard null: the merged model would answer it."""
+    from sift.serving.answer import WorkspaceServer, decision_dict
+    from sift.workspace import Workspace
+
+    prompts = _read_prompts(prompts)
+    ws = Workspace(workspace)
+    ws.require()
+    with ws.lock(exclusive=False, command="route"):
+        decisions = WorkspaceServer(ws).route(prompts, router)
+    for p, d in zip(prompts, decisions):
+        _emit(decision_dict(p, d), as_json, lambda r: "\t".join(
+            ["-" if r["shard"] is None else str(r["shard"]), r["router"], "-" if r["score"] is None else f"{r['score']:.4f}", r["prompt"]]))
 
 
 @app.command()
@@ -295,31 +344,27 @@ def verify(
 @_command
 def status(workspace: Ws, as_json: AsJson = False) -> None:
     """Show shards, adapters, the served model and the ledger."""
-    from sift.adapters import read_meta
-    from sift.data import read_workspace_rows
     from sift.serve import served_info
+    from sift.snapshot import WorkspaceView
     from sift.workspace import Workspace
 
     ws = Workspace(workspace)
-    cfg, state = ws.load_config(), ws.load_state()
-    rows = read_workspace_rows(ws, cfg.data, cfg.shards.num_shards)
+    view = WorkspaceView.load(ws)
     info = served_info(ws)
-    shards = []
-    for s in range(cfg.shards.num_shards):
-        meta = read_meta(ws.adapter_dir(s))
-        shards.append({"shard": s, "rows": len(rows.get(s, [])), "adapter": (meta or {}).get("adapter_sha256"),
-                       "dropped": s in state.dropped_shards})
+    shards = [{"shard": p.shard, "rows": len(p.rows), "status": p.status, "adapter": p.adapter_sha256,
+               "dropped": p.status == "dropped"} for p in view.plans()]
     result = {
-        "model": cfg.model.name, "num_shards": cfg.shards.num_shards, "rows": sum(len(r) for r in rows.values()),
+        "model": view.cfg.model.name, "num_shards": view.num_shards, "rows": sum(len(r) for r in view.rows.values()),
+        "router": view.cfg.router_name(),
         "shards": shards, "served": None if info is None else {"method": info["method"], "members": len(info["members"]), "sha256": info["served_sha256"]},
         "forgets": len(ws.read_ledger()), "pending_forget": ws.journal_path.exists(),
     }
 
     def human(r: dict[str, Any]) -> str:
-        lines = [f"model {r['model']}, {r['rows']} rows in {r['num_shards']} shards, {r['forgets']} forget(s) logged"]
+        lines = [f"model {r['model']}, {r['rows']} rows in {r['num_shards']} shards, {r['forgets']} forget(s) logged, router {r['router']}"]
         for s in r["shards"]:
-            tag = "dropped" if s["dropped"] else (s["adapter"][:12] if s["adapter"] else "-")
-            lines.append(f"  shard {s['shard']:>4}: {s['rows']:>6} rows  adapter {tag}")
+            tag = s["adapter"][:12] if s["adapter"] and s["status"] == "current" else "-"
+            lines.append(f"  shard {s['shard']:>4}: {s['rows']:>6} rows  {s['status']:<8} adapter {tag}")
         served = r["served"]
         lines.append("served: none" if served is None else f"served: {served['method']} of {served['members']} adapters, sha256 {served['sha256'][:16]}")
         return "\n".join(lines)

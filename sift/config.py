@@ -68,6 +68,19 @@ class MergeConfig:
     fixed_point_bits: int = 40  # resolution 2**-bits of the exact int64 merge accumulator
 
 
+ROUTERS = ("keys", "embed")
+
+
+@dataclass
+class ServingConfig:
+    """How a request picks the shard that answers it (sift.serving.route). Router files are built
+    from each shard's own rows beside its adapter; these settings never change an adapter."""
+
+    router: str = "auto"  # "auto" (keys with --group-by, else embed), "keys", "embed", or "none" (merged only)
+    embed_layer: int = 4  # which hidden layer of the frozen base embeds prompt tokens (0 = input embeddings)
+    embed_min_score: float = 0.0  # the embed router claims a request only at or above this score
+
+
 @dataclass
 class SiftConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -76,6 +89,7 @@ class SiftConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
 
     def validate(self) -> None:
         if self.shards.num_shards < 1:
@@ -89,18 +103,29 @@ class SiftConfig:
             raise SiftError("lora: r >= 1, alpha > 0 and 0 <= dropout < 1 are required")
         if not 8 <= self.merge.fixed_point_bits <= 52:
             raise SiftError("merge.fixed_point_bits must lie in 8..52")
+        if self.serving.router not in ("auto", "none", *ROUTERS):
+            raise SiftError(f"serving.router must be auto, none, {', '.join(ROUTERS)}; got {self.serving.router!r}")
+        if self.serving.embed_layer < 0:
+            raise SiftError("serving.embed_layer must be >= 0")
         for name in ("id_column", "text_column", "prompt_column", "completion_column"):
             if not getattr(self.data, name):
                 raise SiftError(f"data.{name} must not be empty")
 
     def training_dict(self) -> dict[str, Any]:
-        """The settings an adapter's bytes depend on (merge settings are not among them)."""
+        """The settings an adapter's bytes depend on (merge and serving settings are not among them)."""
         d = dataclasses.asdict(self)
         d.pop("merge")
+        d.pop("serving")
         return d
 
     def training_hash(self) -> str:
         return sha256_hex(json.dumps(self.training_dict(), sort_keys=True).encode())
+
+    def router_name(self) -> str:
+        """The router a request uses by default ("none": every request goes to the merged model)."""
+        if self.serving.router == "auto":
+            return "keys" if self.data.group_by else "embed"
+        return self.serving.router
 
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(SiftConfig)}

@@ -185,7 +185,9 @@ def shard_content_hash(training_hash: str, base_fingerprint: str, shard: int, ro
 def write_workspace_rows(
     ws: Workspace, cfg: DataConfig, shards: dict[int, list[Row]], num_shards: int, only: Iterable[int] | None = None
 ) -> None:
-    """Write shard files (an empty shard has no file) and the manifest derived from them."""
+    """Write shard files (an empty shard has no file) and the manifest. `shards` holds every
+    shard's rows (the new state of the whole workspace); `only` limits which shard files are
+    rewritten."""
     ws.shards_dir.mkdir(parents=True, exist_ok=True)
     for shard in (range(num_shards) if only is None else only):
         rows = shards.get(shard, [])
@@ -194,7 +196,7 @@ def write_workspace_rows(
             write_jsonl(path, [r.record for r in sorted(rows, key=lambda r: r.id)])
         else:
             remove_tree(path)
-    write_manifest(ws, read_workspace_rows(ws, cfg, num_shards))
+    write_manifest(ws, {s: rows for s, rows in shards.items() if rows})
 
 
 def write_manifest(ws: Workspace, shards: dict[int, list[Row]]) -> None:

@@ -15,13 +15,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sift.adapters import load_adapter, read_meta
-from sift.data import read_manifest, read_workspace_rows, write_workspace_rows
+from sift.data import read_manifest, write_workspace_rows
 from sift.errors import SiftError
 from sift.fsio import atomic_write_json, remove_tree
 from sift.hashing import keyed_id_hash
 from sift.merge import MergeState, get_method
 from sift.models import LazyBase
 from sift.serve import load_merge_state, merge_workspace, served_info
+from sift.snapshot import WorkspaceView
 from sift.train import train_shards
 from sift.workspace import Workspace
 
@@ -37,7 +38,7 @@ def forget(
     """Forget `ids`; returns the certificate. Unknown ids raise before anything is touched."""
     started = time.perf_counter()
     resume_pending_forget(ws, base, quiet)
-    cfg, state = ws.load_config(), ws.load_state()
+    state = ws.load_state()
     salt = bytes.fromhex(state.ledger_salt)
     manifest = read_manifest(ws)
     present = sorted(i for i in set(ids) if i in manifest)
@@ -82,16 +83,19 @@ def resume_pending_forget(ws: Workspace, base: LazyBase | None = None, quiet: bo
 
 
 def _complete(ws: Workspace, journal: dict[str, Any], base: LazyBase | None, quiet: bool) -> dict[str, Any]:
-    cfg, state = ws.load_config(), ws.load_state()
+    view = WorkspaceView.load(ws)
+    cfg, state = view.cfg, view.state
     base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
     salt = bytes.fromhex(state.ledger_salt)
     doomed = set(journal["id_hashes"])
     affected: list[int] = journal["shards"]
     had_served = served_info(ws) is not None
+    method = get_method(cfg.merge.method)
 
-    # 1. Take the old adapters out of the accumulator while they are still on disk. If one of
-    #    them is already gone (a resumed forget), fall back to a from-scratch merge.
-    acc: MergeState | None = load_merge_state(ws) if had_served else None
+    # 1. An incremental method takes the old adapters out of its sums while they are still on
+    #    disk. If one of them is already gone (a resumed forget), it starts its sums over; a
+    #    recomputed method (TIES) merges every remaining adapter again in step 4.
+    acc: MergeState | None = load_merge_state(ws) if had_served and method.incremental else None
     for shard in affected:
         if acc is None:
             break
@@ -105,12 +109,12 @@ def _complete(ws: Workspace, journal: dict[str, Any], base: LazyBase | None, qui
             acc.subtract(load_adapter(ws.adapter_dir(shard), shard))
 
     # 2. Delete the rows from the workspace's data.
-    rows = read_workspace_rows(ws, cfg.data, cfg.shards.num_shards)
+    rows = view.rows
     kept = {s: [r for r in rows.get(s, []) if keyed_id_hash(salt, r.id) not in doomed] for s in affected}
     removed = sum(len(rows.get(s, [])) - len(kept[s]) for s in affected)
     write_workspace_rows(ws, cfg.data, {**rows, **kept}, cfg.shards.num_shards, only=affected)
 
-    # 3. Retrain what is left of each shard, or drop it.
+    # 3. Retrain what is left of each shard, or drop it (its router files go with its folder).
     outcome: dict[int, str] = {}
     for shard in affected:
         if not kept[shard]:
@@ -122,15 +126,16 @@ def _complete(ws: Workspace, journal: dict[str, Any], base: LazyBase | None, qui
                 state.dropped_shards.append(shard)
             outcome[shard] = "dropped"
     ws.save_state(state)
+    view = view.with_rows({**rows, **kept})
     retrain = [s for s in affected if s not in outcome]
     if retrain:
-        train_shards(ws, retrain, base=base, quiet=quiet)
+        train_shards(ws, retrain, base=base, quiet=quiet, view=view)
         outcome.update({s: "retrained" for s in retrain})
 
-    # 4. Re-merge: one adapter's work per affected shard when the accumulator survived.
+    # 4. Re-merge: one adapter's work per affected shard when the sums survived.
     merge: dict[str, Any] | None = None
     if had_served:
-        merge = merge_workspace(ws, full=acc is None, base=base, merge_state=acc)
+        merge = merge_workspace(ws, full=method.incremental and acc is None, base=base, merge_state=acc, view=view)
 
     # 5. Record it, then drop the journal.
     adapters = {str(s): (read_meta(ws.adapter_dir(s)) or {}).get("adapter_sha256") for s in affected}
@@ -145,7 +150,6 @@ def _complete(ws: Workspace, journal: dict[str, Any], base: LazyBase | None, qui
         "served_sha256": merge["served_sha256"] if merge else None,
     })
     ws.journal_path.unlink(missing_ok=True)
-    method = get_method(cfg.merge.method)
     return {
         "changed": True,
         "rows_removed": removed,
@@ -154,8 +158,9 @@ def _complete(ws: Workspace, journal: dict[str, Any], base: LazyBase | None, qui
         "shards_emptied": [s for s in affected if outcome[s] == "emptied"],
         "merge": None if merge is None else {
             "mode": merge.get("mode", "unchanged"), "method": merge["method"], "exact": method.exact,
-            "served_sha256": merge["served_sha256"],
+            "incremental": method.incremental, "served_sha256": merge["served_sha256"],
         },
+        "routers": "rebuilt from each retrained shard's own rows; removed with dropped or emptied shards",
         "ledger_entry": entry["entry_sha256"],
     }
 

@@ -1,63 +1,53 @@
-"""The served model: merge the shard adapters exactly and write a plain transformers folder.
+"""The merge driver: bring ws/merged (the served model) up to date with the shard adapters.
 
-`ws/merged/` loads with `AutoModelForCausalLM.from_pretrained` and no sift installed; its
-`sift-merge/` subfolder keeps the int64 accumulator that makes the next forget incremental.
+It asks the method what it is: an incremental method updates its saved integer sums (or starts
+them from scratch) and a recomputed one merges every current adapter again. Both paths give the
+bytes of a from-scratch merge; `merge_workspace(full=True)` takes the from-scratch path on purpose.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import time
-from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file
-
-from sift.adapters import adapter_is_current, load_adapter, read_meta
-from sift.config import SiftConfig
-from sift.data import read_workspace_rows, shard_content_hash
+from sift.adapters import load_adapter
 from sift.errors import SiftError
-from sift.fsio import replace_dir, staging_dir
-from sift.hashing import tensors_sha256
-from sift.merge import MergeState, get_method
-from sift.merge.state import STATE_DIR
-from sift.models import BaseModel, LazyBase
-from sift.workspace import Workspace, WorkspaceState
+from sift.merge import IncrementalMethod, MergeMethod, MergeState, RecomputedMethod, get_method
+from sift.models import LazyBase
+from sift.serving.folder import load_merge_state as _load_state
+from sift.serving.folder import served_hashes, served_info as _served_info, write_served
+from sift.snapshot import WorkspaceView
+from sift.workspace import Workspace
 
-SERVED_META = "served.json"
+__all__ = ["current_adapters", "load_merge_state", "merge_workspace", "served_hashes", "served_info"]
 
 
-def current_adapters(ws: Workspace, cfg: SiftConfig, state: WorkspaceState) -> dict[int, str]:
+def served_info(ws: Workspace) -> dict[str, Any] | None:
+    return _served_info(ws.merged_dir)
+
+
+def load_merge_state(ws: Workspace) -> MergeState | None:
+    return _load_state(ws.merged_dir)
+
+
+def current_adapters(view: WorkspaceView) -> dict[int, str]:
     """shard -> adapter sha256 for every shard that must be served; refuses if any is missing or
     was trained on other rows than the shard now holds."""
-    rows = read_workspace_rows(ws, cfg.data, cfg.shards.num_shards)
-    th = cfg.training_hash()
     out, stale = {}, []
-    for shard in sorted(rows):
-        if shard in state.dropped_shards:
-            continue
-        want = shard_content_hash(th, state.base_model_fingerprint, shard, rows[shard])
-        if adapter_is_current(ws.adapter_dir(shard), want):
-            out[shard] = read_meta(ws.adapter_dir(shard))["adapter_sha256"]  # type: ignore[index]
+    for shard in view.served_shards():
+        plan = view.plan(shard)
+        if plan.status == "current":
+            out[shard] = plan.adapter_sha256
         else:
             stale.append(shard)
     if stale:
         shown = ",".join(str(s) for s in stale[:10])
-        raise SiftError(f"shards {shown}{'...' if len(stale) > 10 else ''} have no up-to-date adapter; run `sift train-shards -w {ws.root}` first")
-    return out
+        raise SiftError(f"shards {shown}{'...' if len(stale) > 10 else ''} have no up-to-date adapter; run `sift train-shards -w {view.ws.root}` first")
+    return out  # type: ignore[return-value]
 
 
-def load_merge_state(ws: Workspace) -> MergeState | None:
-    return MergeState.load(ws.merged_dir / STATE_DIR)
-
-
-def served_info(ws: Workspace) -> dict[str, Any] | None:
-    try:
-        return json.loads((ws.merged_dir / STATE_DIR / SERVED_META).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+def method_params(view: WorkspaceView, m: MergeMethod) -> dict[str, float]:
+    return m.resolve({"scale": view.cfg.merge.scale})
 
 
 def merge_workspace(
@@ -67,77 +57,66 @@ def merge_workspace(
     full: bool = False,
     base: LazyBase | None = None,
     merge_state: MergeState | None = None,
+    view: WorkspaceView | None = None,
 ) -> dict[str, Any]:
-    """Bring ws/merged up to date with the adapters. Incremental when the saved accumulator only
-    lacks some adapters (or `merge_state` was already brought up to date by a forget); from
-    scratch otherwise. Both give the same bytes."""
+    """Bring ws/merged up to date with the adapters. An incremental method updates the saved sums
+    when they only lack some adapters (or `merge_state` was already brought up to date by a
+    forget) and starts over otherwise; a recomputed method merges every adapter again."""
     started = time.perf_counter()
-    cfg, state = ws.load_config(), ws.load_state()
+    view = view or WorkspaceView.load(ws)
+    cfg, state = view.cfg, view.state
     if method is not None:  # an explicit choice becomes the workspace's default for later forgets
         cfg.merge.method, cfg.merge.scale = method, scale
     m = get_method(cfg.merge.method)
-    members = current_adapters(ws, cfg, state)
-    coefficient = m.coefficient(len(members), cfg.merge.scale)
+    params = method_params(view, m)
+    members = current_adapters(view)
+    n = len(members)
     previous = served_info(ws)
+    record = {
+        "method": m.name, "params": params, "scale": cfg.merge.scale,
+        "members": {str(k): v for k, v in sorted(members.items())}, "base_fingerprint": state.base_model_fingerprint,
+        **m.served_record(n, params),
+    }
     if (
         not full and merge_state is None and previous is not None
-        and previous.get("members") == {str(k): v for k, v in members.items()}
-        and previous.get("method") == m.name and previous.get("coefficient") == coefficient
-        and previous.get("base_fingerprint") == state.base_model_fingerprint
+        and all(previous.get(k) == v for k, v in record.items())
     ):
-        return {"merged": False, "reason": "up to date", "method": m.name, "members": len(members), "served_sha256": previous["served_sha256"]}
+        return {"merged": False, "reason": "up to date", "method": m.name, "members": n, "served_sha256": previous["served_sha256"]}
 
-    mode = "from-scratch"
+    base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
+    acc: MergeState | None = None
+    if isinstance(m, IncrementalMethod):
+        acc, mode = _bring_sums_up_to_date(ws, view, members, full, merge_state)
+        weights = m.served_weights(acc, base.get().model.state_dict(), n, params)
+    elif isinstance(m, RecomputedMethod):
+        mode = "recomputed"
+        adapters = [load_adapter(ws.adapter_dir(s), s) for s in sorted(members)]
+        weights = m.merge(adapters, base.get().model.state_dict(), params)
+    else:  # pragma: no cover - every registered method is one of the two
+        raise SiftError(f"merge method {m.name!r} declares neither kind")
+    served_sha = write_served(ws.merged_dir, base.get(), weights, record, acc)
+    ws.save_config(cfg)
+    out = {
+        "merged": True, "mode": mode, "method": m.name, "exact": m.exact, "incremental": m.incremental,
+        "members": n, "served_sha256": served_sha, "seconds": round(time.perf_counter() - started, 3),
+    }
+    return out | m.served_record(n, params)
+
+
+def _bring_sums_up_to_date(
+    ws: Workspace, view: WorkspaceView, members: dict[int, str], full: bool, merge_state: MergeState | None
+) -> tuple[MergeState, str]:
+    """The int64 sums over exactly `members`: the saved (or handed-in) sums plus the adapters
+    they lack, or a fresh sum when they hold an adapter that is gone."""
+    cfg, state = view.cfg, view.state
     acc = None if full else (merge_state or load_merge_state(ws))
     if acc is not None and (acc.bits != cfg.merge.fixed_point_bits or acc.base_fingerprint != state.base_model_fingerprint):
         acc = None
-    if acc is not None:
-        if any(members.get(s) != h for s, h in acc.members.items()):
-            acc = None  # an adapter it holds is gone: it cannot be subtracted, so start over
-        else:
-            mode = "incremental"
-            for shard in sorted(set(members) - set(acc.members)):
-                acc.add(load_adapter(ws.adapter_dir(shard), shard))
-    if acc is None:
-        acc = MergeState(bits=cfg.merge.fixed_point_bits, base_fingerprint=state.base_model_fingerprint)
-        for shard in sorted(members):
+    if acc is not None and all(members.get(s) == h for s, h in acc.members.items()):
+        for shard in sorted(set(members) - set(acc.members)):
             acc.add(load_adapter(ws.adapter_dir(shard), shard))
-    base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
-    served_sha = write_served(ws.merged_dir, base.get(), acc, m.name, cfg.merge.scale, coefficient)
-    ws.save_config(cfg)
-    return {
-        "merged": True, "mode": mode, "method": m.name, "exact": m.exact, "coefficient": coefficient,
-        "members": len(members), "served_sha256": served_sha, "seconds": round(time.perf_counter() - started, 3),
-    }
-
-
-def write_served(folder: Path, base: BaseModel, acc: MergeState, method: str, scale: float | None, coefficient: float) -> str:
-    """Write the served model folder atomically; returns the hash of its weights as read back."""
-    weights = acc.served_weights(base.model.state_dict(), coefficient)
-    model = copy.deepcopy(base.model)
-    with torch.no_grad():
-        for name, value in weights.items():
-            model.get_parameter(name).copy_(value)
-    staged = staging_dir(folder)
-    model.save_pretrained(str(staged), safe_serialization=True)
-    base.tokenizer.save_pretrained(str(staged))
-    acc.save(staged / STATE_DIR)
-    overall, per_tensor = served_hashes(staged)
-    (staged / STATE_DIR / SERVED_META).write_text(json.dumps({
-        "method": method, "scale": scale, "coefficient": coefficient,
-        "members": {str(k): v for k, v in sorted(acc.members.items())},
-        "base_fingerprint": acc.base_fingerprint, "served_sha256": overall, "tensors": per_tensor,
-    }, indent=2, sort_keys=True) + "\n")
-    replace_dir(staged, folder)
-    return overall
-
-
-def served_hashes(folder: Path) -> tuple[str, dict[str, str]]:
-    """sha256 of every weight tensor as stored in the folder's safetensors files, and overall."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise SiftError(f"{folder} holds no served model (no .safetensors); run `sift merge`")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(str(f)))
-    return tensors_sha256(tensors)
+        return acc, "incremental"
+    acc = MergeState(bits=cfg.merge.fixed_point_bits, base_fingerprint=state.base_model_fingerprint)
+    for shard in sorted(members):
+        acc.add(load_adapter(ws.adapter_dir(shard), shard))
+    return acc, "from-scratch"

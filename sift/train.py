@@ -7,7 +7,6 @@ No state crosses shards: each shard starts from a fresh copy of the base model, 
 from __future__ import annotations
 
 import copy
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -19,14 +18,17 @@ import torch
 
 from safetensors.torch import load_file
 
-from sift.adapters import ADAPTER_WEIGHTS, META, adapter_is_current
+from sift.adapters import ADAPTER_WEIGHTS, META, check_mergeable_targets
 from sift.config import SiftConfig
-from sift.data import Row, read_workspace_rows, shard_content_hash
+from sift.data import Row
 from sift.determinism import derive_seed, enable_determinism
 from sift.errors import SiftError
 from sift.fsio import atomic_write_json, remove_tree, replace_dir, staging_dir
 from sift.hashing import tensors_sha256
+from sift.loop import LoopSettings, batches, run_loop
 from sift.models import BaseModel, LazyBase, example_ids
+from sift.serving.route import build_routers, router_settings, routers_current
+from sift.snapshot import WorkspaceView
 from sift.workspace import Workspace
 
 
@@ -44,18 +46,7 @@ def shard_seed(cfg: SiftConfig, shard: int) -> int:
     return derive_seed("shard", cfg.train.seed, shard)
 
 
-def _batches(examples: list[tuple[list[int], list[int]]], batch_size: int, order: list[int], pad_id: int):
-    for start in range(0, len(order), batch_size):
-        chunk = [examples[i] for i in order[start : start + batch_size]]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, (x, y) in enumerate(chunk):
-            ids[j, : len(x)] = torch.tensor(x)
-            labels[j, : len(y)] = torch.tensor(y)
-            mask[j, : len(x)] = 1
-        yield ids, mask, labels
+_batches = batches  # the old name, kept for callers
 
 
 # Architectures whose logits are exactly lm_head(last hidden state): for these the loss can skip
@@ -92,8 +83,9 @@ def train_shard(
     content_hash: str,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> TrainResult:
-    """Fine-tune one LoRA adapter on `rows` and write it (PEFT format + sift-meta.json) to
-    `out_dir` atomically: a crash leaves the previous adapter or none, never half of one."""
+    """Fine-tune one LoRA adapter on `rows` and write it (PEFT format + sift-meta.json + the
+    shard's router files) to `out_dir` atomically: a crash leaves the previous adapter or none,
+    never half of one."""
     from peft import LoraConfig, get_peft_model
 
     enable_determinism()
@@ -111,42 +103,22 @@ def train_shard(
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora)
+    check_mergeable_targets(peft_model)  # refuse before the first step, not at merge time
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     t = cfg.train
-    steps_per_epoch = math.ceil(len(examples) / t.batch_size)
-    total = steps_per_epoch * t.epochs
-
-    def lr_factor(step: int) -> float:  # linear warm-up, then linear decay to zero
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        return max(0.0, (total - step) / max(1, total - t.warmup_steps))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    order_gen = torch.Generator().manual_seed(seed)
+    settings = LoopSettings(t.epochs, t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.max_grad_norm)
     peft_model.train()
     lm = peft_model.base_model.model  # the causal LM, with the LoRA layers injected in place
-    step, loss_value = 0, float("nan")
-    for _epoch in range(t.epochs):
-        order = torch.randperm(len(examples), generator=order_gen).tolist()
-        for ids, mask, labels in _batches(examples, t.batch_size, order, base.tokenizer.pad_token_id):
-            loss = completion_loss(lm, ids, mask, labels)
-            loss.backward()
-            if t.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss_value = float(loss.detach())
-            if progress is not None:
-                progress(step, total, loss_value)
+    result = run_loop(lm, params, examples, base.tokenizer.pad_token_id, settings, seed,
+                      loss_fn=lambda m, b: completion_loss(m, *b), progress=progress)
     peft_model.eval()
 
     staged = staging_dir(out_dir)
     peft_model.save_pretrained(str(staged), safe_serialization=True)
     (staged / "README.md").unlink(missing_ok=True)  # peft's model card template; says nothing here
     digest = tensors_sha256(load_file(str(staged / ADAPTER_WEIGHTS)))[0]
+    del peft_model, model
+    build_routers(base, rows, cfg, staged, content_hash)
     seconds = time.perf_counter() - started
     atomic_write_json(
         staged / META,
@@ -155,16 +127,15 @@ def train_shard(
             "content_hash": content_hash,
             "adapter_sha256": digest,
             "rows": len(rows),
-            "steps": step,
+            "steps": result.steps,
             "seed": seed,
-            "final_loss": loss_value,
+            "final_loss": result.final_loss,
             "seconds": round(seconds, 3),
             "torch_threads": torch.get_num_threads(),
         },
     )
     replace_dir(staged, out_dir)
-    del peft_model, model
-    return TrainResult(shard, len(rows), step, seconds, loss_value, digest)
+    return TrainResult(shard, len(rows), result.steps, seconds, result.final_loss, digest)
 
 
 def stderr_progress(label: str) -> Callable[[int, int, float], None]:
@@ -214,38 +185,47 @@ def parse_shard_spec(spec: str | None, num_shards: int) -> list[int]:
     return sorted(out)
 
 
-def train_shards(ws: Workspace, shards: list[int] | None = None, base: LazyBase | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Train every selected shard whose adapter is missing or stale; skip the rest.
+def train_shards(
+    ws: Workspace,
+    shards: list[int] | None = None,
+    base: LazyBase | None = None,
+    quiet: bool = False,
+    view: WorkspaceView | None = None,
+) -> dict[str, Any]:
+    """Train every selected shard whose adapter is missing or stale; skip the rest (rebuilding
+    only their router files when the serving settings changed).
 
     Returns a summary: per shard 'trained', 'unchanged', 'empty' or 'dropped'."""
     started = time.perf_counter()
-    cfg, state = ws.load_config(), ws.load_state()
+    view = view or WorkspaceView.load(ws)
+    cfg, state = view.cfg, view.state
     base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
-    rows = read_workspace_rows(ws, cfg.data, cfg.shards.num_shards)
-    th = cfg.training_hash()
     status: dict[int, str] = {}
     results: list[TrainResult] = []
-    todo = shards if shards is not None else list(range(cfg.shards.num_shards))
+    todo = shards if shards is not None else list(range(view.num_shards))
     for shard in todo:
-        shard_rows = rows.get(shard, [])
+        plan = view.plan(shard)
         adir = ws.adapter_dir(shard)
-        if shard in state.dropped_shards:
+        if plan.status == "dropped":
             status[shard] = "dropped"
             continue
-        if not shard_rows:
+        if plan.status == "empty":
             remove_tree(adir)
             status[shard] = "empty"
             continue
-        content = shard_content_hash(th, state.base_model_fingerprint, shard, shard_rows)
-        if adapter_is_current(adir, content):
+        assert plan.content_hash is not None
+        if plan.status == "current":
+            if not routers_current(adir, router_settings(cfg, state.base_model_fingerprint, plan.content_hash)):
+                build_routers(base.get(), plan.rows, cfg, adir, plan.content_hash)
             status[shard] = "unchanged"
             continue
-        label = f"shard {shard:>3} ({len(shard_rows)} rows)"
-        res = train_shard(base.get(), shard_rows, cfg, shard, adir, content, None if quiet else stderr_progress(label))
+        label = f"shard {shard:>3} ({len(plan.rows)} rows)"
+        res = train_shard(base.get(), plan.rows, cfg, shard, adir, plan.content_hash, None if quiet else stderr_progress(label))
         if not quiet:
             print(f"{label}: trained {res.steps} steps in {res.seconds:.1f}s, final loss {res.final_loss:.4f}", file=sys.stderr, flush=True)
         results.append(res)
         status[shard] = "trained"
+    view.forget_plans()
     return {
         "shards": {str(k): v for k, v in sorted(status.items())},
         "trained": [r.shard for r in results],

@@ -1,5 +1,6 @@
 """Proof of the invariant: rebuild the workspace from scratch, from its remaining data and
-config alone, in a temporary folder, and compare the served weights byte for byte."""
+config alone, in a temporary folder, and compare byte for byte what serves requests: every
+served weight, every shard adapter's tensors, and every router file."""
 
 from __future__ import annotations
 
@@ -9,18 +10,38 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sift.adapters import read_meta
-from sift.data import read_workspace_rows, write_workspace_rows
+from safetensors.torch import load_file
+
+from sift.adapters import ADAPTER_WEIGHTS
+from sift.data import write_workspace_rows
 from sift.errors import SiftError
+from sift.hashing import tensors_sha256
 from sift.models import LazyBase
 from sift.serve import merge_workspace, served_hashes, served_info
+from sift.serving.route import router_file_hashes
+from sift.snapshot import WorkspaceView
 from sift.train import train_shards
 from sift.workspace import Workspace, WorkspaceState
 
 
+def shard_files(ws: Workspace, shard: int) -> dict[str, str] | None:
+    """Hashes of what a shard serves, read from the files themselves (not from its records):
+    the adapter's tensors and each router file. None when the shard has no adapter."""
+    folder = ws.adapter_dir(shard)
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.exists():
+        return None
+    try:
+        adapter = tensors_sha256(load_file(str(weights)))[0]
+    except Exception:  # a damaged file differs from anything rebuilt
+        adapter = "unreadable"
+    return {ADAPTER_WEIGHTS: adapter, **router_file_hashes(folder)}
+
+
 def verify(ws: Workspace, tmp_dir: str | None = None, base: LazyBase | None = None, quiet: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
-    cfg, state = ws.load_config(), ws.load_state()
+    view = WorkspaceView.load(ws)
+    cfg, state = view.cfg, view.state
     info = served_info(ws)
     if info is None:
         raise SiftError(f"workspace {ws.root} has no served model to verify; run `sift merge -w {ws.root}`")
@@ -31,26 +52,31 @@ def verify(ws: Workspace, tmp_dir: str | None = None, base: LazyBase | None = No
         fresh = Workspace(Path(tmp) / "ws")
         fresh.root.mkdir()
         fresh.save_state(WorkspaceState(base_model_fingerprint=state.base_model_fingerprint, dropped_shards=list(state.dropped_shards)))
-        rows = read_workspace_rows(ws, cfg.data, cfg.shards.num_shards)
-        write_workspace_rows(fresh, cfg.data, rows, cfg.shards.num_shards)
+        write_workspace_rows(fresh, cfg.data, view.rows, cfg.shards.num_shards)
         fresh.save_config(cfg)
         if not quiet:
-            print(f"verify: rebuilding {len(rows)} shard(s) from scratch in {fresh.root}", file=sys.stderr, flush=True)
+            print(f"verify: rebuilding {len(view.rows)} shard(s) from scratch in {fresh.root}", file=sys.stderr, flush=True)
         train_shards(fresh, base=base, quiet=quiet)
         merge_workspace(fresh, full=True, base=base)
         rebuilt_overall, rebuilt_per = served_hashes(fresh.merged_dir)
-        adapter_diff = []
-        compared = 0
+        adapter_diff: list[int] = []
+        router_diff: list[str] = []
+        compared = routers = 0
         for shard in range(cfg.shards.num_shards):
-            a, b = read_meta(ws.adapter_dir(shard)), read_meta(fresh.adapter_dir(shard))
+            a, b = shard_files(ws, shard), shard_files(fresh, shard)
             if a is None and b is None:
                 continue
             compared += 1
-            if (a or {}).get("adapter_sha256") != (b or {}).get("adapter_sha256"):
+            a, b = a or {}, b or {}
+            if a.get(ADAPTER_WEIGHTS) != b.get(ADAPTER_WEIGHTS):
                 adapter_diff.append(shard)
+            for name in sorted((set(a) | set(b)) - {ADAPTER_WEIGHTS}):
+                routers += 1
+                if a.get(name) != b.get(name):
+                    router_diff.append(f"shard-{shard:04d}/{name}")
     names = sorted(set(served_per) | set(rebuilt_per))
     mismatched = [n for n in names if served_per.get(n) != rebuilt_per.get(n)]
-    identical = served_overall == rebuilt_overall and not mismatched
+    identical = served_overall == rebuilt_overall and not mismatched and not adapter_diff and not router_diff
     return {
         "identical": identical,
         "served_sha256": served_overall,
@@ -59,8 +85,10 @@ def verify(ws: Workspace, tmp_dir: str | None = None, base: LazyBase | None = No
         "mismatched_tensors": mismatched[:20],
         "adapters_compared": compared,
         "mismatched_adapters": adapter_diff,
+        "router_files_compared": routers,
+        "mismatched_router_files": router_diff,
         "served_record_matches_files": info.get("served_sha256") == served_overall,
         "method": info["method"],
-        "rows": sum(len(r) for r in rows.values()),
+        "rows": sum(len(r) for r in view.rows.values()),
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -1,36 +1,12 @@
-"""Ask the served model (or one shard's adapter, for a request routed to its owner)."""
+"""Greedy decoding, shared by `sift generate`, the benchmarks and evaluation."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from sift.errors import SiftError
 from sift.models import prompt_ids
-
-
-def load_served(folder: Path) -> tuple[Any, Any]:
-    """The merged model as any user would load it: plain transformers, safetensors only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not any(folder.glob("*.safetensors")):
-        raise SiftError(f"{folder} holds no served model; run `sift merge`")
-    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model.eval(), tok
-
-
-def load_routed(base_model: Any, adapter_dir: Path) -> Any:
-    """Base + one shard's adapter, through peft's own loader."""
-    import copy
-
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(copy.deepcopy(base_model), str(adapter_dir)).eval()
 
 
 @torch.no_grad()

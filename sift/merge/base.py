@@ -1,0 +1,89 @@
+"""What a merge method is: a name, declared parameters, and two promises the pipeline consults.
+
+- `exact`: a forget followed by this merge gives the bytes of a from-scratch run on the
+  remaining data. Every method sift ships is exact; a method whose result depends on the order
+  adapters arrived in, or on anything but the surviving adapters, would not be.
+- `incremental`: the method is a sum of per-adapter contributions and keeps that sum (the int64
+  `MergeState`) as its sufficient statistic, so removing or replacing one adapter costs one
+  adapter's work. A non-incremental method (TIES elects signs from every adapter) recomputes
+  from all stored adapters after a forget; it stays exact, and the certificate says it recomputed.
+
+The merge driver (sift.serve) and forget (sift.forget) ask these flags; they never assume a
+particular method.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sift.adapters import Adapter
+from sift.errors import SiftError
+from sift.merge.state import MergeState
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter; `name` is also its key in the [merge] section of sift.toml."""
+
+    name: str
+    default: float
+    help: str
+    low: float | None = None  # inclusive bounds, None for unbounded
+    high: float | None = None
+
+    def check(self, value: float) -> float:
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            lo = "-inf" if self.low is None else f"{self.low:g}"
+            hi = "inf" if self.high is None else f"{self.high:g}"
+            raise SiftError(f"merge parameter {self.name}={value:g} is out of range [{lo}, {hi}]")
+        return float(value)
+
+
+class MergeMethod(ABC):
+    name: str
+    summary: str
+    exact: bool = True
+    incremental: bool = False
+    params: tuple[Param, ...] = ()
+
+    def resolve(self, given: dict[str, float | None]) -> dict[str, float]:
+        """Fill defaults, check ranges, refuse parameters this method does not take."""
+        known = {p.name: p for p in self.params}
+        for key, value in given.items():
+            if value is not None and key not in known:
+                raise SiftError(f"--{key} does not apply to merge method {self.name!r}" + (f" (it takes: {', '.join(known)})" if known else " (it takes no parameters)"))
+        return {p.name: p.check(given[p.name]) if given.get(p.name) is not None else p.default for p in self.params}
+
+    def served_record(self, n: int, params: dict[str, float]) -> dict[str, Any]:
+        """Extra facts about a merge of n adapters, saved in served.json (e.g. a coefficient)."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "exact": self.exact, "incremental": self.incremental, "summary": self.summary,
+            "params": [{"name": p.name, "default": p.default, "help": p.help} for p in self.params],
+        }
+
+
+class IncrementalMethod(MergeMethod):
+    """A merge that is a function of the exact integer sum of the adapters' deltas."""
+
+    incremental = True
+
+    @abstractmethod
+    def served_weights(self, acc: MergeState, base_state: dict[str, torch.Tensor], n: int, params: dict[str, float]) -> dict[str, torch.Tensor]:
+        """Merged values of every weight the adapters touch, from the sum of n adapters."""
+
+
+class RecomputedMethod(MergeMethod):
+    """A merge that needs every adapter at once (not a sum): recomputed after each forget."""
+
+    incremental = False
+
+    @abstractmethod
+    def merge(self, adapters: list[Adapter], base_state: dict[str, torch.Tensor], params: dict[str, float]) -> dict[str, torch.Tensor]:
+        """Merged values of every weight the adapters touch; must not depend on list order."""

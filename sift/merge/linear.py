@@ -1,0 +1,40 @@
+"""Linear merges: served = base + c(n) * sum_i delta_i, with c depending on the number of adapters
+or on nothing, never on data. They share one exact accumulator (sift.merge.state):
+
+    W = fp32( fp64(W0) + fp64(sum) * (c * 2**-bits) )
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from sift.merge.base import IncrementalMethod, Param
+from sift.merge.state import MergeState
+
+
+class LinearMethod(IncrementalMethod):
+    def __init__(self, name: str, summary: str, coefficient: Callable[[int, dict[str, float]], float], params: tuple[Param, ...] = ()):
+        self.name, self.summary, self._coefficient, self.params = name, summary, coefficient, params
+
+    def coefficient(self, n: int, scale: float | None = None) -> float:
+        """c(n); `scale` is task-arithmetic's parameter (None: its default)."""
+        return self._coefficient(n, self.resolve({"scale": scale}))
+
+    def served_record(self, n: int, params: dict[str, float]) -> dict[str, float]:
+        return {"coefficient": self._coefficient(n, params)}
+
+    def served_weights(self, acc: MergeState, base_state: dict[str, torch.Tensor], n: int, params: dict[str, float]) -> dict[str, torch.Tensor]:
+        return acc.served_weights(base_state, self._coefficient(n, params))
+
+
+MEAN = LinearMethod(
+    "mean", "uniform mean of the adapters' weight deltas: base + (1/n) * sum",
+    lambda n, p: 1.0 / n if n else 0.0,
+)
+TASK_ARITHMETIC = LinearMethod(
+    "task-arithmetic", "scaled sum of the deltas: base + scale * sum (scale defaults to 1; data-independent)",
+    lambda n, p: p["scale"],
+    params=(Param("scale", 1.0, "served = base + scale * sum of the adapters' deltas"),),
+)

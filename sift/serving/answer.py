@@ -1,0 +1,160 @@
+"""Answering requests from a workspace: route each to the shard that learned what it asks about,
+answer with that shard's own adapter, and let the merged model answer what no shard claims.
+
+Every answer says which path served it (`served_by`): "routed" (a router chose the shard),
+"shard" (the caller named the shard or group), "merged" (no shard claimed it, or the caller
+asked for the merged model) or "base" (unclaimed and the workspace has no merged model yet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sift.errors import SiftError
+from sift.hashing import shard_of
+from sift.models import LazyBase
+from sift.serving.folder import served_info
+from sift.serving.generate import greedy_answers
+from sift.serving.load import ShardAdapters, load_served
+from sift.serving.route import Decision, EmbedIndex, KeysIndex, check_router, router_settings, routers_current
+from sift.snapshot import WorkspaceView
+from sift.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class Answer:
+    prompt: str
+    answer: str
+    path: str  # "routed" | "shard" | "merged" | "base"
+    shard: int | None
+    router: str | None
+    score: float | None
+
+    def served_by(self) -> dict[str, Any]:
+        return {"path": self.path, "shard": self.shard, "router": self.router}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "answer": self.answer, "served_by": self.served_by(), "score": self.score}
+
+
+class WorkspaceServer:
+    """Loads lazily, once, what a workspace serves: router indices, the base with shard adapters,
+    the merged model. For a CLI call or a benchmark; holds the workspace's files as they were
+    when it was made (take the workspace lock around its use)."""
+
+    def __init__(self, ws: Workspace, base: LazyBase | None = None, view: WorkspaceView | None = None):
+        self.ws = ws
+        self.view = view or WorkspaceView.load(ws)
+        cfg, state = self.view.cfg, self.view.state
+        self.base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
+        self._routers: dict[str, KeysIndex | EmbedIndex] = {}
+        self._adapters: ShardAdapters | None = None
+        self._merged: tuple[Any, Any] | None = None
+
+    # -- which shards serve --------------------------------------------------------------------
+    def serving_shards(self) -> dict[int, Path]:
+        """Shards with an up-to-date adapter (the ones the merged model holds), and their folders."""
+        out, stale = {}, []
+        for shard in self.view.served_shards():
+            plan = self.view.plan(shard)
+            if plan.status == "current":
+                out[shard] = self.ws.adapter_dir(shard)
+            else:
+                stale.append(shard)
+        if stale:
+            raise SiftError(f"shards {','.join(map(str, stale[:10]))} have no up-to-date adapter; run `sift train-shards -w {self.ws.root}` first")
+        return out
+
+    def default_router(self) -> str | None:
+        name = self.view.cfg.router_name()
+        return None if name == "none" else name
+
+    def router(self, name: str) -> KeysIndex | EmbedIndex:
+        check_router(name)
+        if name not in self._routers:
+            folders = self.serving_shards()
+            for shard, folder in folders.items():
+                settings = router_settings(self.view.cfg, self.view.state.base_model_fingerprint, self.view.plan(shard).content_hash or "")
+                if not routers_current(folder, settings):
+                    raise SiftError(f"shard {shard}'s router files are missing or stale; run `sift train-shards -w {self.ws.root}` to rebuild them")
+            if name == "keys":
+                if self.view.cfg.data.group_by is None:
+                    raise SiftError("the keys router needs a workspace made with --group-by (its keys are the group values); use --router embed")
+                self._routers[name] = KeysIndex.load(folders)
+            else:
+                self._routers[name] = EmbedIndex.load(folders, self.base.get(), self.view.cfg)
+        return self._routers[name]
+
+    def route(self, prompts: list[str], router: str | None = None) -> list[Decision]:
+        name = router or self.default_router()
+        if name is None:
+            return [Decision(None, "none", None) for _ in prompts]
+        index = self.router(name)
+        return [index.route(p) for p in prompts]
+
+    # -- answering ------------------------------------------------------------------------------
+    def answer(
+        self,
+        prompts: list[str],
+        router: str | None = None,
+        merged: bool = False,
+        shard: int | None = None,
+        group: str | None = None,
+        max_new_tokens: int = 48,
+        batch_size: int = 1,
+    ) -> list[Answer]:
+        """Answer each prompt on the path the options choose (default: routed, then merged)."""
+        targets: list[tuple[str, int | None, str | None, float | None]]
+        if shard is not None or group is not None:
+            if shard is not None and group is not None:
+                raise SiftError("give --shard or --group, not both")
+            k = shard if shard is not None else shard_of(group, self.view.num_shards)  # type: ignore[arg-type]
+            if not 0 <= k < self.view.num_shards:
+                raise SiftError(f"shard {k} is out of range 0-{self.view.num_shards - 1}")
+            if k not in self.serving_shards():
+                raise SiftError(f"shard {k} has no adapter (empty, dropped or untrained)")
+            targets = [("shard", k, None, None)] * len(prompts)
+        elif merged:
+            targets = [("merged", None, None, None)] * len(prompts)
+        else:
+            targets = [("routed", d.shard, d.router, d.score) if d.shard is not None else ("merged", None, d.router if d.router != "none" else None, d.score)
+                       for d in self.route(prompts, router)]
+        answers: list[str | None] = [None] * len(prompts)
+        groups: dict[int | None, list[int]] = {}
+        for i, (_, k, _, _) in enumerate(targets):
+            groups.setdefault(k, []).append(i)
+        paths = [t[0] for t in targets]
+        for k in sorted(groups, key=lambda x: (x is None, x or 0)):
+            idx = groups[k]
+            if k is None:
+                model, tok, path = self._merged_or_base()
+                for i in idx:
+                    paths[i] = path
+            else:
+                model, tok = self._shard_model(k), self.base.get().tokenizer
+            for i, a in zip(idx, greedy_answers(model, tok, [prompts[i] for i in idx], max_new_tokens, batch_size=batch_size)):
+                answers[i] = a
+        return [Answer(p, a or "", path, k, r, s) for p, a, path, (_, k, r, s) in zip(prompts, answers, paths, targets)]
+
+    def _shard_model(self, shard: int) -> Any:
+        if self._adapters is None:
+            self._adapters = ShardAdapters(self.base.get().model)
+        return self._adapters.model_for(shard, self.serving_shards()[shard])
+
+    def _merged_or_base(self) -> tuple[Any, Any, str]:
+        if served_info(self.ws.merged_dir) is None:
+            b = self.base.get()
+            return b.model, b.tokenizer, "base"
+        if self._merged is None:
+            self._merged = load_served(self.ws.merged_dir)
+        return self._merged[0], self._merged[1], "merged"
+
+
+def decision_dict(prompt: str, d: Decision) -> dict[str, Any]:
+    out = {"prompt": prompt, **asdict(d)}
+    out.pop("detail")
+    if d.detail is not None:
+        out["matched"] = d.detail
+    return out

@@ -1,0 +1,54 @@
+"""Loading what answers a request: the merged model (as any user would load it), or the base
+model with one shard's adapter (through peft's own loader)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sift.errors import SiftError
+
+
+def load_served(folder: Path) -> tuple[Any, Any]:
+    """The merged model as any user would load it: plain transformers, safetensors only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not any(folder.glob("*.safetensors")):
+        raise SiftError(f"{folder} holds no served model; run `sift merge`")
+    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model.eval(), tok
+
+
+def load_routed(base_model: Any, adapter_dir: Path) -> Any:
+    """Base + one shard's adapter, through peft's own loader (the base is copied, not changed)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(copy.deepcopy(base_model), str(adapter_dir)).eval()
+
+
+class ShardAdapters:
+    """One copy of the base with every requested shard adapter loaded beside the others, so that
+    answering for many shards costs one copy of the base, not one per shard."""
+
+    def __init__(self, base_model: Any):
+        self._base_model = base_model
+        self._model: Any = None
+        self._loaded: set[int] = set()
+
+    def model_for(self, shard: int, adapter_dir: Path) -> Any:
+        from peft import PeftModel
+
+        name = f"shard-{shard:04d}"
+        if self._model is None:
+            self._model = PeftModel.from_pretrained(copy.deepcopy(self._base_model), str(adapter_dir), adapter_name=name)
+        elif shard not in self._loaded:
+            self._model.load_adapter(str(adapter_dir), adapter_name=name)
+        self._loaded.add(shard)
+        self._model.set_adapter(name)
+        return self._model.eval()

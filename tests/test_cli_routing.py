@@ -1,0 +1,37 @@
+"""`sift route` and `sift generate` as pipeline tools: JSON lines, and the serving path named."""
+
+import json
+
+from sift.data import read_manifest
+
+from test_cli import one_error_line, sift
+
+
+def test_route_prints_one_json_line_per_prompt(trained_ws, facts):
+    manifest = read_manifest(trained_ws)
+    prompts = f"{facts[0]['prompt']}\nWhere was Nobody Atall born?\n"
+    p = sift("route", "-w", str(trained_ws.root), "-", "--json", stdin=prompts)
+    assert p.returncode == 0, p.stderr
+    lines = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [x["prompt"] for x in lines] == prompts.splitlines()
+    assert lines[0]["shard"] == manifest[facts[0]["id"]] and lines[0]["router"] == "keys" and lines[0]["score"] > 0
+    assert lines[1]["shard"] is None and lines[1]["score"] is None
+    p = sift("route", "-w", str(trained_ws.root), facts[0]["prompt"], "--router", "embed", "--json")
+    d = json.loads(p.stdout)
+    assert d["router"] == "embed" and isinstance(d["score"], float)
+    assert "unknown router" in one_error_line(sift("route", "-w", str(trained_ws.root), "x", "--router", "tfidf"))
+
+
+def test_generate_routes_by_default_and_says_so(trained_ws, facts):
+    manifest = read_manifest(trained_ws)
+    p = sift("generate", "-w", str(trained_ws.root), facts[0]["prompt"], "--max-new-tokens", "2", "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["served_by"] == {"path": "routed", "shard": manifest[facts[0]["id"]], "router": "keys"}
+    assert "answer" in out and out["answers"][0]["answer"] == out["answer"]
+    assert "routed by the keys router" in p.stderr
+    p = sift("generate", "-w", str(trained_ws.root), "Where was Nobody Atall born?", "--max-new-tokens", "2")
+    assert p.returncode == 0 and "answered by the merged model (no shard claimed the request)" in p.stderr
+    p = sift("generate", "-w", str(trained_ws.root), facts[0]["prompt"], "--merged", "--max-new-tokens", "2", "--json")
+    assert json.loads(p.stdout)["served_by"] == {"path": "merged", "shard": None, "router": None}
+    assert "leave out --router" in one_error_line(sift("generate", "-w", str(trained_ws.root), "x", "--merged", "--shard", "0"))
