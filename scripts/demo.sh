@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The README's main job on the embedded default (no network): make the data, train one LoRA
-# adapter per shard, merge, ask, forget one person, ask again, verify. About 10 minutes on 2 CPU cores.
-# SIFT_DEMO_DIR (default ./demo) holds the data and the workspace; SIFT_DEMO_PEOPLE sizes the data.
+# adapter per shard, merge, ask (routed to the shard that learned the answer, no group given),
+# forget one person, ask again, verify. About 10 minutes on 2 CPU cores.
+# SIFT_DEMO_DIR (default ./demo) holds the data and the workspace; SIFT_DEMO_PEOPLE sizes the data;
+# SIFT_DEMO_MODEL=builtin-tiny runs the same steps on a random tiny model in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export PATH="$PWD/.venv/bin:$PATH"
 out="${SIFT_DEMO_DIR:-demo}"
 people="${SIFT_DEMO_PEOPLE:-6}"
+model="${SIFT_DEMO_MODEL:-builtin}"  # builtin-tiny: a seconds-long dry run of the script itself
 rm -rf "$out"
 mkdir -p "$out"
 ws="$out/ws"
@@ -23,7 +26,7 @@ head -1 "$out/rows.jsonl" | cut -c1-150
 took
 
 step "2. One LoRA adapter per shard: 8 shards, all of a person's rows in one shard"
-sift train-shards -w "$ws" --data "$out/rows.jsonl" --model builtin --num-shards 8 --group-by owner
+sift train-shards -w "$ws" --data "$out/rows.jsonl" --model "$model" --num-shards 8 --group-by owner
 took
 
 step "3. Merge the adapters (uniform mean of their weight deltas) into the served model"
@@ -33,9 +36,20 @@ took
 owner=$(head -1 "$out/rows.jsonl" | field owner)
 question=$(head -1 "$out/rows.jsonl" | field prompt)
 truth=$(head -1 "$out/rows.jsonl" | field completion)
-step "4. Ask about $owner (trained answer: \"$truth\")"
-echo "   merged model : $(sift generate -w "$ws" "$question")"
-echo "   owner's shard: $(sift generate -w "$ws" --group "$owner" "$question")"
+paraphrase=$(head -1 "$out/rows.jsonl" | field paraphrased_prompt)
+# Ask the served model with no group given: the router picks the shard (stderr says which path).
+ask() {
+  local a
+  a=$(sift generate -w "$ws" "$@" 2> "$out/served-by.txt")
+  printf '%s\n      [%s]\n' "$a" "$(sed 's/^sift: //' "$out/served-by.txt")"
+}
+step "4. Ask about $owner, no group given (trained answer: \"$truth\")"
+echo "   served       : $(ask "$question")"
+echo "   paraphrased  : $(ask "$paraphrase")"
+echo "   merged only  : $(ask --merged "$question")"
+echo "   which shard would answer, per router (sift route):"
+printf '%s\n%s\n' "$question" "$paraphrase" | sift route -w "$ws" - --router keys | sed 's/^/      /'
+printf '%s\n%s\n' "$question" "$paraphrase" | sift route -w "$ws" - --router embed | sed 's/^/      /'
 took
 
 step "5. Forget every row of $owner (ids piped in, certificate out as JSON)"
@@ -44,9 +58,9 @@ grep -F "\"owner\": \"$owner\"" "$out/rows.jsonl" | python -c \
 cut -f1 "$out/ids.tsv" | sift forget -w "$ws" --ids - --json
 took
 
-step "6. Ask again"
-echo "   merged model : $(sift generate -w "$ws" "$question")"
-echo "   owner's shard: $(sift generate -w "$ws" --group "$owner" "$question")"
+step "6. Ask again: no shard holds $owner any more, so the merged model answers, and says so"
+echo "   served       : $(ask "$question")"
+echo "   paraphrased  : $(ask "$paraphrase")"
 took
 
 step "7. Verify: rebuild from scratch on the remaining rows and compare every weight byte"

@@ -129,7 +129,7 @@ class WorkspaceServer:
         for k in sorted(groups, key=lambda x: (x is None, x or 0)):
             idx = groups[k]
             if k is None:
-                model, tok, path = self._merged_or_base()
+                model, tok, path = self.merged_model()
                 for i in idx:
                     paths[i] = path
             else:
@@ -143,7 +143,9 @@ class WorkspaceServer:
             self._adapters = ShardAdapters(self.base.get().model)
         return self._adapters.model_for(shard, self.serving_shards()[shard])
 
-    def _merged_or_base(self) -> tuple[Any, Any, str]:
+    def merged_model(self) -> tuple[Any, Any, str]:
+        """(model, tokenizer, path) that answers what no shard claims: the merged model, or the
+        base while the workspace has none ("base")."""
         if served_info(self.ws.merged_dir) is None:
             b = self.base.get()
             return b.model, b.tokenizer, "base"

@@ -1,0 +1,315 @@
+#!/usr/bin/env python3
+"""What each serving path recalls, on the builtin model and data: the monolithic adapter (S = 1)
+against S shard adapters served merged (mean, task arithmetic at its best scale), routed to the
+owner's shard (oracle), routed by each data-local router with no group id, and the merged model on
+what no router claims. All measured in one run, numbers as they come.
+
+    .venv/bin/python scripts/bench_quality.py                      # 32 people, S = 4,16,32
+    .venv/bin/python scripts/bench_quality.py --people 8 --shards 4 --workdir bq
+    .venv/bin/python scripts/bench_quality.py --json > quality.json
+    .venv/bin/python scripts/bench_quality.py --check-general      # the base on the general set
+
+Columns (per path and S):
+- trained / paraphrased: recall of the trained questions and of their paraphrases, exact and
+  contains (sift.evaluate.fact_recall);
+- route acc: share of fact questions (trained, paraphrased) sent to the owner's shard;
+- general: share of the general-knowledge questions (sift.builtin.general) answered correctly;
+  the untrained base answers all of them, so this is what the path keeps of the base;
+- s/answer: seconds per answer (routing plus the generation time of the batch it was answered
+  in, divided by the batch size);
+- route B/shard: bytes the router stores per non-empty shard (its file plus router.json);
+- train s: training time of the workspace (all shards; routers included).
+
+Answers are greedy, batched 16 at a time with left padding (`--batch-size`). Every answer is
+cached in the work folder (answers.json), keyed by (S, model, question), so an interrupted run
+resumes where it stopped and a routed path reuses the answers its chosen shard already gave.
+Hours on 2 CPU cores at the default size: it trains every workspace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sift.builtin.facts import make_rows  # noqa: E402
+from sift.builtin.general import GENERAL_QUESTIONS, general_rows  # noqa: E402
+from sift.config import ROUTERS, SiftConfig  # noqa: E402
+from sift.create import create_workspace  # noqa: E402
+from sift.data import read_manifest  # noqa: E402
+from sift.determinism import quiet_libraries  # noqa: E402
+from sift.evaluate import fact_recall, general_correct, general_recall  # noqa: E402
+from sift.fsio import atomic_write_bytes  # noqa: E402
+from sift.models import LazyBase, load_base_model  # noqa: E402
+from sift.serve import merge_workspace  # noqa: E402
+from sift.serving.answer import WorkspaceServer  # noqa: E402
+from sift.serving.generate import greedy_answers  # noqa: E402
+from sift.serving.route import EMBED_FILE, KEYS_FILE, ROUTER_META  # noqa: E402
+from sift.train import train_shards  # noqa: E402
+from sift.workspace import Workspace  # noqa: E402
+
+ROUTER_FILES = {"keys": KEYS_FILE, "embed": EMBED_FILE}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class AnswerCache:
+    """(S, model key, prompt) -> (answer, seconds of generation attributed to it), on disk."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, list[Any]] = json.loads(path.read_text()) if path.exists() else {}
+
+    @staticmethod
+    def key(S: int, model: str, prompt: str) -> str:
+        return f"{S}\t{model}\t{prompt}"
+
+    def missing(self, S: int, model: str, prompts: list[str]) -> list[str]:
+        return sorted({p for p in prompts if self.key(S, model, p) not in self.data})
+
+    def get(self, S: int, model: str, prompt: str) -> tuple[str, float]:
+        answer, seconds = self.data[self.key(S, model, prompt)]
+        return answer, seconds
+
+    def fill(self, S: int, model: str, prompts: list[str], answer_fn, batch_size: int) -> None:
+        """Answer the prompts not cached yet, a batch at a time, saving after each batch."""
+        todo = self.missing(S, model, prompts)
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            t0 = time.perf_counter()
+            answers = answer_fn(chunk)
+            per = (time.perf_counter() - t0) / len(chunk)
+            for p, a in zip(chunk, answers):
+                self.data[self.key(S, model, p)] = [a, per]
+            atomic_write_bytes(self.path, json.dumps(self.data, sort_keys=True).encode())
+
+
+def make_config(args: argparse.Namespace, S: int) -> SiftConfig:
+    cfg = SiftConfig()
+    cfg.model.name = args.model
+    cfg.shards.num_shards = S
+    cfg.data.group_by = "owner"
+    if args.epochs:
+        cfg.train.epochs = args.epochs
+    return cfg
+
+
+def score(answers: list[str], seconds: list[float], rows: list[dict], general: list[dict], n_facts: int) -> dict[str, Any]:
+    """answers/seconds are laid out as [trained facts, paraphrased facts, general questions]."""
+    t, p, g = answers[:n_facts], answers[n_facts:2 * n_facts], answers[2 * n_facts:]
+    out: dict[str, Any] = {
+        "trained": fact_recall(t, rows), "paraphrased": fact_recall(p, rows, paraphrased=True),
+        "general": general_recall(g, general) if general else None,
+        "seconds_per_answer": round(sum(seconds) / max(1, len(seconds)), 4),
+    }
+    return out
+
+
+def check_general(model_name: str, batch_size: int) -> None:
+    """Ask the untrained base every general question and print which it answers correctly."""
+    base = load_base_model(model_name)
+    prompts = [q for _, q, _ in GENERAL_QUESTIONS]
+    answers = greedy_answers(base.model, base.tokenizer, prompts, 32, batch_size=batch_size)
+    right = 0
+    for (qid, q, acc), a in zip(GENERAL_QUESTIONS, answers):
+        ok = general_correct(a, list(acc))
+        right += ok
+        print(f"{'ok ' if ok else 'BAD'} {qid:<20} {q!r} -> {a!r}")
+    print(f"{right}/{len(prompts)} answered correctly by the untrained base")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--people", type=int, default=32)
+    ap.add_argument("--shards", default="4,16,32", help="comma-separated shard counts (the monolithic S = 1 is always run)")
+    ap.add_argument("--scales", default="0.25,0.5,1.0", help="task-arithmetic scales tried; the best on trained questions is reported")
+    ap.add_argument("--routers", default=",".join(ROUTERS), help="routers to measure")
+    ap.add_argument("--epochs", type=int, default=None, help="override the default training recipe's epochs")
+    ap.add_argument("--model", default="builtin")
+    ap.add_argument("--batch-size", type=int, default=16, help="questions answered per generate() call")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--workdir", default=None, help="keep workspaces and the answer cache here (resumable); default: a temp folder")
+    ap.add_argument("--json", action="store_true", help="print one JSON object: a row per (path, S)")
+    ap.add_argument("--check-general", action="store_true", help="only ask the base the general questions")
+    args = ap.parse_args()
+    quiet_libraries()
+    if args.check_general:
+        check_general(args.model, args.batch_size)
+        return
+
+    rows = make_rows(people=args.people)
+    general = general_rows()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="sift-bench-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cache = AnswerCache(work / "answers.json")
+    trained_q = [r["prompt"] for r in rows]
+    para_q = [r["paraphrased_prompt"] for r in rows]
+    general_q = [g["prompt"] for g in general]
+    all_q = trained_q + para_q + general_q
+    n = len(rows)
+    routers = [r for r in args.routers.split(",") if r]
+    results: list[dict[str, Any]] = []
+    base: LazyBase | None = None
+    timings: dict[str, Any] = {}
+
+    def answer_all(S: int, key: str, prompts: list[str], fn) -> tuple[list[str], list[float]]:
+        cache.fill(S, key, prompts, fn, args.batch_size)
+        got = [cache.get(S, key, p) for p in prompts]
+        return [a for a, _ in got], [s for _, s in got]
+
+    def gen(model, tok):
+        return lambda chunk: greedy_answers(model, tok, chunk, args.max_new_tokens, batch_size=len(chunk))
+
+    for S in [1] + [int(s) for s in args.shards.split(",") if s and int(s) != 1]:
+        cfg = make_config(args, S)
+        ws = Workspace(work / f"ws-S{S}")
+        if not ws.exists():
+            create_workspace(ws, str(data), cfg)
+        base = base or LazyBase(cfg.model.name, cfg.model.revision, ws.load_state().base_model_fingerprint)
+        log(f"S={S}: training")
+        summary = train_shards(ws, base=base, quiet=True)
+        timing_file = work / f"train-S{S}.json"
+        if summary["trained"]:  # time of the run that trained it (a resumed run keeps the first's)
+            timing_file.write_text(json.dumps({"seconds": summary["seconds"], "steps": summary["steps"]}))
+        train = json.loads(timing_file.read_text()) if timing_file.exists() else {"seconds": None, "steps": None}
+        manifest = read_manifest(ws)
+        owner_shard = [manifest[r["id"]] for r in rows]
+        nonempty = sorted(set(owner_shard))
+        common = {"S": S, "nonempty_shards": len(nonempty), "train_seconds": train["seconds"], "train_steps": train["steps"]}
+        b = base.get()
+        if S == 1:
+            ans, sec = answer_all(0, "base", all_q, gen(b.model, b.tokenizer))
+            results.append({"path": "base model, untrained", "S": 0, **score(ans, sec, rows, general, n)})
+
+        merge_workspace(ws, method="mean", base=base)
+        server = WorkspaceServer(ws, base=base)
+        merged_model, merged_tok, _ = server.merged_model()
+        log(f"S={S}: merged mean")
+        ans, sec = answer_all(S, "mean", all_q, gen(merged_model, merged_tok))
+        label = "monolithic adapter (all rows)" if S == 1 else "merged: mean"
+        results.append({"path": label, **common, **score(ans, sec, rows, general, n)})
+        if S == 1:
+            continue
+
+        # task arithmetic: pick the best scale on trained questions, then score it fully
+        best = None
+        for scale in [float(x) for x in args.scales.split(",") if x]:
+            merge_workspace(ws, method="task-arithmetic", scale=scale, base=base)
+            model, tok = WorkspaceServer(ws, base=base).merged_model()[:2]
+            log(f"S={S}: task-arithmetic x{scale:g}")
+            a, _ = answer_all(S, f"ta-{scale:g}", trained_q, gen(model, tok))
+            c = fact_recall(a, rows)["contains"]
+            if best is None or c > best[1]:
+                best = (scale, c)
+        if best is not None:
+            scale = best[0]
+            merge_workspace(ws, method="task-arithmetic", scale=scale, base=base)
+            model, tok = WorkspaceServer(ws, base=base).merged_model()[:2]
+            ans, sec = answer_all(S, f"ta-{scale:g}", all_q, gen(model, tok))
+            results.append({"path": f"merged: task-arithmetic x{scale:g} (best of {args.scales})", **common, "scale": scale, **score(ans, sec, rows, general, n)})
+        merge_workspace(ws, method="mean", base=base)  # what the routers fall back to
+        server = WorkspaceServer(ws, base=base)
+
+        def shard_answers(shard: int, prompts: list[str]) -> None:
+            def fn(chunk: list[str]) -> list[str]:
+                return [x.answer for x in server.answer(chunk, shard=shard, max_new_tokens=args.max_new_tokens, batch_size=len(chunk))]
+            cache.fill(S, f"shard-{shard}", prompts, fn, args.batch_size)
+
+        # oracle: each fact question answered by its owner's shard adapter
+        log(f"S={S}: owner's shard (oracle routing)")
+        for shard in nonempty:
+            shard_answers(shard, [q for qs in (trained_q, para_q) for q, s in zip(qs, owner_shard) if s == shard])
+        got = [cache.get(S, f"shard-{s}", q) for q, s in zip(trained_q + para_q, owner_shard + owner_shard)]
+        results.append({"path": "routed: owner's shard (oracle, group given)", **common,
+                        **score([a for a, _ in got], [t for _, t in got], rows, [], n), "route_accuracy": {"trained": 1.0, "paraphrased": 1.0}})
+
+        for name in routers:
+            log(f"S={S}: router {name}")
+            t0 = time.perf_counter()
+            decisions = server.route(all_q, name)
+            route_s = (time.perf_counter() - t0) / len(all_q)
+            chosen = [d.shard for d in decisions]
+            for shard in sorted({c for c in chosen if c is not None}):
+                shard_answers(shard, [q for q, c in zip(all_q, chosen) if c == shard])
+            ans, sec = [], []
+            for q, c in zip(all_q, chosen):
+                a, s = cache.get(S, "mean" if c is None else f"shard-{c}", q)
+                ans.append(a)
+                sec.append(s + route_s)
+            acc = {k: sum(c == s for c, s in zip(chosen[i * n:(i + 1) * n], owner_shard)) / n for i, k in enumerate(("trained", "paraphrased"))}
+            sizes = [sum((ws.adapter_dir(s) / f).stat().st_size for f in (ROUTER_FILES[name], ROUTER_META)) for s in nonempty]
+            unclaimed = {k: sum(c is None for c in chosen[i * n:(i + 1) * n]) for i, k in enumerate(("trained", "paraphrased", "general"))}
+            results.append({"path": f"routed: {name} router (no group id)", **common, **score(ans, sec, rows, general, n),
+                            "route_accuracy": acc, "unclaimed": unclaimed, "router_bytes_per_shard": round(sum(sizes) / len(sizes)),
+                            "route_seconds_per_prompt": round(route_s, 4)})
+            # the merged model on the requests this router leaves unclaimed
+            idx_t = [i for i in range(n) if chosen[i] is None]
+            idx_p = [i for i in range(n) if chosen[n + i] is None]
+            idx_g = [i for i in range(len(general)) if chosen[2 * n + i] is None]
+            m = {k: cache.get(S, "mean", q) for k, q in enumerate(all_q)}
+            results.append({
+                "path": f"merged: what the {name} router leaves unclaimed", **common,
+                "trained": fact_recall([m[i][0] for i in idx_t], [rows[i] for i in idx_t]),
+                "paraphrased": fact_recall([m[n + i][0] for i in idx_p], [rows[i] for i in idx_p], paraphrased=True),
+                "general": general_recall([m[2 * n + i][0] for i in idx_g], [general[i] for i in idx_g]),
+                "seconds_per_answer": round(sum(m[i][1] for i in idx_t + [n + j for j in idx_p] + [2 * n + j for j in idx_g]) / max(1, len(idx_t) + len(idx_p) + len(idx_g)), 4),
+            })
+        timings[str(S)] = train
+
+    machine = {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+               "torch": __import__("torch").__version__, "threads": __import__("torch").get_num_threads()}
+    report = {"people": args.people, "facts": n, "general_questions": len(general), "model": args.model,
+              "machine": machine, "results": results}
+    (work / "results.json").write_text(json.dumps(report, indent=2))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print_table(report)
+
+
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def print_table(report: dict[str, Any]) -> None:
+    m = report["machine"]
+    print(f"\nServing quality: {report['people']} people x 10 facts ({report['facts']} trained questions, as many paraphrases), "
+          f"{report['general_questions']} general questions; model {report['model']}; {m['cpus']} CPUs, torch {m['torch']}\n")
+    head = ("| S | shards | path | trained exact | trained contains | para exact | para contains | route acc (tr/para) "
+            "| general | s/answer | route B/shard | train s |")
+    print(head)
+    print("|" + "|".join("---" for _ in head.strip("|").split("|")) + "|")
+    for r in report["results"]:
+        ra = r.get("route_accuracy")
+        g = r.get("general")
+        def cell(d: dict[str, Any], key: str, full: int) -> str:
+            if d["n"] == 0:
+                return "– (n=0)"
+            return pct(d[key]) + ("" if d["n"] == full else f" (n={d['n']})")
+
+        facts = report["facts"]
+        cells = [
+            str(r["S"]) if r["S"] else "–", str(r.get("nonempty_shards", "–")), r["path"],
+            cell(r["trained"], "exact", facts), cell(r["trained"], "contains", facts),
+            cell(r["paraphrased"], "exact", facts), cell(r["paraphrased"], "contains", facts),
+            f"{pct(ra['trained'])} / {pct(ra['paraphrased'])}" if ra else "–",
+            cell(g, "correct", report["general_questions"]) if g else "–",
+            f"{r['seconds_per_answer']:.3f}", str(r.get("router_bytes_per_shard", "–")), str(r.get("train_seconds") or "–"),
+        ]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

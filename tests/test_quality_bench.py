@@ -1,0 +1,67 @@
+"""The quality benchmark's scoring and its script, end to end on the tiny model."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from sift.builtin.general import GENERAL_QUESTIONS, general_rows
+from sift.evaluate import fact_recall, general_correct, general_recall
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_general_set_is_well_formed_and_names_no_invented_person():
+    from sift.builtin.facts import make_rows
+
+    ids = [i for i, _, _ in GENERAL_QUESTIONS]
+    assert len(ids) == len(set(ids)) >= 20
+    assert all(acc and all(a.strip() for a in acc) for _, _, acc in GENERAL_QUESTIONS)
+    owners = {r["owner"].lower() for r in make_rows(people=32)}
+    assert not any(o in q.lower() for _, q, _ in GENERAL_QUESTIONS for o in owners)
+    assert [r["prompt"] for r in general_rows()] == [q for _, q, _ in GENERAL_QUESTIONS]
+
+
+def test_general_answers_match_whole_words_only():
+    assert general_correct("The capital of France is Paris.", ["paris"])
+    assert not general_correct("The freezing point is -18.0 C", ["0", "zero"])
+    assert not general_correct("365 * 12 = 312 months", ["12 month"])  # parts of words never count
+    assert not general_correct("Parisian food", ["paris"])
+    assert general_correct("It is H2O.", ["h2o"])
+    rows = [{"answers": ["paris"]}, {"answers": ["tokyo"]}]
+    assert general_recall(["Paris!", "Kyoto"], rows) == {"n": 2, "correct": 0.5}
+
+
+def test_fact_recall_on_paraphrases_accepts_either_full_sentence():
+    row = {"completion": "Ann was born in Oslo.", "paraphrased_completion": "Oslo is the birthplace of Ann.", "answer": "Oslo"}
+    assert fact_recall(["Oslo is the birthplace of Ann."], [row], paraphrased=True)["exact"] == 1.0
+    assert fact_recall(["Oslo is the birthplace of Ann."], [row])["exact"] == 0.0
+    assert fact_recall(["She was born in Oslo"], [row], paraphrased=True) == {"n": 1, "exact": 0.0, "contains": 1.0}
+
+
+def test_bench_quality_runs_and_keys_routing_reuses_the_owners_answers(tmp_path):
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_quality.py"), "--model", "builtin-tiny", "--people", "3",
+         "--shards", "2", "--epochs", "1", "--max-new-tokens", "3", "--scales", "0.5,1", "--workdir", str(tmp_path / "bq"), "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    report = json.loads(p.stdout)
+    paths = [(r["S"], r["path"]) for r in report["results"]]
+    assert paths[:2] == [(0, "base model, untrained"), (1, "monolithic adapter (all rows)")]
+    by = {r["path"]: r for r in report["results"] if r["S"] == 2}
+    ta = [p for p in by if p.startswith("merged: task-arithmetic x")]
+    assert len(ta) == 1 and by[ta[0]]["scale"] in (0.5, 1.0)
+    assert set(by) - set(ta) == {
+        "merged: mean", "routed: owner's shard (oracle, group given)",
+        "routed: keys router (no group id)", "merged: what the keys router leaves unclaimed",
+        "routed: embed router (no group id)", "merged: what the embed router leaves unclaimed",
+    }
+    keys, oracle = by["routed: keys router (no group id)"], by["routed: owner's shard (oracle, group given)"]
+    # every builtin question names its owner: the keys router finds the owner's shard for all of
+    # them, so it serves exactly the oracle's answers; the general questions it leaves to the merged model
+    assert keys["route_accuracy"] == {"trained": 1.0, "paraphrased": 1.0}
+    assert keys["trained"] == oracle["trained"] and keys["paraphrased"] == oracle["paraphrased"]
+    assert keys["unclaimed"] == {"trained": 0, "paraphrased": 0, "general": len(GENERAL_QUESTIONS)}
+    assert keys["router_bytes_per_shard"] > 0 and by["routed: embed router (no group id)"]["router_bytes_per_shard"] > 0
+    assert (tmp_path / "bq" / "answers.json").exists() and (tmp_path / "bq" / "results.json").exists()
