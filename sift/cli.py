@@ -149,7 +149,8 @@ def train_shards_cmd(
 def merge(
     workspace: Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Workspace folder.")] = None,
     method: Annotated[Optional[str], typer.Option(help="Merge method (see --list); default: the workspace's (mean).")] = None,
-    scale: Annotated[Optional[float], typer.Option(help="task-arithmetic only: served = base + scale * sum of deltas.")] = None,
+    scale: Annotated[Optional[float], typer.Option(help="task-arithmetic: served = base + scale * sum of deltas; ties: lambda, served = base + scale * disjoint mean (default 1).")] = None,
+    density: Annotated[Optional[float], typer.Option(help="ties only: fraction of each adapter's delta entries kept, by magnitude (default 0.2).")] = None,
     full: Annotated[bool, typer.Option("--full", help="Recompute from every adapter instead of updating the saved sums.")] = False,
     list_methods: Annotated[bool, typer.Option("--list", help="List the merge methods and exit.")] = False,
     as_json: AsJson = False,
@@ -174,11 +175,13 @@ def merge(
     ws.require()
     if method is not None:
         get_method(method)
-    if scale is not None and method is None:
-        raise SiftError("--scale needs --method task-arithmetic")
+    if (scale is not None or density is not None) and method is None:
+        raise SiftError("--scale and --density need --method (task-arithmetic or ties)")
     with ws.lock(wait=wait, command="merge"):
         resume_pending_forget(ws)
-        result = merge_workspace(ws, method=method, scale=scale, full=full)
+        if method is not None:
+            get_method(method).resolve({"scale": scale, "density": density})  # refuse before any work
+        result = merge_workspace(ws, method=method, scale=scale, full=full, density=density)
     _emit(result, as_json, lambda r: f"served model {workspace / 'merged'}: {r['method']} of {r['members']} adapters "
           f"({r.get('mode', r.get('reason'))}), sha256 {r['served_sha256'][:16]}")
 

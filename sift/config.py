@@ -64,7 +64,8 @@ class ShardConfig:
 @dataclass
 class MergeConfig:
     method: str = "mean"
-    scale: float | None = None  # task-arithmetic: served = base + scale * sum of deltas
+    scale: float | None = None  # task-arithmetic: base + scale * sum of deltas; ties: lambda
+    density: float | None = None  # ties: fraction of each delta's entries kept (default 0.2)
     fixed_point_bits: int = 40  # resolution 2**-bits of the exact int64 merge accumulator
 
 

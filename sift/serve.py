@@ -47,7 +47,7 @@ def current_adapters(view: WorkspaceView) -> dict[int, str]:
 
 
 def method_params(view: WorkspaceView, m: MergeMethod) -> dict[str, float]:
-    return m.resolve({"scale": view.cfg.merge.scale})
+    return m.resolve({"scale": view.cfg.merge.scale, "density": view.cfg.merge.density})
 
 
 def merge_workspace(
@@ -55,6 +55,7 @@ def merge_workspace(
     method: str | None = None,
     scale: float | None = None,
     full: bool = False,
+    density: float | None = None,
     base: LazyBase | None = None,
     merge_state: MergeState | None = None,
     view: WorkspaceView | None = None,
@@ -66,14 +67,14 @@ def merge_workspace(
     view = view or WorkspaceView.load(ws)
     cfg, state = view.cfg, view.state
     if method is not None:  # an explicit choice becomes the workspace's default for later forgets
-        cfg.merge.method, cfg.merge.scale = method, scale
+        cfg.merge.method, cfg.merge.scale, cfg.merge.density = method, scale, density
     m = get_method(cfg.merge.method)
     params = method_params(view, m)
     members = current_adapters(view)
     n = len(members)
     previous = served_info(ws)
     record = {
-        "method": m.name, "params": params, "scale": cfg.merge.scale,
+        "method": m.name, "params": params, "scale": cfg.merge.scale, "density": cfg.merge.density,
         "members": {str(k): v for k, v in sorted(members.items())}, "base_fingerprint": state.base_model_fingerprint,
         **m.served_record(n, params),
     }
@@ -91,7 +92,7 @@ def merge_workspace(
     elif isinstance(m, RecomputedMethod):
         mode = "recomputed"
         adapters = [load_adapter(ws.adapter_dir(s), s) for s in sorted(members)]
-        weights = m.merge(adapters, base.get().model.state_dict(), params)
+        weights = m.merge(adapters, base.get().model.state_dict(), params, cfg.merge.fixed_point_bits)
     else:  # pragma: no cover - every registered method is one of the two
         raise SiftError(f"merge method {m.name!r} declares neither kind")
     served_sha = write_served(ws.merged_dir, base.get(), weights, record, acc)

@@ -47,7 +47,7 @@ def verify(ws: Workspace, tmp_dir: str | None = None, base: LazyBase | None = No
         raise SiftError(f"workspace {ws.root} has no served model to verify; run `sift merge -w {ws.root}`")
     served_overall, served_per = served_hashes(ws.merged_dir)
     base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
-    cfg.merge.method, cfg.merge.scale = info["method"], info["scale"]
+    cfg.merge.method, cfg.merge.scale, cfg.merge.density = info["method"], info["scale"], info.get("density")
     with tempfile.TemporaryDirectory(prefix="sift-verify-", dir=tmp_dir) as tmp:
         fresh = Workspace(Path(tmp) / "ws")
         fresh.root.mkdir()

@@ -85,5 +85,7 @@ class RecomputedMethod(MergeMethod):
     incremental = False
 
     @abstractmethod
-    def merge(self, adapters: list[Adapter], base_state: dict[str, torch.Tensor], params: dict[str, float]) -> dict[str, torch.Tensor]:
-        """Merged values of every weight the adapters touch; must not depend on list order."""
+    def merge(self, adapters: list[Adapter], base_state: dict[str, torch.Tensor], params: dict[str, float], bits: int) -> dict[str, torch.Tensor]:
+        """Merged values of every weight the adapters touch; must not depend on list order.
+        `bits`: the workspace's fixed-point resolution (merge.fixed_point_bits), for methods that
+        compute on the exact integer deltas."""

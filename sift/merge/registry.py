@@ -5,8 +5,9 @@ from __future__ import annotations
 from sift.errors import SiftError
 from sift.merge.base import MergeMethod
 from sift.merge.linear import MEAN, TASK_ARITHMETIC
+from sift.merge.ties import TIES
 
-METHODS: dict[str, MergeMethod] = {m.name: m for m in (MEAN, TASK_ARITHMETIC)}
+METHODS: dict[str, MergeMethod] = {m.name: m for m in (MEAN, TASK_ARITHMETIC, TIES)}
 
 
 def get_method(name: str) -> MergeMethod:
