@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """What each serving path recalls, on the builtin model and data: the monolithic adapter (S = 1)
-against S shard adapters served merged (mean, task arithmetic at its best scale), routed to the
-owner's shard (oracle), routed by each data-local router with no group id, and the merged model on
-what no router claims. All measured in one run, numbers as they come.
+against S shard adapters served merged (mean, task arithmetic at its best scale, TIES), routed to
+the owner's shard (oracle), routed by each data-local router with no group id, and the merged
+model on what no router claims; then SIFT-Masks shards (sign-fixed full fine-tuning) served
+merged without a mask, with the owner's local mask (oracle) and with the mask a router picks.
+All measured in one run, numbers as they come.
 
     .venv/bin/python scripts/bench_quality.py                      # 32 people, S = 4,16,32
     .venv/bin/python scripts/bench_quality.py --people 8 --shards 4 --workdir bq
@@ -18,6 +20,7 @@ Columns (per path and S):
 - s/answer: seconds per answer (routing plus the generation time of the batch it was answered
   in, divided by the batch size);
 - route B/shard: bytes the router stores per non-empty shard (its file plus router.json);
+- stored B/shard: bytes of each shard's trained tensors (LoRA adapter; SIFT-Masks mask + delta);
 - train s: training time of the workspace (all shards; routers included).
 
 Answers are greedy, batched 16 at a time with left padding (`--batch-size`). Every answer is
@@ -40,6 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sift.adapters import weights_file  # noqa: E402
 from sift.builtin.facts import make_rows  # noqa: E402
 from sift.builtin.general import GENERAL_QUESTIONS, general_rows  # noqa: E402
 from sift.config import ROUTERS, SiftConfig  # noqa: E402
@@ -141,6 +145,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="keep workspaces and the answer cache here (resumable); default: a temp folder")
     ap.add_argument("--json", action="store_true", help="print one JSON object: a row per (path, S)")
     ap.add_argument("--check-general", action="store_true", help="only ask the base the general questions")
+    ap.add_argument("--methods", default="lora,sift-masks", help="training methods measured: lora (S = 1 and each S), sift-masks (each S)")
+    ap.add_argument("--no-ties", dest="ties", action="store_false", help="skip the TIES merge rows of the LoRA workspaces")
     args = ap.parse_args()
     quiet_libraries()
     if args.check_general:
@@ -160,6 +166,10 @@ def main() -> None:
     all_q = trained_q + para_q + general_q
     n = len(rows)
     routers = [r for r in args.routers.split(",") if r]
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - {"lora", "sift-masks"})
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}: use lora, sift-masks")
     results: list[dict[str, Any]] = []
     base: LazyBase | None = None
     timings: dict[str, Any] = {}
@@ -172,23 +182,90 @@ def main() -> None:
     def gen(model, tok):
         return lambda chunk: greedy_answers(model, tok, chunk, args.max_new_tokens, batch_size=len(chunk))
 
-    for S in [1] + [int(s) for s in args.shards.split(",") if s and int(s) != 1]:
+    def save_report() -> dict[str, Any]:
+        machine = {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+                   "torch": __import__("torch").__version__, "threads": __import__("torch").get_num_threads()}
+        report = {"people": args.people, "facts": n, "general_questions": len(general), "model": args.model,
+                  "machine": machine, "results": results}
+        (work / "results.json").write_text(json.dumps(report, indent=2))  # after every S: a cut run keeps what it measured
+        return report
+
+    def prepare(S: int, method: str) -> tuple[Workspace, dict[str, Any], list[int], list[int]]:
+        """Create and train the workspace (resumable); returns it, the columns common to its rows,
+        each question's owner shard and the non-empty shards."""
+        nonlocal base
         cfg = make_config(args, S)
-        ws = Workspace(work / f"ws-S{S}")
+        cfg.train.method = method
+        ws = Workspace(work / (f"ws-S{S}" if method == "lora" else f"ws-S{S}-{method}"))
         if not ws.exists():
             create_workspace(ws, str(data), cfg)
         base = base or LazyBase(cfg.model.name, cfg.model.revision, ws.load_state().base_model_fingerprint)
-        log(f"S={S}: training")
+        log(f"S={S} {method}: training")
         summary = train_shards(ws, base=base, quiet=True)
-        timing_file = work / f"train-S{S}.json"
+        timing_file = work / (f"train-S{S}.json" if method == "lora" else f"train-S{S}-{method}.json")
         if summary["trained"]:  # time of the run that trained it (a resumed run keeps the first's)
             timing_file.write_text(json.dumps({"seconds": summary["seconds"], "steps": summary["steps"]}))
         train = json.loads(timing_file.read_text()) if timing_file.exists() else {"seconds": None, "steps": None}
         manifest = read_manifest(ws)
         owner_shard = [manifest[r["id"]] for r in rows]
         nonempty = sorted(set(owner_shard))
-        common = {"S": S, "nonempty_shards": len(nonempty), "train_seconds": train["seconds"], "train_steps": train["steps"]}
-        b = base.get()
+        stored = [weights_file(ws.adapter_dir(s)).stat().st_size for s in nonempty]  # type: ignore[union-attr]
+        common = {"S": S, "method": method, "nonempty_shards": len(nonempty), "train_seconds": train["seconds"],
+                  "train_steps": train["steps"], "stored_bytes_per_shard": round(sum(stored) / len(stored))}
+        return ws, common, owner_shard, nonempty
+
+    def shard_rows(S: int, ws: Workspace, server: WorkspaceServer, prefix: str, label: str, fallback: str,
+                   common: dict[str, Any], owner_shard: list[int], nonempty: list[int]) -> None:
+        """Rows for answering from one shard: the owner's (oracle), then each router's choice with
+        `fallback` (a cached merged model key) answering what it leaves unclaimed."""
+        def shard_answers(shard: int, prompts: list[str]) -> None:
+            def fn(chunk: list[str]) -> list[str]:
+                return [x.answer for x in server.answer(chunk, shard=shard, max_new_tokens=args.max_new_tokens, batch_size=len(chunk))]
+            cache.fill(S, f"{prefix}shard-{shard}", prompts, fn, args.batch_size)
+
+        log(f"S={S}: {label}owner's shard (oracle routing)")
+        for shard in nonempty:
+            shard_answers(shard, [q for qs in (trained_q, para_q) for q, s in zip(qs, owner_shard) if s == shard])
+        got = [cache.get(S, f"{prefix}shard-{s}", q) for q, s in zip(trained_q + para_q, owner_shard + owner_shard)]
+        results.append({"path": f"{label}routed: owner's shard (oracle, group given)", **common,
+                        **score([a for a, _ in got], [t for _, t in got], rows, [], n), "route_accuracy": {"trained": 1.0, "paraphrased": 1.0}})
+
+        for name in routers:
+            log(f"S={S}: {label}router {name}")
+            t0 = time.perf_counter()
+            decisions = server.route(all_q, name)
+            route_s = (time.perf_counter() - t0) / len(all_q)
+            chosen = [d.shard for d in decisions]
+            for shard in sorted({c for c in chosen if c is not None}):
+                shard_answers(shard, [q for q, c in zip(all_q, chosen) if c == shard])
+            ans, sec = [], []
+            for q, c in zip(all_q, chosen):
+                a, s_ = cache.get(S, fallback if c is None else f"{prefix}shard-{c}", q)
+                ans.append(a)
+                sec.append(s_ + route_s)
+            acc = {k: sum(c == s for c, s in zip(chosen[i * n:(i + 1) * n], owner_shard)) / n for i, k in enumerate(("trained", "paraphrased"))}
+            sizes = [sum((ws.adapter_dir(s) / f).stat().st_size for f in (ROUTER_FILES[name], ROUTER_META)) for s in nonempty]
+            unclaimed = {k: sum(c is None for c in chosen[i * n:(i + 1) * n]) for i, k in enumerate(("trained", "paraphrased", "general"))}
+            results.append({"path": f"{label}routed: {name} router (no group id)", **common, **score(ans, sec, rows, general, n),
+                            "route_accuracy": acc, "unclaimed": unclaimed, "router_bytes_per_shard": round(sum(sizes) / len(sizes)),
+                            "route_seconds_per_prompt": round(route_s, 4)})
+            # the merged model on the requests this router leaves unclaimed
+            idx_t = [i for i in range(n) if chosen[i] is None]
+            idx_p = [i for i in range(n) if chosen[n + i] is None]
+            idx_g = [i for i in range(len(general)) if chosen[2 * n + i] is None]
+            m = {k: cache.get(S, fallback, q) for k, q in enumerate(all_q)}
+            results.append({
+                "path": f"{label}merged: what the {name} router leaves unclaimed", **common,
+                "trained": fact_recall([m[i][0] for i in idx_t], [rows[i] for i in idx_t]),
+                "paraphrased": fact_recall([m[n + i][0] for i in idx_p], [rows[i] for i in idx_p], paraphrased=True),
+                "general": general_recall([m[2 * n + i][0] for i in idx_g], [general[i] for i in idx_g]),
+                "seconds_per_answer": round(sum(m[i][1] for i in idx_t + [n + j for j in idx_p] + [2 * n + j for j in idx_g]) / max(1, len(idx_t) + len(idx_p) + len(idx_g)), 4),
+            })
+
+    shard_counts = [int(s) for s in args.shards.split(",") if s and int(s) != 1]
+    for S in ([1] + shard_counts) if "lora" in methods else []:
+        ws, common, owner_shard, nonempty = prepare(S, "lora")
+        b = base.get()  # type: ignore[union-attr]
         if S == 1:
             ans, sec = answer_all(0, "base", all_q, gen(b.model, b.tokenizer))
             results.append({"path": "base model, untrained", "S": 0, **score(ans, sec, rows, general, n)})
@@ -201,6 +278,7 @@ def main() -> None:
         label = "monolithic adapter (all rows)" if S == 1 else "merged: mean"
         results.append({"path": label, **common, **score(ans, sec, rows, general, n)})
         if S == 1:
+            save_report()
             continue
 
         # task arithmetic: pick the best scale on trained questions, then score it fully
@@ -219,60 +297,33 @@ def main() -> None:
             model, tok = WorkspaceServer(ws, base=base).merged_model()[:2]
             ans, sec = answer_all(S, f"ta-{scale:g}", all_q, gen(model, tok))
             results.append({"path": f"merged: task-arithmetic x{scale:g} (best of {args.scales})", **common, "scale": scale, **score(ans, sec, rows, general, n)})
+        if args.ties:
+            if cache.missing(S, "ties", all_q):
+                t0 = time.perf_counter()
+                merge_workspace(ws, method="ties", base=base)
+                (work / f"ties-S{S}.json").write_text(json.dumps({"merge_seconds": round(time.perf_counter() - t0, 1)}))
+            log(f"S={S}: ties")
+            model, tok = WorkspaceServer(ws, base=base).merged_model()[:2]
+            ans, sec = answer_all(S, "ties", all_q, gen(model, tok))
+            ties_s = json.loads((work / f"ties-S{S}.json").read_text())["merge_seconds"] if (work / f"ties-S{S}.json").exists() else None
+            results.append({"path": "merged: ties (density 0.2, lambda 1)", **common, "merge_seconds": ties_s, **score(ans, sec, rows, general, n)})
         merge_workspace(ws, method="mean", base=base)  # what the routers fall back to
+        shard_rows(S, ws, WorkspaceServer(ws, base=base), "", "", "mean", common, owner_shard, nonempty)
+        timings[str(S)] = common["train_seconds"]
+        save_report()
+
+    for S in shard_counts if "sift-masks" in methods else []:
+        ws, common, owner_shard, nonempty = prepare(S, "sift-masks")
+        merge_workspace(ws, method="sift-masks", base=base)
         server = WorkspaceServer(ws, base=base)
+        model, tok, _ = server.merged_model()
+        log(f"S={S}: sift-masks merged, no mask")
+        ans, sec = answer_all(S, "sm-merged", all_q, gen(model, tok))
+        results.append({"path": "sift-masks: merged, no mask (base + sum/T)", **common, **score(ans, sec, rows, general, n)})
+        shard_rows(S, ws, server, "sm-", "sift-masks: ", "sm-merged", common, owner_shard, nonempty)
+        save_report()
 
-        def shard_answers(shard: int, prompts: list[str]) -> None:
-            def fn(chunk: list[str]) -> list[str]:
-                return [x.answer for x in server.answer(chunk, shard=shard, max_new_tokens=args.max_new_tokens, batch_size=len(chunk))]
-            cache.fill(S, f"shard-{shard}", prompts, fn, args.batch_size)
-
-        # oracle: each fact question answered by its owner's shard adapter
-        log(f"S={S}: owner's shard (oracle routing)")
-        for shard in nonempty:
-            shard_answers(shard, [q for qs in (trained_q, para_q) for q, s in zip(qs, owner_shard) if s == shard])
-        got = [cache.get(S, f"shard-{s}", q) for q, s in zip(trained_q + para_q, owner_shard + owner_shard)]
-        results.append({"path": "routed: owner's shard (oracle, group given)", **common,
-                        **score([a for a, _ in got], [t for _, t in got], rows, [], n), "route_accuracy": {"trained": 1.0, "paraphrased": 1.0}})
-
-        for name in routers:
-            log(f"S={S}: router {name}")
-            t0 = time.perf_counter()
-            decisions = server.route(all_q, name)
-            route_s = (time.perf_counter() - t0) / len(all_q)
-            chosen = [d.shard for d in decisions]
-            for shard in sorted({c for c in chosen if c is not None}):
-                shard_answers(shard, [q for q, c in zip(all_q, chosen) if c == shard])
-            ans, sec = [], []
-            for q, c in zip(all_q, chosen):
-                a, s = cache.get(S, "mean" if c is None else f"shard-{c}", q)
-                ans.append(a)
-                sec.append(s + route_s)
-            acc = {k: sum(c == s for c, s in zip(chosen[i * n:(i + 1) * n], owner_shard)) / n for i, k in enumerate(("trained", "paraphrased"))}
-            sizes = [sum((ws.adapter_dir(s) / f).stat().st_size for f in (ROUTER_FILES[name], ROUTER_META)) for s in nonempty]
-            unclaimed = {k: sum(c is None for c in chosen[i * n:(i + 1) * n]) for i, k in enumerate(("trained", "paraphrased", "general"))}
-            results.append({"path": f"routed: {name} router (no group id)", **common, **score(ans, sec, rows, general, n),
-                            "route_accuracy": acc, "unclaimed": unclaimed, "router_bytes_per_shard": round(sum(sizes) / len(sizes)),
-                            "route_seconds_per_prompt": round(route_s, 4)})
-            # the merged model on the requests this router leaves unclaimed
-            idx_t = [i for i in range(n) if chosen[i] is None]
-            idx_p = [i for i in range(n) if chosen[n + i] is None]
-            idx_g = [i for i in range(len(general)) if chosen[2 * n + i] is None]
-            m = {k: cache.get(S, "mean", q) for k, q in enumerate(all_q)}
-            results.append({
-                "path": f"merged: what the {name} router leaves unclaimed", **common,
-                "trained": fact_recall([m[i][0] for i in idx_t], [rows[i] for i in idx_t]),
-                "paraphrased": fact_recall([m[n + i][0] for i in idx_p], [rows[i] for i in idx_p], paraphrased=True),
-                "general": general_recall([m[2 * n + i][0] for i in idx_g], [general[i] for i in idx_g]),
-                "seconds_per_answer": round(sum(m[i][1] for i in idx_t + [n + j for j in idx_p] + [2 * n + j for j in idx_g]) / max(1, len(idx_t) + len(idx_p) + len(idx_g)), 4),
-            })
-        timings[str(S)] = train
-
-    machine = {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-               "torch": __import__("torch").__version__, "threads": __import__("torch").get_num_threads()}
-    report = {"people": args.people, "facts": n, "general_questions": len(general), "model": args.model,
-              "machine": machine, "results": results}
-    (work / "results.json").write_text(json.dumps(report, indent=2))
+    report = save_report()
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -288,7 +339,7 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"\nServing quality: {report['people']} people x 10 facts ({report['facts']} trained questions, as many paraphrases), "
           f"{report['general_questions']} general questions; model {report['model']}; {m['cpus']} CPUs, torch {m['torch']}\n")
     head = ("| S | shards | path | trained exact | trained contains | para exact | para contains | route acc (tr/para) "
-            "| general | s/answer | route B/shard | train s |")
+            "| general | s/answer | route B/shard | stored B/shard | train s |")
     print(head)
     print("|" + "|".join("---" for _ in head.strip("|").split("|")) + "|")
     for r in report["results"]:
@@ -306,7 +357,8 @@ def print_table(report: dict[str, Any]) -> None:
             cell(r["paraphrased"], "exact", facts), cell(r["paraphrased"], "contains", facts),
             f"{pct(ra['trained'])} / {pct(ra['paraphrased'])}" if ra else "–",
             cell(g, "correct", report["general_questions"]) if g else "–",
-            f"{r['seconds_per_answer']:.3f}", str(r.get("router_bytes_per_shard", "–")), str(r.get("train_seconds") or "–"),
+            f"{r['seconds_per_answer']:.3f}", str(r.get("router_bytes_per_shard", "–")), str(r.get("stored_bytes_per_shard", "–")),
+            str(r.get("train_seconds") or "–"),
         ]
         print("| " + " | ".join(cells) + " |")
 

@@ -43,11 +43,29 @@ class LoraFactors:
 
 
 @dataclass
+class DenseDelta:
+    """A fully fine-tuned weight's delta tau = theta - theta0, in the base weight's own layout
+    (SIFT-Masks shards; see sift.siftmasks)."""
+
+    delta: torch.Tensor  # float32, the base weight's shape
+
+
+@dataclass
 class Adapter:
     shard: int
     sha256: str  # hash of the adapter's tensors: the identity the merge state records
-    scaling: float
-    modules: dict[str, LoraFactors]  # keyed by the base weight's name, e.g. model.layers.0.mlp.up_proj.weight
+    scaling: float  # LoRA alpha / r; 1.0 for dense deltas
+    modules: dict[str, LoraFactors | DenseDelta]  # keyed by the base weight's name, e.g. model.layers.0.mlp.up_proj.weight
+
+
+def weights_file(adapter_dir: Path) -> Path | None:
+    """The file holding a shard's trained tensors: a peft LoRA adapter or a SIFT-Masks delta."""
+    from sift.siftmasks.store import DELTA_FILE
+
+    for name in (ADAPTER_WEIGHTS, DELTA_FILE):
+        if (adapter_dir / name).exists():
+            return adapter_dir / name
+    return None
 
 
 def read_meta(adapter_dir: Path) -> dict | None:
@@ -60,11 +78,16 @@ def read_meta(adapter_dir: Path) -> dict | None:
 def adapter_is_current(adapter_dir: Path, content_hash: str) -> bool:
     """True when the folder holds an adapter trained on exactly the content `content_hash` names."""
     meta = read_meta(adapter_dir)
-    return meta is not None and meta.get("content_hash") == content_hash and (adapter_dir / ADAPTER_WEIGHTS).exists()
+    return meta is not None and meta.get("content_hash") == content_hash and weights_file(adapter_dir) is not None
 
 
 def load_adapter(adapter_dir: Path, shard: int) -> Adapter:
-    """Load a PEFT LoRA adapter folder (safetensors only) and check it against its recorded hash."""
+    """Load a shard's trained tensors: a PEFT LoRA adapter folder (safetensors only), or a
+    SIFT-Masks delta; either is checked against its recorded hash."""
+    from sift.siftmasks.store import DELTA_FILE, load_dense_adapter
+
+    if (adapter_dir / DELTA_FILE).exists():
+        return load_dense_adapter(adapter_dir, shard)
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.exists():
         raise SiftError(f"adapter {adapter_dir} has no {ADAPTER_WEIGHTS} (safetensors is the only accepted format)")
@@ -110,22 +133,30 @@ def load_adapter(adapter_dir: Path, shard: int) -> Adapter:
     return Adapter(shard=shard, sha256=digest, scaling=scaling, modules=factors)
 
 
-def fixed_point_delta(f: LoraFactors, scaling: float, bits: int) -> torch.Tensor:
-    """scaling * B @ A on the integer grid 2**-bits, computed identically on every call, in the
-    base weight's layout: [out, in], or [in, out] (the transpose) when f.fan_in_fan_out."""
+def fixed_point_delta(f: LoraFactors | DenseDelta, scaling: float, bits: int) -> torch.Tensor:
+    """scaling * B @ A (or a dense delta) on the integer grid 2**-bits, computed identically on
+    every call, in the base weight's layout: [out, in], or [in, out] (the transpose) when
+    f.fan_in_fan_out."""
+    if isinstance(f, DenseDelta):
+        return _to_grid(f.delta.to(torch.float64).mul(2.0**bits).round_(), bits)
     a = f.a.to(torch.float64)
     b = f.b.to(torch.float64)
     acc = torch.zeros(b.shape[0], a.shape[1], dtype=torch.float64)
     for k in range(a.shape[0]):  # fixed order; each product is exact in float64
         acc.addcmul_(b[:, k : k + 1], a[k : k + 1, :])
     acc.mul_(scaling * 2.0**bits).round_()
+    q = _to_grid(acc, bits)
+    # Rounding is elementwise, so transposing the integers is the transpose of the exact delta.
+    return q.t().contiguous() if f.fan_in_fan_out else q
+
+
+def _to_grid(acc: torch.Tensor, bits: int) -> torch.Tensor:
+    """Rounded float64 grid values as int64, refusing any the accumulator could not sum exactly."""
     limit = 2.0**53  # keeps each term exact as float64 and a sum of 1024 adapters inside int64
     peak = acc.abs().max().item() if acc.numel() else 0.0
     if not math.isfinite(peak) or peak >= limit:
         raise SiftError(f"an adapter delta is too large for the merge accumulator (|delta| = {peak / 2.0**bits:.3g}); lower merge.fixed_point_bits")
-    q = acc.to(torch.int64)
-    # Rounding is elementwise, so transposing the integers is the transpose of the exact delta.
-    return q.t().contiguous() if f.fan_in_fan_out else q
+    return acc.to(torch.int64)
 
 
 # -- what sift can merge exactly -----------------------------------------------------------------

@@ -82,8 +82,10 @@ def train_shards_cmd(
     num_shards: Annotated[Optional[int], typer.Option(help="Number of shards S (default 8).")] = None,
     group_by: Annotated[Optional[str], typer.Option(help="Column whose value keeps rows together in one shard (e.g. owner).")] = None,
     id_column: Annotated[Optional[str], typer.Option(help="Column holding the unique row id (default 'id').")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="lora (default: one LoRA adapter per shard) or sift-masks (sign-fixed full fine-tuning of --targets; its served merge defaults to sift-masks).")] = None,
+    targets: Annotated[Optional[str], typer.Option(help="sift-masks: comma-separated layer names whose weights are fine-tuned (default down_proj).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs per shard (default 10).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate (default 1e-3).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate (default 1e-3 for lora, 1e-4 for sift-masks).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Rows per step (default 8).")] = None,
     lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank (default 16).")] = None,
     lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default 32).")] = None,
@@ -105,9 +107,14 @@ def train_shards_cmd(
     from sift.workspace import Workspace
 
     ws = Workspace(workspace)
+    sift_masks = method == "sift-masks" or (method is None and ws.exists() and ws.load_config().train.method == "sift-masks")
+    if targets is not None and not sift_masks:
+        raise SiftError("--targets applies to --method sift-masks only (LoRA targets are lora.target_modules in a --config)")
+    target_list = None if targets is None else [t.strip() for t in targets.split(",") if t.strip()]
     overrides = {
         ("model", "name"): model, ("shards", "num_shards"): num_shards, ("data", "group_by"): group_by,
-        ("data", "id_column"): id_column, ("train", "epochs"): epochs, ("train", "lr"): lr,
+        ("train", "method"): method, ("sift_masks", "target_modules"): target_list,
+        ("data", "id_column"): id_column, ("train", "epochs"): epochs, ("sift_masks" if sift_masks else "train", "lr"): lr,
         ("train", "batch_size"): batch_size, ("lora", "r"): lora_r, ("lora", "alpha"): lora_alpha,
         ("train", "seed"): seed, ("serving", "router"): router,
     }
@@ -121,6 +128,8 @@ def train_shards_cmd(
             for (section, key), value in overrides.items():
                 if value is not None:
                     setattr(getattr(cfg, section), key, float(value) if key in ("lr", "alpha") else value)
+            if cfg.train.method == "sift-masks" and cfg.merge.method == "mean":
+                cfg.merge.method = "sift-masks"  # serve what the method is for, unless told otherwise
             try:
                 cfg.validate()
                 created = create_workspace(ws, data, cfg)  # type: ignore[arg-type]

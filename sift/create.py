@@ -23,6 +23,10 @@ def create_workspace(ws: Workspace, source: str, cfg: SiftConfig) -> dict[str, A
     cfg.validate()
     rows = parse_rows(load_records(source), cfg.data, source=source)
     fingerprint = base_fingerprint(cfg)
+    if cfg.train.method == "sift-masks":  # refuse targets the model lacks before anything is written
+        from sift.siftmasks.tune import target_weights
+
+        target_weights(load_base_model(cfg.model.name, cfg.model.revision).model, cfg.sift_masks.target_modules)
     shards = assign_shards(rows, cfg.shards.num_shards)
     ws.root.mkdir(parents=True, exist_ok=True)
     state = WorkspaceState(base_model_fingerprint=fingerprint)

@@ -69,6 +69,9 @@ def merge_workspace(
     if method is not None:  # an explicit choice becomes the workspace's default for later forgets
         cfg.merge.method, cfg.merge.scale, cfg.merge.density = method, scale, density
     m = get_method(cfg.merge.method)
+    if m.needs_training is not None and cfg.train.method != m.needs_training:
+        raise SiftError(f"merge method {m.name!r} needs shards trained with `train-shards --method {m.needs_training}`; "
+                        f"this workspace trains {cfg.train.method}")
     params = method_params(view, m)
     members = current_adapters(view)
     n = len(members)

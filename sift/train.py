@@ -1,4 +1,4 @@
-"""Deterministic LoRA training of one shard: same rows + same config + same base => same bytes.
+"""Deterministic training of one shard (LoRA, or SIFT-Masks sign-fixed tuning): same rows + same config + same base => same bytes.
 
 No state crosses shards: each shard starts from a fresh copy of the base model, its own seed
 (derived from the config seed and the shard index), its own optimizer and batch order.
@@ -25,8 +25,10 @@ from sift.determinism import derive_seed, enable_determinism
 from sift.errors import SiftError
 from sift.fsio import atomic_write_json, remove_tree, replace_dir, staging_dir
 from sift.hashing import tensors_sha256
-from sift.loop import LoopSettings, batches, run_loop
+from sift.loop import LoopResult, LoopSettings, batches, run_loop
 from sift.models import BaseModel, LazyBase, example_ids
+from sift.siftmasks.store import DELTA_FILE, save_delta
+from sift.siftmasks.tune import tune_sign_fixed
 from sift.serving.route import build_routers, router_settings, routers_current
 from sift.snapshot import WorkspaceView
 from sift.workspace import Workspace
@@ -83,15 +85,43 @@ def train_shard(
     content_hash: str,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> TrainResult:
-    """Fine-tune one LoRA adapter on `rows` and write it (PEFT format + sift-meta.json + the
-    shard's router files) to `out_dir` atomically: a crash leaves the previous adapter or none,
-    never half of one."""
-    from peft import LoraConfig, get_peft_model
-
+    """Fine-tune one shard (a LoRA adapter, or a SIFT-Masks sign-fixed delta, as train.method
+    says) and write it, sift-meta.json and the shard's router files to `out_dir` atomically: a
+    crash leaves the previous adapter or none, never half of one."""
     enable_determinism()
     started = time.perf_counter()
     examples = tokenize_rows(base, rows, cfg.train.max_length)
     seed = shard_seed(cfg, shard)
+    staged = staging_dir(out_dir)
+    fit = _fit_sift_masks if cfg.train.method == "sift-masks" else _fit_lora
+    digest, result, extra = fit(base, examples, cfg, seed, staged, progress)
+    build_routers(base, rows, cfg, staged, content_hash)
+    seconds = time.perf_counter() - started
+    atomic_write_json(
+        staged / META,
+        {
+            "shard": shard,
+            "method": cfg.train.method,
+            "content_hash": content_hash,
+            "adapter_sha256": digest,
+            "rows": len(rows),
+            "steps": result.steps,
+            "seed": seed,
+            "final_loss": result.final_loss,
+            "seconds": round(seconds, 3),
+            "torch_threads": torch.get_num_threads(),
+            **extra,
+        },
+    )
+    replace_dir(staged, out_dir)
+    return TrainResult(shard, len(rows), result.steps, seconds, result.final_loss, digest)
+
+
+def _fit_lora(base: BaseModel, examples: list, cfg: SiftConfig, seed: int, staged: Path,
+              progress: Callable[[int, int, float], None] | None) -> tuple[str, LoopResult, dict[str, Any]]:
+    """One LoRA adapter (peft), saved in peft's format."""
+    from peft import LoraConfig, get_peft_model
+
     model = copy.deepcopy(base.model)
     torch.manual_seed(seed)  # LoRA A matrices are drawn from the global generator
     lora = LoraConfig(
@@ -112,30 +142,23 @@ def train_shard(
     result = run_loop(lm, params, examples, base.tokenizer.pad_token_id, settings, seed,
                       loss_fn=lambda m, b: completion_loss(m, *b), progress=progress)
     peft_model.eval()
-
-    staged = staging_dir(out_dir)
     peft_model.save_pretrained(str(staged), safe_serialization=True)
     (staged / "README.md").unlink(missing_ok=True)  # peft's model card template; says nothing here
     digest = tensors_sha256(load_file(str(staged / ADAPTER_WEIGHTS)))[0]
-    del peft_model, model
-    build_routers(base, rows, cfg, staged, content_hash)
-    seconds = time.perf_counter() - started
-    atomic_write_json(
-        staged / META,
-        {
-            "shard": shard,
-            "content_hash": content_hash,
-            "adapter_sha256": digest,
-            "rows": len(rows),
-            "steps": result.steps,
-            "seed": seed,
-            "final_loss": result.final_loss,
-            "seconds": round(seconds, 3),
-            "torch_threads": torch.get_num_threads(),
-        },
-    )
-    replace_dir(staged, out_dir)
-    return TrainResult(shard, len(rows), result.steps, seconds, result.final_loss, digest)
+    return digest, result, {}
+
+
+def _fit_sift_masks(base: BaseModel, examples: list, cfg: SiftConfig, seed: int, staged: Path,
+                    progress: Callable[[int, int, float], None] | None) -> tuple[str, LoopResult, dict[str, Any]]:
+    """Sign-fixed full fine-tuning of the target weights; saves the mask and the masked delta."""
+    model = copy.deepcopy(base.model)
+    deltas, result = tune_sign_fixed(model, examples, base.tokenizer.pad_token_id, cfg, seed,
+                                     loss_fn=lambda m, b: completion_loss(m, *b), progress=progress)
+    del model
+    digest = save_delta(staged / DELTA_FILE, deltas)
+    tuned = sum(t.numel() for t in deltas.values())
+    moved = sum(int((t != 0).sum()) for t in deltas.values())
+    return digest, result, {"tuned_weights": tuned, "mask_ones": moved, "sign_seed": cfg.sift_masks.sign_seed}
 
 
 def stderr_progress(label: str) -> Callable[[int, int, float], None]:

@@ -12,30 +12,41 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from sift.adapters import ADAPTER_WEIGHTS
+from sift.adapters import weights_file
 from sift.data import write_workspace_rows
 from sift.errors import SiftError
 from sift.hashing import tensors_sha256
 from sift.models import LazyBase
-from sift.serve import merge_workspace, served_hashes, served_info
+from sift.serve import load_merge_state, merge_workspace, served_hashes, served_info
 from sift.serving.route import router_file_hashes
 from sift.snapshot import WorkspaceView
 from sift.train import train_shards
 from sift.workspace import Workspace, WorkspaceState
 
 
+WEIGHTS = "weights"  # the key of a shard's trained tensors (LoRA adapter or SIFT-Masks mask + delta)
+
+
 def shard_files(ws: Workspace, shard: int) -> dict[str, str] | None:
     """Hashes of what a shard serves, read from the files themselves (not from its records):
-    the adapter's tensors and each router file. None when the shard has no adapter."""
+    the adapter's tensors (for SIFT-Masks: its mask and delta) and each router file. None when
+    the shard has no adapter."""
     folder = ws.adapter_dir(shard)
-    weights = folder / ADAPTER_WEIGHTS
-    if not weights.exists():
+    weights = weights_file(folder)
+    if weights is None:
         return None
     try:
-        adapter = tensors_sha256(load_file(str(weights)))[0]
+        adapter = weights.name + ":" + tensors_sha256(load_file(str(weights)))[0]
     except Exception:  # a damaged file differs from anything rebuilt
         adapter = "unreadable"
-    return {ADAPTER_WEIGHTS: adapter, **router_file_hashes(folder)}
+    return {WEIGHTS: adapter, **router_file_hashes(folder)}
+
+
+def accumulator_sha256(ws: Workspace) -> str | None:
+    """Hash of the served model's int64 sums (None when its method keeps none). SIFT-Masks
+    serves routed requests from these sums, so they are compared like the served weights."""
+    state = load_merge_state(ws)
+    return None if state is None else tensors_sha256(state.acc)[0]
 
 
 def verify(ws: Workspace, tmp_dir: str | None = None, base: LazyBase | None = None, quiet: bool = False) -> dict[str, Any]:
@@ -68,15 +79,16 @@ def verify(ws: Workspace, tmp_dir: str | None = None, base: LazyBase | None = No
                 continue
             compared += 1
             a, b = a or {}, b or {}
-            if a.get(ADAPTER_WEIGHTS) != b.get(ADAPTER_WEIGHTS):
+            if a.get(WEIGHTS) != b.get(WEIGHTS):
                 adapter_diff.append(shard)
-            for name in sorted((set(a) | set(b)) - {ADAPTER_WEIGHTS}):
+            for name in sorted((set(a) | set(b)) - {WEIGHTS}):
                 routers += 1
                 if a.get(name) != b.get(name):
                     router_diff.append(f"shard-{shard:04d}/{name}")
+        sums_match = accumulator_sha256(ws) == accumulator_sha256(fresh)
     names = sorted(set(served_per) | set(rebuilt_per))
     mismatched = [n for n in names if served_per.get(n) != rebuilt_per.get(n)]
-    identical = served_overall == rebuilt_overall and not mismatched and not adapter_diff and not router_diff
+    identical = served_overall == rebuilt_overall and not mismatched and not adapter_diff and not router_diff and sums_match
     return {
         "identical": identical,
         "served_sha256": served_overall,
@@ -87,6 +99,7 @@ def verify(ws: Workspace, tmp_dir: str | None = None, base: LazyBase | None = No
         "mismatched_adapters": adapter_diff,
         "router_files_compared": routers,
         "mismatched_router_files": router_diff,
+        "merge_sums_match": sums_match,
         "served_record_matches_files": info.get("served_sha256") == served_overall,
         "method": info["method"],
         "rows": sum(len(r) for r in view.rows.values()),

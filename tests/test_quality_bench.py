@@ -49,11 +49,12 @@ def test_bench_quality_runs_and_keys_routing_reuses_the_owners_answers(tmp_path)
     report = json.loads(p.stdout)
     paths = [(r["S"], r["path"]) for r in report["results"]]
     assert paths[:2] == [(0, "base model, untrained"), (1, "monolithic adapter (all rows)")]
-    by = {r["path"]: r for r in report["results"] if r["S"] == 2}
+    by = {r["path"]: r for r in report["results"] if r["S"] == 2 and r["method"] == "lora"}
+    sm = {r["path"]: r for r in report["results"] if r["S"] == 2 and r["method"] == "sift-masks"}
     ta = [p for p in by if p.startswith("merged: task-arithmetic x")]
     assert len(ta) == 1 and by[ta[0]]["scale"] in (0.5, 1.0)
     assert set(by) - set(ta) == {
-        "merged: mean", "routed: owner's shard (oracle, group given)",
+        "merged: mean", "merged: ties (density 0.2, lambda 1)", "routed: owner's shard (oracle, group given)",
         "routed: keys router (no group id)", "merged: what the keys router leaves unclaimed",
         "routed: embed router (no group id)", "merged: what the embed router leaves unclaimed",
     }
@@ -65,3 +66,11 @@ def test_bench_quality_runs_and_keys_routing_reuses_the_owners_answers(tmp_path)
     assert keys["unclaimed"] == {"trained": 0, "paraphrased": 0, "general": len(GENERAL_QUESTIONS)}
     assert keys["router_bytes_per_shard"] > 0 and by["routed: embed router (no group id)"]["router_bytes_per_shard"] > 0
     assert (tmp_path / "bq" / "answers.json").exists() and (tmp_path / "bq" / "results.json").exists()
+    assert set(sm) == {
+        "sift-masks: merged, no mask (base + sum/T)", "sift-masks: routed: owner's shard (oracle, group given)",
+        "sift-masks: routed: keys router (no group id)", "sift-masks: merged: what the keys router leaves unclaimed",
+        "sift-masks: routed: embed router (no group id)", "sift-masks: merged: what the embed router leaves unclaimed",
+    }
+    # the masked shard answers the keys router picks are the oracle's; stored bytes are reported
+    assert sm["sift-masks: routed: keys router (no group id)"]["trained"] == sm["sift-masks: routed: owner's shard (oracle, group given)"]["trained"]
+    assert all(r["stored_bytes_per_shard"] > 0 for r in list(by.values()) + list(sm.values()))

@@ -49,6 +49,7 @@ class MergeMethod(ABC):
     exact: bool = True
     incremental: bool = False
     params: tuple[Param, ...] = ()
+    needs_training: str | None = None  # a train.method the shards must have been trained with
 
     def resolve(self, given: dict[str, float | None]) -> dict[str, float]:
         """Fill defaults, check ranges, refuse parameters this method does not take."""

@@ -15,8 +15,10 @@ from sift.merge.state import MergeState
 
 
 class LinearMethod(IncrementalMethod):
-    def __init__(self, name: str, summary: str, coefficient: Callable[[int, dict[str, float]], float], params: tuple[Param, ...] = ()):
+    def __init__(self, name: str, summary: str, coefficient: Callable[[int, dict[str, float]], float], params: tuple[Param, ...] = (),
+                 needs_training: str | None = None):
         self.name, self.summary, self._coefficient, self.params = name, summary, coefficient, params
+        self.needs_training = needs_training
 
     def coefficient(self, n: int, scale: float | None = None) -> float:
         """c(n); `scale` is task-arithmetic's parameter (None: its default)."""
@@ -37,4 +39,11 @@ TASK_ARITHMETIC = LinearMethod(
     "task-arithmetic", "scaled sum of the deltas: base + scale * sum (scale defaults to 1; data-independent)",
     lambda n, p: p["scale"],
     params=(Param("scale", 1.0, "served = base + scale * sum of the adapters' deltas"),),
+)
+SIFT_MASKS = LinearMethod(
+    "sift-masks",
+    "SIFT-Masks (arXiv 2504.04626): base + sum/T without a task id; a request routed to shard c gets base + (sum * m_c)/T "
+    "with the shard's local mask m_c (needs train.method sift-masks)",
+    lambda n, p: 1.0 / n if n else 0.0,
+    needs_training="sift-masks",
 )

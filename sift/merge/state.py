@@ -56,11 +56,16 @@ class MergeState:
         if not self.members:
             self.acc = {}  # nothing left: the same state a fresh, empty merge has
 
-    def served_weights(self, base_state: dict[str, torch.Tensor], coefficient: float) -> dict[str, torch.Tensor]:
-        """The merged values of every weight the adapters touch."""
+    def served_weights(self, base_state: dict[str, torch.Tensor], coefficient: float,
+                       masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The merged values of every weight the adapters touch; with `masks` (SIFT-Masks' local
+        mask of one shard) only the masked entries of the sum are applied, the rest stay at base."""
         factor = coefficient * 2.0 ** (-self.bits)
         out = {}
         for name, total in self.acc.items():
+            if masks is not None:
+                keep = masks.get(name)
+                total = torch.zeros_like(total) if keep is None else torch.where(keep, total, torch.zeros_like(total))
             if name not in base_state:
                 raise SiftError(f"the base model has no weight {name}: adapters and base do not match")
             w0 = base_state[name]

@@ -15,9 +15,9 @@ from typing import Any
 from sift.errors import SiftError
 from sift.hashing import shard_of
 from sift.models import LazyBase
-from sift.serving.folder import served_info
+from sift.serving.folder import load_merge_state, served_info
 from sift.serving.generate import greedy_answers
-from sift.serving.load import ShardAdapters, load_served
+from sift.serving.load import MaskedShards, ShardAdapters, load_served
 from sift.serving.route import Decision, EmbedIndex, KeysIndex, check_router, router_settings, routers_current
 from sift.snapshot import WorkspaceView
 from sift.workspace import Workspace
@@ -50,7 +50,7 @@ class WorkspaceServer:
         cfg, state = self.view.cfg, self.view.state
         self.base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
         self._routers: dict[str, KeysIndex | EmbedIndex] = {}
-        self._adapters: ShardAdapters | None = None
+        self._adapters: ShardAdapters | MaskedShards | None = None
         self._merged: tuple[Any, Any] | None = None
 
     # -- which shards serve --------------------------------------------------------------------
@@ -140,8 +140,22 @@ class WorkspaceServer:
 
     def _shard_model(self, shard: int) -> Any:
         if self._adapters is None:
-            self._adapters = ShardAdapters(self.base.get().model)
+            if self.view.cfg.train.method == "sift-masks":
+                self._adapters = self._masked_shards()
+            else:
+                self._adapters = ShardAdapters(self.base.get().model)
         return self._adapters.model_for(shard, self.serving_shards()[shard])
+
+    def _masked_shards(self) -> MaskedShards:
+        """SIFT-Masks answers for a shard from the merged sums and the shard's mask, so it needs
+        a sift-masks merge over exactly the shards that serve now."""
+        info, state = served_info(self.ws.merged_dir), load_merge_state(self.ws.merged_dir)
+        members = {s: self.view.plan(s).adapter_sha256 for s in self.serving_shards()}
+        if info is None or info.get("method") != "sift-masks" or state is None:
+            raise SiftError(f"a SIFT-Masks shard is served from the merged sums: run `sift merge -w {self.ws.root} --method sift-masks` first")
+        if state.members != members:
+            raise SiftError(f"the merged sums do not hold the shards' current deltas; run `sift merge -w {self.ws.root}`")
+        return MaskedShards(self.base.get().model, state, len(members))
 
     def merged_model(self) -> tuple[Any, Any, str]:
         """(model, tokenizer, path) that answers what no shard claims: the merged model, or the

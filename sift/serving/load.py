@@ -52,3 +52,26 @@ class ShardAdapters:
         self._loaded.add(shard)
         self._model.set_adapter(name)
         return self._model.eval()
+
+
+class MaskedShards:
+    """Routed SIFT-Masks serving: one copy of the base whose tuned weights are set, for the shard
+    asked, to  theta0 + (tau * m_c) / T  from the merged int64 sums tau (the served folder's
+    state) and the shard's local mask m_c; T is the number of merged shards. Switching shards
+    rewrites only the tuned weights."""
+
+    def __init__(self, base_model: Any, state: Any, n: int):
+        self._model = copy.deepcopy(base_model).eval()
+        self._base_state = {name: t.detach().clone() for name, t in base_model.state_dict().items() if name in state.acc}
+        self._state, self._n, self._current = state, n, None
+
+    def model_for(self, shard: int, adapter_dir: Path) -> Any:
+        from sift.siftmasks.store import load_masks
+
+        if self._current != shard:
+            weights = self._state.served_weights(self._base_state, 1.0 / self._n, masks=load_masks(adapter_dir))
+            with torch.no_grad():
+                for name, value in weights.items():
+                    self._model.get_parameter(name).copy_(value)
+            self._current = shard
+        return self._model

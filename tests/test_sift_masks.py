@@ -1,0 +1,180 @@
+"""SIFT-Masks: sign-fixed tuning keeps tau * v >= 0 exactly, masks are local and one bit per
+weight, the served weights are base + sum/T (no task id) and base + (sum * m_c)/T (routed to c),
+and forgets stay bit-exact and incremental."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sift.adapters import load_adapter
+from sift.config import SiftConfig
+from sift.forget import forget
+from sift.merge import get_method
+from sift.models import load_base_model
+from sift.serve import load_merge_state, merge_workspace, served_hashes
+from sift.serving.answer import WorkspaceServer
+from sift.siftmasks.signs import disagrees, pack_bits, positive_signs, unpack_bits
+from sift.siftmasks.store import DELTA_FILE, load_masks
+from sift.verify import verify
+from sift.workspace import Workspace
+
+from conftest import build_workspace, tiny_config, write_rows
+from test_cli import one_error_line, sift
+
+
+def masks_config(num_shards: int = 3) -> SiftConfig:
+    cfg = tiny_config(num_shards=num_shards, epochs=2)
+    cfg.train.method = "sift-masks"
+    cfg.sift_masks.lr = 1e-3
+    cfg.sift_masks.target_modules = ["down_proj", "o_proj"]
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def masks_template(tmp_path_factory, facts):
+    root = tmp_path_factory.mktemp("masks") / "ws"
+    build_workspace(root, facts, masks_config(), merge="sift-masks")
+    return root
+
+
+@pytest.fixture
+def masks_ws(masks_template, tmp_path):
+    shutil.copytree(masks_template, tmp_path / "ws")
+    return Workspace(tmp_path / "ws")
+
+
+def test_bits_pack_and_unpack():
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1,), (7,), (8,), (13, 5), (64, 3)]:
+        m = torch.rand(shape, generator=g) > 0.5
+        packed = pack_bits(m)
+        assert packed.dtype == torch.uint8 and packed.numel() == (m.numel() + 7) // 8
+        assert torch.equal(unpack_bits(packed, shape), m)
+    assert pack_bits(torch.tensor([True, False, False, False, False, False, False, False, True])).tolist() == [1, 1]
+
+
+def test_signs_come_from_the_seed_and_the_weight_name_alone():
+    a = positive_signs("model.layers.0.mlp.down_proj.weight", (64, 128), 0)
+    assert torch.equal(a, positive_signs("model.layers.0.mlp.down_proj.weight", (64, 128), 0))
+    assert not torch.equal(a, positive_signs("model.layers.0.mlp.down_proj.weight", (64, 128), 1))
+    assert not torch.equal(a, positive_signs("model.layers.1.mlp.down_proj.weight", (64, 128), 0))
+    assert 0.45 < a.float().mean().item() < 0.55
+    tau = torch.tensor([1.0, -1.0, 0.0, -2.0])
+    assert disagrees(tau, torch.tensor([True, True, True, False])).tolist() == [False, True, False, False]
+
+
+def test_stored_deltas_stay_in_the_sign_cone_and_masks_are_their_support(masks_ws):
+    cfg = masks_ws.load_config()
+    base = load_base_model("builtin-tiny").model.state_dict()
+    shards = sorted(int(p.name.split("-")[1]) for p in masks_ws.adapters_dir.iterdir())
+    assert len(shards) >= 2
+    for shard in shards:
+        folder = masks_ws.adapter_dir(shard)
+        assert not (folder / "adapter_model.safetensors").exists()
+        adapter = load_adapter(folder, shard)
+        masks = load_masks(folder)
+        names = sorted(adapter.modules)
+        assert names == sorted(masks) and len(names) == 4  # 2 layers x (down_proj, o_proj)
+        assert all(n.endswith(("mlp.down_proj.weight", "self_attn.o_proj.weight")) for n in names)
+        for name in names:
+            tau = adapter.modules[name].delta
+            assert tau.shape == base[name].shape
+            v = positive_signs(name, tau.shape, cfg.sift_masks.sign_seed)
+            assert not disagrees(tau, v).any(), "tau * v >= 0 everywhere"
+            assert torch.equal(masks[name], tau != 0), "m = 1{tau * v > 0}"
+            assert 0.2 < masks[name].float().mean().item() < 0.95, "training moved a share of the weights, within the cone"
+        raw = load_file(str(folder / DELTA_FILE))
+        tuned = sum(m.numel() for m in masks.values())
+        assert sum(raw[f"{n}.mask"].numel() for n in names) == sum((m.numel() + 7) // 8 for m in masks.values())
+        assert sum(raw[f"{n}.values"].numel() for n in names) == sum(int(m.sum()) for m in masks.values()) < tuned
+
+
+def test_served_is_base_plus_mean_and_routed_is_the_masked_sum(masks_ws):
+    base = load_base_model("builtin-tiny").model.state_dict()
+    shards = sorted(int(p.name.split("-")[1]) for p in masks_ws.adapters_dir.iterdir())
+    adapters = [load_adapter(masks_ws.adapter_dir(s), s) for s in shards]
+    names = sorted(adapters[0].modules)
+    bits = masks_ws.load_config().merge.fixed_point_bits
+    total = {n: sum(torch.round(a.modules[n].delta.double() * 2.0**bits) for a in adapters) for n in names}
+    served = load_file(str(masks_ws.merged_dir / "model.safetensors"))
+    T = len(shards)
+    for n in names:
+        expected = (base[n].double() + total[n] * (2.0 ** -bits / T)).float()
+        assert torch.equal(served[n], expected)
+        assert (total[n] * positive_signs(n, total[n].shape, 0).double().mul(2).sub(1) >= 0).all(), "the sum keeps v's signs"
+    server = WorkspaceServer(masks_ws)
+    for s in shards:
+        model = server._shard_model(s)
+        mask = load_masks(masks_ws.adapter_dir(s))
+        params = dict(model.named_parameters())
+        for n in names:
+            expected = (base[n].double() + torch.where(mask[n], total[n], 0) * (2.0 ** -bits / T)).float()
+            assert torch.equal(params[n].detach(), expected), (s, n)
+        untouched = "model.layers.0.mlp.up_proj.weight"
+        assert torch.equal(params[untouched].detach(), base[untouched])
+    answers = server.answer(["Where was nobody born?"], shard=shards[0], max_new_tokens=4)
+    assert answers[0].path == "shard" and answers[0].shard == shards[0]
+
+
+def test_forget_is_incremental_and_bit_identical_to_scratch(masks_ws, facts, tmp_path):
+    owner = facts[0]["owner"]
+    doomed = [r["id"] for r in facts if r["owner"] == owner][:2]
+    cert = forget(masks_ws, doomed, quiet=True)
+    assert cert["merge"]["mode"] == "incremental" and cert["merge"]["method"] == "sift-masks"
+    kept = [r for r in facts if r["id"] not in doomed]
+    scratch = build_workspace(tmp_path / "scratch", kept, masks_config(), merge="sift-masks")
+    assert served_hashes(masks_ws.merged_dir)[0] == served_hashes(scratch.merged_dir)[0]
+    assert load_merge_state(masks_ws).members == load_merge_state(scratch).members
+    rep = verify(masks_ws, quiet=True)
+    assert rep["identical"] and rep["merge_sums_match"] and rep["method"] == "sift-masks"
+    assert rep["adapters_compared"] >= 2 and not rep["mismatched_adapters"]
+
+
+def test_dropping_a_shard_removes_its_delta_and_mask(masks_ws, facts):
+    owner = facts[-1]["owner"]
+    ids = [r["id"] for r in facts if r["owner"] == owner]
+    cert = forget(masks_ws, ids[:1], drop=True, quiet=True)
+    (dropped,) = cert["shards_dropped"]
+    assert not masks_ws.adapter_dir(dropped).exists()
+    state = load_merge_state(masks_ws)
+    assert dropped not in state.members and len(state.members) >= 1
+    assert verify(masks_ws, quiet=True)["identical"]
+
+
+def test_ties_also_merges_sign_fixed_deltas(masks_ws):
+    out = merge_workspace(masks_ws, method="ties")
+    assert out["mode"] == "recomputed"
+    with pytest.raises(Exception, match="--method sift-masks` first"):
+        WorkspaceServer(masks_ws)._shard_model(0)
+
+
+def test_training_hashes_ignore_the_other_method_settings():
+    lora, masks = SiftConfig(), SiftConfig()
+    masks.train.method = "sift-masks"
+    h_lora, h_masks = lora.training_hash(), masks.training_hash()
+    lora.sift_masks.sign_seed = 7
+    lora.sift_masks.target_modules = ["o_proj"]
+    assert lora.training_hash() == h_lora
+    masks.lora.r = 2
+    masks.train.lr = 0.5  # sift_masks.lr is the one that applies
+    assert masks.training_hash() == h_masks
+    masks.sift_masks.sign_seed = 1
+    assert masks.training_hash() != h_masks
+
+
+def test_cli_refuses_what_does_not_apply(tmp_path, facts, trained_template):
+    data = write_rows(tmp_path / "rows.jsonl", facts)
+    lora_ws = shutil.copytree(trained_template, tmp_path / "lora")
+    p = sift("merge", "-w", str(lora_ws), "--method", "sift-masks")
+    assert "sift-masks" in one_error_line(p) and "train-shards --method sift-masks" in p.stderr
+    p = sift("train-shards", "-w", str(tmp_path / "a"), "--data", str(data), "--model", "builtin-tiny", "--targets", "down_proj")
+    assert "--targets applies to --method sift-masks" in one_error_line(p)
+    p = sift("train-shards", "-w", str(tmp_path / "b"), "--data", str(data), "--model", "builtin-tiny", "--method", "sift-masks",
+             "--targets", "nonexistent_proj", "--num-shards", "2", "--epochs", "1")
+    line = one_error_line(p)
+    assert "nonexistent_proj" in line and "down_proj" in line
+    assert not (tmp_path / "b").exists(), "refused before the workspace was made"
+    p = sift("train-shards", "-w", str(tmp_path / "c"), "--data", str(data), "--model", "builtin-tiny", "--method", "bogus")
+    assert "train.method" in one_error_line(p)
