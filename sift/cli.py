@@ -327,6 +327,46 @@ def forget(
 
 @app.command()
 @_command
+def unlearn(
+    workspace: Ws,
+    method: Annotated[str, typer.Option("--method", help="ga | graddiff | npo | simnpo | ngdiff (see the README for each loss).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the unlearned adapter (peft format + sift-unlearn.json), outside the workspace.")],
+    ids: Annotated[Optional[str], typer.Option("--ids", help="Comma-separated ids of the rows to unlearn, or '-' for one per line on stdin.")] = None,
+    ids_file: Annotated[Optional[str], typer.Option(help="File with one id per line.")] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the forget rows.")] = 5,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (ngdiff: GeN's starting step size).")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="Forget rows (and retain rows) per step.")] = 8,
+    beta: Annotated[Optional[float], typer.Option(help="npo: inverse temperature (default 0.1); simnpo: (default 4.5).")] = None,
+    gamma: Annotated[Optional[float], typer.Option(help="simnpo: reward margin (default 0).")] = None,
+    forget_weight: Annotated[Optional[float], typer.Option(help="graddiff: weight of the forget ascent (default 1); simnpo: forget coefficient (default 0.125).")] = None,
+    retain_weight: Annotated[Optional[float], typer.Option(help="graddiff, simnpo: weight of the retain NLL (default 1); npo: 0 (plain NPO), > 0 adds the retain term.")] = None,
+    gen_every: Annotated[int, typer.Option(help="ngdiff: refit GeN's learning rate every this many steps.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of the forget order and the retain batches.")] = 0,
+    as_json: AsJson = False,
+    wait: Wait = 0.0,
+) -> None:
+    """APPROXIMATE unlearning baseline: tune the model trained on all rows away from the forget rows.
+
+    Not an exact forget: the workspace keeps the rows, its served model and ledger are untouched.
+    Compare it with `sift forget` (exact)."""
+    from sift.data import parse_ids
+    from sift.unlearn.run import UnlearnSettings, unlearn as do_unlearn
+    from sift.workspace import Workspace
+
+    ws = Workspace(workspace)
+    ws.require()
+    settings = UnlearnSettings(method=method, epochs=epochs, lr=lr, batch_size=batch_size, beta=beta, gamma=gamma,
+                               forget_weight=forget_weight, retain_weight=retain_weight, gen_every=gen_every, seed=seed)
+    settings.resolved()  # refuse bad values before reading ids or loading anything
+    id_list = parse_ids(ids, ids_file)
+    with ws.lock(wait=wait, command="unlearn"):  # it may train and cache the monolithic adapter
+        record = do_unlearn(ws, id_list, out, settings)
+    _emit(record, as_json, lambda r: f"APPROXIMATE unlearning ({r['method']}, {r['steps']} steps, {r['seconds']:.1f}s) of "
+          f"{r['forget_rows']} row(s) written to {r['out']}; not an exact forget: use `sift forget` for that")
+
+
+@app.command()
+@_command
 def verify(
     workspace: Ws,
     tmp_dir: Annotated[Optional[str], typer.Option(help="Where to rebuild (default: the system temp folder).")] = None,

@@ -113,6 +113,7 @@ def _complete(ws: Workspace, journal: dict[str, Any], base: LazyBase | None, qui
     kept = {s: [r for r in rows.get(s, []) if keyed_id_hash(salt, r.id) not in doomed] for s in affected}
     removed = sum(len(rows.get(s, [])) - len(kept[s]) for s in affected)
     write_workspace_rows(ws, cfg.data, {**rows, **kept}, cfg.shards.num_shards, only=affected)
+    remove_tree(ws.unlearn_dir)  # sift unlearn's monolithic adapter learned the deleted rows too
 
     # 3. Retrain what is left of each shard, or drop it (its router files go with its folder).
     outcome: dict[int, str] = {}

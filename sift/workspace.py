@@ -90,6 +90,11 @@ class Workspace:
         return self.root / "ledger.jsonl"
 
     @property
+    def unlearn_dir(self) -> Path:
+        """`sift unlearn`'s cache (the monolithic adapter): trained on rows, so a forget deletes it."""
+        return self.root / "unlearn"
+
+    @property
     def journal_path(self) -> Path:
         return self.root / "forget-journal.json"
 

@@ -1,0 +1,307 @@
+"""`sift unlearn`: apply an approximate unlearning method to the model trained on every row.
+
+It starts from the workspace's monolithic LoRA adapter (the shard adapter of a `--num-shards 1`
+workspace, or one trained once on all rows and cached in ws/unlearn/, which a `sift forget`
+deletes with the rows) and tunes that adapter on the forget rows (and retain rows), in a fixed,
+seeded order. The result is a peft adapter folder marked approximate; it never touches the
+workspace's served model, shards or ledger, so it cannot be mistaken for an exact forget.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sift.data import Row, shard_content_hash
+from sift.determinism import derive_seed, enable_determinism
+from sift.errors import SiftError
+from sift.fsio import atomic_write_json, replace_dir, staging_dir
+from sift.hashing import sha256_hex
+from sift.loop import Example, batches
+from sift.models import LazyBase
+from sift.snapshot import WorkspaceView
+from sift.unlearn.ngdiff import EPS, GenSchedule, ngdiff_direction, parabola_step
+from sift.unlearn.objectives import answer_logprobs, ga_loss, graddiff_loss, npo_loss, simnpo_loss, token_nll
+from sift.workspace import Workspace
+
+UNLEARN_META = "sift-unlearn.json"
+
+# method -> its parameters' defaults (None: the parameter does not apply to the method)
+METHOD_DEFAULTS: dict[str, dict[str, float | None]] = {
+    "ga": {"beta": None, "gamma": None, "forget_weight": None, "retain_weight": None},
+    "graddiff": {"beta": None, "gamma": None, "forget_weight": 1.0, "retain_weight": 1.0},
+    "npo": {"beta": 0.1, "gamma": None, "forget_weight": None, "retain_weight": 0.0},  # > 0: NPO + retain NLL
+    "simnpo": {"beta": 4.5, "gamma": 0.0, "forget_weight": 0.125, "retain_weight": 1.0},
+    "ngdiff": {"beta": None, "gamma": None, "forget_weight": None, "retain_weight": None},
+}
+
+
+@dataclass
+class UnlearnSettings:
+    """Hyperparameters; None takes the method's default (METHOD_DEFAULTS). `lr` is AdamW's rate,
+    or for ngdiff GeN's starting eta."""
+
+    method: str
+    epochs: int = 5
+    lr: float = 1e-4
+    batch_size: int = 8
+    beta: float | None = None
+    gamma: float | None = None
+    forget_weight: float | None = None
+    retain_weight: float | None = None
+    gen_every: int = 10
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def resolved(self) -> UnlearnSettings:
+        """Check every value and fill the method's defaults; one clear error for a bad one."""
+        if self.method not in METHOD_DEFAULTS:
+            raise SiftError(f"unknown unlearning method {self.method!r}: use one of {', '.join(METHOD_DEFAULTS)}")
+        if self.epochs < 1 or self.batch_size < 1 or self.gen_every < 1:
+            raise SiftError("epochs, batch size and gen-every must be at least 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise SiftError(f"lr must be a positive number, got {self.lr}")
+        out = copy.copy(self)
+        for key, default in METHOD_DEFAULTS[self.method].items():
+            given = getattr(self, key)
+            if default is None:
+                if given is not None:
+                    raise SiftError(f"--{key.replace('_', '-')} does not apply to {self.method}")
+                continue
+            value = default if given is None else float(given)
+            if not math.isfinite(value) or (key == "beta" and value <= 0) or (key in ("forget_weight", "retain_weight") and value < 0):
+                raise SiftError(f"--{key.replace('_', '-')} must be {'> 0' if key == 'beta' else '>= 0'} and finite, got {given}")
+            setattr(out, key, value)
+        return out
+
+    def uses_retain(self) -> bool:
+        return self.method == "ngdiff" or bool(self.retain_weight)
+
+
+@dataclass
+class Counter:
+    """Tokens through the model: forward+backward (6 N per token) and forward only (2 N)."""
+
+    trained_tokens: int = 0
+    forward_tokens: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _batch(examples: list[Example], idx: list[int], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return next(batches(examples, len(idx), idx, pad))
+
+
+def _retain_stream(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Retain batches forever: seeded permutations, one after another."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(n, generator=gen).tolist()
+        for start in range(0, n, batch_size):
+            yield order[start:start + batch_size]
+
+
+def monolithic_adapter(ws: Workspace, view: WorkspaceView, base: LazyBase, quiet: bool = False) -> Path:
+    """The adapter trained on every row the workspace holds now (trained and cached if needed)."""
+    from sift.adapters import adapter_is_current
+    from sift.train import train_shard
+
+    if view.num_shards == 1:
+        plan = view.plan(0)
+        if plan.status != "current":
+            raise SiftError(f"workspace {ws.root} has no up-to-date adapter; run `sift train-shards -w {ws.root}` first")
+        return ws.adapter_dir(0)
+    if view.cfg.train.method != "lora":
+        raise SiftError("sift unlearn starts from a LoRA adapter; this workspace trains sift-masks shards")
+    rows = sorted((r for rs in view.rows.values() for r in rs), key=lambda r: r.id)
+    content = shard_content_hash(view.cfg.training_hash(), view.state.base_model_fingerprint, 0, rows)
+    folder = ws.unlearn_dir / "monolithic"
+    if not adapter_is_current(folder, content):
+        if not quiet:
+            print(f"sift: training the monolithic adapter on all {len(rows)} rows (once; cached in {folder})", file=sys.stderr, flush=True)
+        train_shard(base.get(), rows, view.cfg, 0, folder, content)
+    return folder
+
+
+def unlearn(ws: Workspace, ids: list[str], out: Path, settings: UnlearnSettings, base: LazyBase | None = None,
+            quiet: bool = False) -> dict[str, Any]:
+    """Run one approximate method; returns its record (also written to out/sift-unlearn.json)."""
+    from peft import PeftModel
+
+    from sift.train import tokenize_rows
+
+    started = time.perf_counter()
+    s = settings.resolved()
+    view = WorkspaceView.load(ws)
+    cfg, state = view.cfg, view.state
+    rows: list[Row] = sorted((r for rs in view.rows.values() for r in rs), key=lambda r: r.id)
+    wanted = set(ids)
+    unknown = sorted(wanted - {r.id for r in rows})
+    if unknown:
+        raise SiftError(f"{len(unknown)} id(s) are not in workspace {ws.root}: {', '.join(map(repr, unknown[:5]))}")
+    forget_rows = [r for r in rows if r.id in wanted]
+    retain_rows = [r for r in rows if r.id not in wanted]
+    if not forget_rows:
+        raise SiftError("no ids to unlearn")
+    if s.uses_retain() and not retain_rows:
+        raise SiftError(f"{s.method} needs retain rows, and the forget set is every row")
+    if out.exists() and any(out.iterdir()) and not (out / UNLEARN_META).exists():
+        raise SiftError(f"{out} exists and is not a sift unlearn output; choose another --out")
+    if out.resolve().is_relative_to(ws.root.resolve()):
+        raise SiftError("--out must lie outside the workspace (an unlearned model is not part of it)")
+
+    base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
+    source = monolithic_adapter(ws, view, base, quiet)
+    b = base.get()
+    enable_determinism()
+    ex_f = tokenize_rows(b, forget_rows, cfg.train.max_length)
+    ex_r = tokenize_rows(b, retain_rows, cfg.train.max_length)
+    pad = b.tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(copy.deepcopy(b.model), str(source), is_trainable=True).eval()  # no dropout
+    lm = model.base_model.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in model.parameters())
+    seed = derive_seed("unlearn", s.seed, s.method)
+    order_gen = torch.Generator().manual_seed(seed)
+    retain = _retain_stream(len(ex_r), s.batch_size, derive_seed("unlearn-retain", s.seed)) if ex_r else None
+    count = Counter()
+
+    ref: torch.Tensor | None = None
+    if s.method == "npo":  # pi_ref: the model before unlearning, scored once per forget row
+        with torch.no_grad():
+            ref = torch.cat([answer_logprobs(lm, _batch(ex_f, [i], pad))[0] for i in range(len(ex_f))])
+        count.forward_tokens += sum(len(x) for x, _ in ex_f)
+
+    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0) if s.method != "ngdiff" else None
+    gen = GenSchedule(eta=s.lr, every=s.gen_every) if s.method == "ngdiff" else None
+    step = 0
+    steps_total = s.epochs * math.ceil(len(ex_f) / s.batch_size)
+    for epoch in range(1, s.epochs + 1):
+        order = torch.randperm(len(ex_f), generator=order_gen).tolist()
+        sums = {"forget_nll": 0.0, "retain_nll": 0.0, "loss": 0.0}
+        n_steps = 0
+        for start in range(0, len(order), s.batch_size):
+            idx = order[start:start + s.batch_size]
+            fb = _batch(ex_f, idx, pad)
+            rb = _batch(ex_r, next(retain), pad) if (retain is not None and s.uses_retain()) else None  # type: ignore[arg-type]
+            step += 1
+            if s.method == "ngdiff":
+                assert rb is not None and gen is not None
+                loss_val, nll_f, nll_r = _ngdiff_step(lm, params, fb, rb, gen, step, count)
+            else:
+                assert optimizer is not None
+                lp_f, len_f = answer_logprobs(lm, fb)
+                nll_f_t = token_nll(lp_f, len_f)
+                nll_r_t = None
+                if rb is not None:
+                    lp_r, len_r = answer_logprobs(lm, rb)
+                    nll_r_t = token_nll(lp_r, len_r)
+                loss = _objective(s, lp_f, len_f, nll_f_t, nll_r_t, None if ref is None else ref[idx])
+                loss.backward()
+                if s.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_val, nll_f = float(loss.detach()), float(nll_f_t.detach())
+                nll_r = float("nan") if nll_r_t is None else float(nll_r_t.detach())
+                count.trained_tokens += int(fb[1].sum()) + (0 if rb is None else int(rb[1].sum()))
+            sums["loss"] += loss_val
+            sums["forget_nll"] += nll_f
+            sums["retain_nll"] += nll_r
+            n_steps += 1
+        row = {"epoch": epoch, **{k: round(v / n_steps, 6) for k, v in sums.items()}}
+        if gen is not None:
+            row["eta"] = gen.eta
+        count.history.append(row)
+        if not quiet:
+            print(f"sift unlearn {s.method}: epoch {epoch}/{s.epochs} forget NLL {row['forget_nll']:.3f}"
+                  + (f" retain NLL {row['retain_nll']:.3f}" if s.uses_retain() else ""), file=sys.stderr, flush=True)
+
+    staged = staging_dir(out)
+    model.save_pretrained(str(staged), safe_serialization=True)
+    (staged / "README.md").unlink(missing_ok=True)
+    seconds = time.perf_counter() - started
+    record = {
+        "approximate": True,
+        "exact": False,
+        "note": "approximate unlearning: the forget rows were used to tune this adapter away from them; "
+                "the workspace still holds them. Use `sift forget` for an exact deletion.",
+        "method": s.method,
+        "settings": {k: v for k, v in asdict(s).items() if v is not None},
+        "forget_rows": len(forget_rows),
+        "retain_rows": len(retain_rows),
+        "forget_set_sha256": sha256_hex("\n".join(r.id for r in forget_rows).encode()),
+        "source_adapter": str(source),
+        "base_model": cfg.model.name,
+        "base_fingerprint": state.base_model_fingerprint,
+        "steps": step,
+        "planned_steps": steps_total,
+        "seconds": round(seconds, 3),
+        "flops_estimate": 6 * n_params * count.trained_tokens + 2 * n_params * count.forward_tokens,
+        "history": count.history,
+    }
+    if gen is not None:
+        record["gen"] = {"final_eta": gen.eta, "accepted_fits": gen.accepted, "failed_fits": gen.failed, "every": gen.every, "eps": EPS}
+    atomic_write_json(staged / UNLEARN_META, record)
+    replace_dir(staged, out)
+    return record | {"out": str(out)}
+
+
+def _objective(s: UnlearnSettings, lp_f: torch.Tensor, len_f: torch.Tensor, nll_f: torch.Tensor,
+               nll_r: torch.Tensor | None, ref: torch.Tensor | None) -> torch.Tensor:
+    retain_term = (s.retain_weight or 0.0) * nll_r if nll_r is not None else 0.0
+    if s.method == "ga":
+        return ga_loss(nll_f)
+    if s.method == "graddiff":
+        assert nll_r is not None
+        return graddiff_loss(nll_f, nll_r, s.forget_weight or 0.0, s.retain_weight or 0.0)
+    if s.method == "npo":
+        assert ref is not None and s.beta is not None
+        return npo_loss(lp_f, ref, s.beta) + retain_term
+    if s.method == "simnpo":
+        assert s.beta is not None
+        return (s.forget_weight or 0.0) * simnpo_loss(lp_f, len_f, s.beta, s.gamma or 0.0) + retain_term
+    raise AssertionError(s.method)  # pragma: no cover
+
+
+def _ngdiff_step(lm: Any, params: list[torch.nn.Parameter], fb: Any, rb: Any, gen: GenSchedule, step: int,
+                 count: Counter) -> tuple[float, float, float]:
+    """One NGDiff update (with a GeN fit when due); returns (retain - forget NLL, forget NLL, retain NLL)."""
+    lp_r, len_r = answer_logprobs(lm, rb)
+    loss_r = token_nll(lp_r, len_r)
+    g_r = [g if g is not None else torch.zeros_like(p) for g, p in zip(torch.autograd.grad(loss_r, params, allow_unused=True), params)]
+    lp_f, len_f = answer_logprobs(lm, fb)
+    loss_f = token_nll(lp_f, len_f)
+    g_f = [g if g is not None else torch.zeros_like(p) for g, p in zip(torch.autograd.grad(loss_f, params, allow_unused=True), params)]
+    count.trained_tokens += int(rb[1].sum()) + int(fb[1].sum())
+    direction = ngdiff_direction(g_r, g_f)
+    l0 = float(loss_r.detach())
+    if gen.due(step):
+        with torch.no_grad():
+            start = [p.detach().clone() for p in params]
+
+            def retain_loss_at(t: float) -> float:  # L_R(theta + t g), theta restored by the caller
+                for p, p0, g in zip(params, start, direction):
+                    p.copy_(p0 + t * g)
+                count.forward_tokens += int(rb[1].sum())
+                return float(token_nll(*answer_logprobs(lm, rb)))
+
+            l_plus, l_minus = retain_loss_at(gen.eta), retain_loss_at(-gen.eta)
+            proposed = parabola_step(gen.eta, l_minus, l0, l_plus)
+            good = proposed is not None and retain_loss_at(-gen.clipped(proposed)) < l0
+            for p, p0 in zip(params, start):
+                p.copy_(p0)
+        gen.update(proposed, good)
+    with torch.no_grad():
+        for p, g in zip(params, direction):
+            p.sub_(gen.eta * g)
+    nll_f, nll_r = float(loss_f.detach()), l0
+    return nll_r - nll_f, nll_f, nll_r
