@@ -140,7 +140,7 @@ def train_shards_cmd(
             print(f"sift: workspace {workspace}: {created['rows']} rows in {created['shards_with_rows']} of {cfg.shards.num_shards} shards", file=sys.stderr)
         else:
             cfg = ws.load_config()
-            clash = [f"--{key.replace('_', '-')}" for (section, key), value in overrides.items()
+            clash = [("--targets" if key == "target_modules" else f"--{key.replace('_', '-')}") for (section, key), value in overrides.items()
                      if value is not None and value != getattr(getattr(cfg, section), key)]
             if clash or config is not None:
                 raise SiftError(f"workspace {workspace} exists with other settings ({', '.join(clash) or '--config'}); use a new workspace or edit its sift.toml")
@@ -407,13 +407,13 @@ def status(workspace: Ws, as_json: AsJson = False) -> None:
                "dropped": p.status == "dropped"} for p in view.plans()]
     result = {
         "model": view.cfg.model.name, "num_shards": view.num_shards, "rows": sum(len(r) for r in view.rows.values()),
-        "router": view.cfg.router_name(),
+        "router": view.cfg.router_name(), "train_method": view.cfg.train.method,
         "shards": shards, "served": None if info is None else {"method": info["method"], "members": len(info["members"]), "sha256": info["served_sha256"]},
         "forgets": len(ws.read_ledger()), "pending_forget": ws.journal_path.exists(),
     }
 
     def human(r: dict[str, Any]) -> str:
-        lines = [f"model {r['model']}, {r['rows']} rows in {r['num_shards']} shards, {r['forgets']} forget(s) logged, router {r['router']}"]
+        lines = [f"model {r['model']}, {r['rows']} rows in {r['num_shards']} shards ({r['train_method']}), {r['forgets']} forget(s) logged, router {r['router']}"]
         for s in r["shards"]:
             tag = s["adapter"][:12] if s["adapter"] and s["status"] == "current" else "-"
             lines.append(f"  shard {s['shard']:>4}: {s['rows']:>6} rows  {s['status']:<8} adapter {tag}")
