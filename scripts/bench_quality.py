@@ -249,6 +249,16 @@ def main() -> None:
             results.append({"path": f"{label}routed: {name} router (no group id)", **common, **score(ans, sec, rows, general, n),
                             "route_accuracy": acc, "unclaimed": unclaimed, "router_bytes_per_shard": round(sum(sizes) / len(sizes)),
                             "route_seconds_per_prompt": round(route_s, 4)})
+            # the same routing with the untrained base answering what the router leaves unclaimed
+            # (serving.fallback = "base"): the base holds no data, so this is exact too
+            if cache.missing(0, "base", all_q) == []:
+                ans_b, sec_b = [], []
+                for q, c in zip(all_q, chosen):
+                    a, s_ = cache.get(0, "base", q) if c is None else cache.get(S, f"{prefix}shard-{c}", q)
+                    ans_b.append(a)
+                    sec_b.append(s_ + route_s)
+                results.append({"path": f"{label}routed: {name} router, base answers the unclaimed", **common,
+                                **score(ans_b, sec_b, rows, general, n), "route_accuracy": acc, "unclaimed": unclaimed})
             # the merged model on the requests this router leaves unclaimed
             idx_t = [i for i in range(n) if chosen[i] is None]
             idx_p = [i for i in range(n) if chosen[n + i] is None]

@@ -91,6 +91,7 @@ def train_shards_cmd(
     lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default 32).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Config seed; each shard's seed derives from it and its index.")] = None,
     router: Annotated[Optional[str], typer.Option(help="Default router of the workspace: auto (keys with --group-by, else embed), keys, embed or none.")] = None,
+    fallback: Annotated[Optional[str], typer.Option(help="Who answers what no shard claims: merged (default) or base.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="A sift.toml to start from (flags override it).")] = None,
     shards: Annotated[Optional[str], typer.Option(help="Train only these shards, e.g. 0-3,7 (for shell/Slurm arrays).")] = None,
     as_json: AsJson = False,
@@ -116,7 +117,7 @@ def train_shards_cmd(
         ("train", "method"): method, ("sift_masks", "target_modules"): target_list,
         ("data", "id_column"): id_column, ("train", "epochs"): epochs, ("sift_masks" if sift_masks else "train", "lr"): lr,
         ("train", "batch_size"): batch_size, ("lora", "r"): lora_r, ("lora", "alpha"): lora_alpha,
-        ("train", "seed"): seed, ("serving", "router"): router,
+        ("train", "seed"): seed, ("serving", "router"): router, ("serving", "fallback"): fallback,
     }
     if not ws.exists() and data is None:
         raise SiftError(f"{workspace} is not a workspace yet: give --data to create it")
@@ -216,6 +217,7 @@ def generate(
     merged: Annotated[bool, typer.Option("--merged", help="Answer with the merged model, without routing.")] = False,
     group: Annotated[Optional[str], typer.Option(help="Answer with the adapter of the shard that holds this group (e.g. an owner).")] = None,
     shard: Annotated[Optional[int], typer.Option(help="Answer with this shard's own adapter.")] = None,
+    fallback: Annotated[Optional[str], typer.Option(help="Who answers what no shard claims: merged or base (default: the workspace's serving.fallback, merged).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 48,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout: {answers: [{prompt, answer, served_by: {path, shard, router}, score}]}, plus answer and served_by at the top for a single prompt.")] = False,
 ) -> None:
@@ -231,19 +233,22 @@ def generate(
     if (workspace is None) == (model_dir is None):
         raise SiftError("give exactly one of --workspace/-w and --model-dir")
     if model_dir is not None:
-        if group is not None or shard is not None or router is not None or merged:
-            raise SiftError("--router, --merged, --group and --shard need --workspace")
+        if group is not None or shard is not None or router is not None or merged or fallback is not None:
+            raise SiftError("--router, --merged, --group, --shard and --fallback need --workspace")
         model, tok = load_served(model_dir)
         answers = greedy_answers(model, tok, prompts, max_new_tokens, batch_size=1)
         _emit_answers([{"prompt": p, "answer": a, "served_by": {"path": "model-dir", "shard": None, "router": None}, "score": None}
                        for p, a in zip(prompts, answers)], as_json)
         return
-    if merged and (group is not None or shard is not None or router is not None):
-        raise SiftError("--merged answers without routing: leave out --router, --group and --shard")
+    if merged and (group is not None or shard is not None or router is not None or fallback is not None):
+        raise SiftError("--merged answers without routing: leave out --router, --group, --shard and --fallback")
+    if fallback is not None and fallback not in ("merged", "base"):
+        raise SiftError(f"--fallback must be merged or base; got {fallback!r}")
     ws = Workspace(workspace)  # type: ignore[arg-type]
     ws.require()
     with ws.lock(exclusive=False, command="generate"):
-        answers = WorkspaceServer(ws).answer(prompts, router=router, merged=merged, shard=shard, group=group, max_new_tokens=max_new_tokens)
+        answers = WorkspaceServer(ws).answer(prompts, router=router, merged=merged, shard=shard, group=group,
+                                             max_new_tokens=max_new_tokens, fallback=fallback)
     for a in answers:
         print(f"sift: {_served_by_line(a.served_by())}", file=sys.stderr, flush=True)
     _emit_answers([a.to_dict() for a in answers], as_json)
@@ -255,7 +260,7 @@ def _served_by_line(by: dict[str, Any]) -> str:
         "routed": f"routed by the {by['router']} router",
         "shard": "the shard was given",
         "merged": "no shard claimed the request" if by["router"] else "asked for the merged model",
-        "base": "no shard claimed the request and there is no merged model yet",
+        "base": "no shard claimed the request; the workspace's fallback is the base model, or it has no merged model yet",
     }.get(by["path"], "")
     return f"answered by {where} ({why})" if why else f"answered by {where}"
 

@@ -87,6 +87,7 @@ class MergeConfig:
 
 
 ROUTERS = ("keys", "embed")
+FALLBACKS = ("merged", "base")
 
 
 @dataclass
@@ -97,6 +98,7 @@ class ServingConfig:
     router: str = "auto"  # "auto" (keys with --group-by, else embed), "keys", "embed", or "none" (merged only)
     embed_layer: int = 4  # which hidden layer of the frozen base embeds prompt tokens (0 = input embeddings)
     embed_min_score: float = 0.0  # the embed router claims a request only at or above this score
+    fallback: str = "merged"  # who answers what no shard claims: "merged" (the merged model) or "base"
 
 
 @dataclass
@@ -131,6 +133,8 @@ class SiftConfig:
             raise SiftError("merge.fixed_point_bits must lie in 8..52")
         if self.serving.router not in ("auto", "none", *ROUTERS):
             raise SiftError(f"serving.router must be auto, none, {', '.join(ROUTERS)}; got {self.serving.router!r}")
+        if self.serving.fallback not in FALLBACKS:
+            raise SiftError(f"serving.fallback must be merged or base; got {self.serving.fallback!r}")
         if self.serving.embed_layer < 0:
             raise SiftError("serving.embed_layer must be >= 0")
         for name in ("id_column", "text_column", "prompt_column", "completion_column"):

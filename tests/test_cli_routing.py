@@ -35,3 +35,22 @@ def test_generate_routes_by_default_and_says_so(trained_ws, facts):
     p = sift("generate", "-w", str(trained_ws.root), facts[0]["prompt"], "--merged", "--max-new-tokens", "2", "--json")
     assert json.loads(p.stdout)["served_by"] == {"path": "merged", "shard": None, "router": None}
     assert "leave out --router" in one_error_line(sift("generate", "-w", str(trained_ws.root), "x", "--merged", "--shard", "0"))
+
+
+def test_fallback_base_answers_the_unclaimed_with_the_untrained_base(trained_ws, facts):
+    from sift.models import load_base_model
+    from sift.serving.answer import WorkspaceServer
+    from sift.serving.generate import greedy_answers
+
+    q = "Where was Nobody Atall born?"
+    p = sift("generate", "-w", str(trained_ws.root), q, "--fallback", "base", "--max-new-tokens", "4", "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["served_by"] == {"path": "base", "shard": None, "router": "keys"}
+    b = load_base_model("builtin-tiny")
+    assert out["answer"] == greedy_answers(b.model, b.tokenizer, [q], 4)[0]
+    # a claimed request is still answered by its shard; the merged model stays reachable with --merged
+    got = WorkspaceServer(trained_ws).answer([facts[0]["prompt"], q], fallback="base", max_new_tokens=2)
+    assert [a.path for a in got] == ["routed", "base"]
+    assert "--fallback must be merged or base" in one_error_line(sift("generate", "-w", str(trained_ws.root), q, "--fallback", "zero"))
+    assert "leave out" in one_error_line(sift("generate", "-w", str(trained_ws.root), q, "--merged", "--fallback", "base"))

@@ -57,7 +57,10 @@ def test_bench_quality_runs_and_keys_routing_reuses_the_owners_answers(tmp_path)
         "merged: mean", "merged: ties (density 0.2, lambda 1)", "routed: owner's shard (oracle, group given)",
         "routed: keys router (no group id)", "merged: what the keys router leaves unclaimed",
         "routed: embed router (no group id)", "merged: what the embed router leaves unclaimed",
+        "routed: keys router, base answers the unclaimed", "routed: embed router, base answers the unclaimed",
     }
+    base = next(r for r in report["results"] if r["path"] == "base model, untrained")
+    assert by["routed: keys router, base answers the unclaimed"]["general"] == base["general"], "keys claims no general question"
     keys, oracle = by["routed: keys router (no group id)"], by["routed: owner's shard (oracle, group given)"]
     # every builtin question names its owner: the keys router finds the owner's shard for all of
     # them, so it serves exactly the oracle's answers; the general questions it leaves to the merged model
@@ -70,6 +73,7 @@ def test_bench_quality_runs_and_keys_routing_reuses_the_owners_answers(tmp_path)
         "sift-masks: merged, no mask (base + sum/T)", "sift-masks: routed: owner's shard (oracle, group given)",
         "sift-masks: routed: keys router (no group id)", "sift-masks: merged: what the keys router leaves unclaimed",
         "sift-masks: routed: embed router (no group id)", "sift-masks: merged: what the embed router leaves unclaimed",
+        "sift-masks: routed: keys router, base answers the unclaimed", "sift-masks: routed: embed router, base answers the unclaimed",
     }
     # the masked shard answers the keys router picks are the oracle's; stored bytes are reported
     assert sm["sift-masks: routed: keys router (no group id)"]["trained"] == sm["sift-masks: routed: owner's shard (oracle, group given)"]["trained"]

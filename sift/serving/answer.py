@@ -3,7 +3,8 @@ answer with that shard's own adapter, and let the merged model answer what no sh
 
 Every answer says which path served it (`served_by`): "routed" (a router chose the shard),
 "shard" (the caller named the shard or group), "merged" (no shard claimed it, or the caller
-asked for the merged model) or "base" (unclaimed and the workspace has no merged model yet).
+asked for the merged model) or "base" (unclaimed, and the workspace's fallback is the base model
+or it has no merged model yet). The base model holds no data, so it is exact by construction.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sift.config import FALLBACKS
 from sift.errors import SiftError
 from sift.hashing import shard_of
 from sift.models import LazyBase
@@ -104,8 +106,14 @@ class WorkspaceServer:
         group: str | None = None,
         max_new_tokens: int = 48,
         batch_size: int = 1,
+        fallback: str | None = None,
     ) -> list[Answer]:
-        """Answer each prompt on the path the options choose (default: routed, then merged)."""
+        """Answer each prompt on the path the options choose (default: routed, then the
+        workspace's fallback, serving.fallback: the merged model or the base model).
+        `merged=True` always answers with the merged model."""
+        fallback = fallback or self.view.cfg.serving.fallback
+        if fallback not in FALLBACKS:
+            raise SiftError(f"--fallback must be merged or base; got {fallback!r}")
         targets: list[tuple[str, int | None, str | None, float | None]]
         if shard is not None or group is not None:
             if shard is not None and group is not None:
@@ -129,7 +137,11 @@ class WorkspaceServer:
         for k in sorted(groups, key=lambda x: (x is None, x or 0)):
             idx = groups[k]
             if k is None:
-                model, tok, path = self.merged_model()
+                if fallback == "base" and not merged:
+                    b = self.base.get()
+                    model, tok, path = b.model, b.tokenizer, "base"
+                else:
+                    model, tok, path = self.merged_model()
                 for i in idx:
                     paths[i] = path
             else:
