@@ -178,3 +178,32 @@ def test_cli_refuses_what_does_not_apply(tmp_path, facts, trained_template):
     assert not (tmp_path / "b").exists(), "refused before the workspace was made"
     p = sift("train-shards", "-w", str(tmp_path / "c"), "--data", str(data), "--model", "builtin-tiny", "--method", "bogus")
     assert "train.method" in one_error_line(p)
+
+
+def test_a_shard_trained_alone_equals_the_same_shard_in_a_full_build(masks_template, facts, tmp_path):
+    from sift.create import create_workspace
+    from sift.train import train_shards
+
+    full = Workspace(masks_template)
+    alone = Workspace(tmp_path / "alone")
+    create_workspace(alone, str(write_rows(tmp_path / "rows.jsonl", facts)), masks_config())
+    shard = sorted(int(p.name.split("-")[1]) for p in full.adapters_dir.iterdir())[-1]
+    train_shards(alone, [shard], quiet=True)
+    assert sorted(p.name for p in alone.adapters_dir.iterdir()) == [f"shard-{shard:04d}"]
+    a = (full.adapter_dir(shard) / DELTA_FILE).read_bytes()
+    b = (alone.adapter_dir(shard) / DELTA_FILE).read_bytes()
+    assert a == b, "mask and delta depend on the shard's own rows alone"
+
+
+def test_verify_fails_when_one_mask_bit_is_flipped(masks_ws):
+    from safetensors.torch import save_file
+
+    shard = sorted(int(p.name.split("-")[1]) for p in masks_ws.adapters_dir.iterdir())[0]
+    path = masks_ws.adapter_dir(shard) / DELTA_FILE
+    tensors = load_file(str(path))
+    key = sorted(k for k in tensors if k.endswith(".mask"))[0]
+    tensors[key] = tensors[key].clone()
+    tensors[key][0] ^= 1
+    save_file(tensors, str(path), metadata={"format": "sift-masks"})
+    rep = verify(masks_ws, quiet=True)
+    assert not rep["identical"] and rep["mismatched_adapters"] == [shard]
