@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main job on the embedded default (no network): make the data, train one LoRA
 # adapter per shard, merge, ask (routed to the shard that learned the answer, no group given),
-# forget one person, ask again, verify. About 10 minutes on 2 CPU cores.
+# forget one person, ask again, verify. About 6 minutes on 2 CPU cores.
 # SIFT_DEMO_DIR (default ./demo) holds the data and the workspace; SIFT_DEMO_PEOPLE sizes the data;
 # SIFT_DEMO_MODEL=builtin-tiny runs the same steps on a random tiny model in seconds.
 set -euo pipefail
