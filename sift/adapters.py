@@ -81,6 +81,15 @@ def adapter_is_current(adapter_dir: Path, content_hash: str) -> bool:
     return meta is not None and meta.get("content_hash") == content_hash and weights_file(adapter_dir) is not None
 
 
+def check_recorded_hash(adapter_dir: Path, tensors: dict[str, torch.Tensor], what: str) -> str:
+    """The tensors' sha256, refusing tensors that differ from the hash sift-meta.json records."""
+    digest = tensors_sha256(tensors)[0]
+    meta = read_meta(adapter_dir)
+    if meta is not None and meta.get("adapter_sha256") not in (None, digest):
+        raise SiftError(f"{what} {adapter_dir} does not match its recorded hash: damaged or replaced")
+    return digest
+
+
 def load_adapter(adapter_dir: Path, shard: int) -> Adapter:
     """Load a shard's trained tensors: a PEFT LoRA adapter folder (safetensors only), or a
     SIFT-Masks delta; either is checked against its recorded hash."""
@@ -102,10 +111,7 @@ def load_adapter(adapter_dir: Path, shard: int) -> Adapter:
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    digest = tensors_sha256(tensors)[0]
-    meta = read_meta(adapter_dir)
-    if meta is not None and meta.get("adapter_sha256") not in (None, digest):
-        raise SiftError(f"adapter {adapter_dir} does not match its recorded hash: damaged or replaced")
+    digest = check_recorded_hash(adapter_dir, tensors, "adapter")
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if not key.startswith(_PREFIX):

@@ -242,8 +242,6 @@ def generate(
         return
     if merged and (group is not None or shard is not None or router is not None or fallback is not None):
         raise SiftError("--merged answers without routing: leave out --router, --group, --shard and --fallback")
-    if fallback is not None and fallback not in ("merged", "base"):
-        raise SiftError(f"--fallback must be merged or base; got {fallback!r}")
     ws = Workspace(workspace)  # type: ignore[arg-type]
     ws.require()
     with ws.lock(exclusive=False, command="generate"):

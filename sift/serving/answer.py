@@ -137,11 +137,7 @@ class WorkspaceServer:
         for k in sorted(groups, key=lambda x: (x is None, x or 0)):
             idx = groups[k]
             if k is None:
-                if fallback == "base" and not merged:
-                    b = self.base.get()
-                    model, tok, path = b.model, b.tokenizer, "base"
-                else:
-                    model, tok, path = self.merged_model()
+                model, tok, path = self.base_model() if fallback == "base" and not merged else self.merged_model()
                 for i in idx:
                     paths[i] = path
             else:
@@ -169,12 +165,16 @@ class WorkspaceServer:
             raise SiftError(f"the merged sums do not hold the shards' current deltas; run `sift merge -w {self.ws.root}`")
         return MaskedShards(self.base.get().model, state, len(members))
 
+    def base_model(self) -> tuple[Any, Any, str]:
+        """(model, tokenizer, "base"): the untrained base, which holds no data."""
+        b = self.base.get()
+        return b.model, b.tokenizer, "base"
+
     def merged_model(self) -> tuple[Any, Any, str]:
         """(model, tokenizer, path) that answers what no shard claims: the merged model, or the
         base while the workspace has none ("base")."""
         if served_info(self.ws.merged_dir) is None:
-            b = self.base.get()
-            return b.model, b.tokenizer, "base"
+            return self.base_model()
         if self._merged is None:
             self._merged = load_served(self.ws.merged_dir)
         return self._merged[0], self._merged[1], "merged"

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from sift.adapters import Adapter, DenseDelta, read_meta
+from sift.adapters import Adapter, DenseDelta, check_recorded_hash
 from sift.errors import SiftError
 from sift.fsio import atomic_write_bytes
 from sift.hashing import tensors_sha256
@@ -69,10 +69,7 @@ def load_dense_adapter(adapter_dir: Path, shard: int) -> Adapter:
         tensors = load_file(str(path))
     except Exception as exc:
         raise SiftError(f"SIFT-Masks shard {adapter_dir} cannot be read: {exc}") from None
-    digest = tensors_sha256(tensors)[0]
-    meta = read_meta(adapter_dir)
-    if meta is not None and meta.get("adapter_sha256") not in (None, digest):
-        raise SiftError(f"SIFT-Masks shard {adapter_dir} does not match its recorded hash: damaged or replaced")
+    digest = check_recorded_hash(adapter_dir, tensors, "SIFT-Masks shard")
     modules: dict[str, DenseDelta] = {}
     for name in _names(list(tensors)):
         try:

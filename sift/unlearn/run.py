@@ -109,8 +109,9 @@ def _retain_stream(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
             yield order[start:start + batch_size]
 
 
-def monolithic_adapter(ws: Workspace, view: WorkspaceView, base: LazyBase, quiet: bool = False) -> Path:
-    """The adapter trained on every row the workspace holds now (trained and cached if needed)."""
+def monolithic_adapter(ws: Workspace, view: WorkspaceView, rows: list[Row], base: LazyBase, quiet: bool = False) -> Path:
+    """The adapter trained on every row the workspace holds now (`rows`, sorted by id), trained
+    and cached if needed."""
     from sift.adapters import adapter_is_current
     from sift.train import train_shard
 
@@ -121,7 +122,6 @@ def monolithic_adapter(ws: Workspace, view: WorkspaceView, base: LazyBase, quiet
         return ws.adapter_dir(0)
     if view.cfg.train.method != "lora":
         raise SiftError("sift unlearn starts from a LoRA adapter; this workspace trains sift-masks shards")
-    rows = sorted((r for rs in view.rows.values() for r in rs), key=lambda r: r.id)
     content = shard_content_hash(view.cfg.training_hash(), view.state.base_model_fingerprint, 0, rows)
     folder = ws.unlearn_dir / "monolithic"
     if not adapter_is_current(folder, content):
@@ -159,7 +159,7 @@ def unlearn(ws: Workspace, ids: list[str], out: Path, settings: UnlearnSettings,
         raise SiftError("--out must lie outside the workspace (an unlearned model is not part of it)")
 
     base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
-    source = monolithic_adapter(ws, view, base, quiet)
+    source = monolithic_adapter(ws, view, rows, base, quiet)
     b = base.get()
     enable_determinism()
     ex_f = tokenize_rows(b, forget_rows, cfg.train.max_length)
@@ -272,15 +272,21 @@ def _objective(s: UnlearnSettings, lp_f: torch.Tensor, len_f: torch.Tensor, nll_
     raise AssertionError(s.method)  # pragma: no cover
 
 
+def _grads(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """d loss / d params, zeros for a parameter the loss does not reach."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+
+
 def _ngdiff_step(lm: Any, params: list[torch.nn.Parameter], fb: Any, rb: Any, gen: GenSchedule, step: int,
                  count: Counter) -> tuple[float, float, float]:
     """One NGDiff update (with a GeN fit when due); returns (retain - forget NLL, forget NLL, retain NLL)."""
     lp_r, len_r = answer_logprobs(lm, rb)
     loss_r = token_nll(lp_r, len_r)
-    g_r = [g if g is not None else torch.zeros_like(p) for g, p in zip(torch.autograd.grad(loss_r, params, allow_unused=True), params)]
+    g_r = _grads(loss_r, params)
     lp_f, len_f = answer_logprobs(lm, fb)
     loss_f = token_nll(lp_f, len_f)
-    g_f = [g if g is not None else torch.zeros_like(p) for g, p in zip(torch.autograd.grad(loss_f, params, allow_unused=True), params)]
+    g_f = _grads(loss_f, params)
     count.trained_tokens += int(rb[1].sum()) + int(fb[1].sum())
     direction = ngdiff_direction(g_r, g_f)
     l0 = float(loss_r.detach())
