@@ -368,6 +368,135 @@ def unlearn(
           f"{r['forget_rows']} row(s) written to {r['out']}; not an exact forget: use `sift forget` for that")
 
 
+def _eval_help() -> str:
+    from sift.evaluation.run import metrics_help
+
+    return ("Evaluate one model against a retain reference, with open-unlearning's metric names and definitions.\n\n"
+            "MODEL: a workspace (its routed serving; --merged for its merged model), a served folder, a peft adapter "
+            "folder (e.g. a `sift unlearn` output) or a model name (the untrained base).\n\n"
+            "Metrics (direction; formula):\n\n" + metrics_help().replace("\n", "\n\n"))
+
+
+@app.command("eval", help=_eval_help())
+@_command
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="Workspace, served folder, peft adapter folder or model name.")],
+    data: Annotated[Path, typer.Option("--data", help="The rows (JSONL) the model was trained on.")],
+    forget_ids: Annotated[Optional[str], typer.Option("--forget-ids", help="Comma-separated forget ids, or '-' for one per line on stdin.")] = None,
+    forget_ids_file: Annotated[Optional[str], typer.Option(help="File with one forget id per line.")] = None,
+    holdout: Annotated[Optional[Path], typer.Option(help="Rows of people never trained on (JSONL), for membership inference: `sift builtin-data --split holdout`.")] = None,
+    reference: Annotated[Optional[str], typer.Option(help="The retain reference: a model trained without the forget rows (any MODEL form), or the JSON a `sift eval --out` of it saved.")] = None,
+    no_reference: Annotated[bool, typer.Option("--no-reference", help="Leave out forget_quality and privleak (they need the reference).")] = False,
+    merged: Annotated[bool, typer.Option("--merged", help="A workspace: evaluate its merged model instead of its routed serving.")] = False,
+    router: Annotated[Optional[str], typer.Option(help="A workspace: the router (keys | embed; default: the workspace's).")] = None,
+    fallback: Annotated[Optional[str], typer.Option(help="A workspace: who answers what no shard claims (merged | base).")] = None,
+    base_model: Annotated[Optional[str], typer.Option("--model", help="Base model of a peft adapter that does not name one.")] = None,
+    general: Annotated[bool, typer.Option("--general/--no-general", help="Score the builtin general-knowledge questions (the wf_* metrics of model_utility).")] = True,
+    retain_sample: Annotated[Optional[int], typer.Option(help="Score only this many retain rows (a fixed choice by id hash).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy answer length limit for ROUGE and recall.")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Also save the full result (per-row values included) to this JSON file; usable as a later --reference.")] = None,
+    as_json: AsJson = False,
+) -> None:
+    from sift.builtin.general import general_eval_rows
+    from sift.data import parse_ids
+    from sift.evaluation.run import EvalSettings, evaluate, metric_table, read_rows, split_rows
+    from sift.evaluation.targets import open_target
+    from sift.fsio import atomic_write_json
+
+    if reference is not None and no_reference:
+        raise SiftError("give --reference or --no-reference, not both")
+    if reference is None and not no_reference:
+        raise SiftError("forget_quality and privleak compare with the retain reference (a model trained without the forget rows): "
+                        "pass --reference MODEL or a saved eval JSON of it, or --no-reference to leave both out")
+    settings = EvalSettings(batch_size=batch_size, max_new_tokens=max_new_tokens, retain_sample=retain_sample)
+    settings.check()
+    rows = read_rows(data)
+    forget, retain = split_rows(rows, parse_ids(forget_ids, forget_ids_file), retain_sample)
+    if holdout is None:
+        raise SiftError("membership inference needs --holdout (rows of people never trained on; "
+                        "`sift builtin-data --split holdout --people 2 > holdout.jsonl` for the builtin data)")
+    held = read_rows(holdout)
+    overlap = {r["id"] for r in held} & {r["id"] for r in rows}
+    if overlap:
+        raise SiftError(f"{len(overlap)} held-out id(s) are also in --data (e.g. {sorted(overlap)[0]!r}); held-out rows must be unseen")
+    gen_rows = general_eval_rows() if general else []
+    ref_result = None
+    if reference is not None:
+        ref_path = Path(reference)
+        if ref_path.is_file() and ref_path.suffix == ".json":
+            try:
+                ref_result = json.loads(ref_path.read_text())
+            except json.JSONDecodeError as exc:
+                raise SiftError(f"{reference}: not JSON ({exc.msg})") from None
+            if not isinstance(ref_result, dict) or "per_row" not in ref_result or "metrics" not in ref_result:
+                raise SiftError(f"{reference} is not a saved `sift eval` result")
+        else:
+            ref_result = evaluate(open_target(reference, base_name=base_model), forget, retain, gen_rows, held, None, settings, require_reference=False)
+    target = open_target(model, merged=merged, router=router, fallback=fallback, base_name=base_model)
+    result = evaluate(target, forget, retain, gen_rows, held, ref_result, settings, require_reference=not no_reference)
+    if ref_result is not None:
+        result["reference_metrics"] = ref_result["metrics"]
+    if out is not None:
+        atomic_write_json(out, result)
+    summary = {k: v for k, v in result.items() if k != "per_row"}
+    names = ["forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_exact",
+             "retain_Q_A_Prob", "retain_Q_A_ROUGE", "wf_correct", "mia_min_k", "privleak"]
+
+    def human(r: dict[str, Any]) -> str:
+        rows_ = [r] + ([{"model": f"reference: {r['reference']}", "metrics": r["reference_metrics"]}] if r.get("reference_metrics") else [])
+        shown = [n for n in names if any(n in x["metrics"] for x in rows_)]
+        fq = r.get("forget_quality")
+        tail = f"\nforget_quality: p = {fq['p']:.3g} (log10 {fq['log10_p']:.2f}), n = {fq['n']}" if fq else "\n(no reference: forget_quality and privleak left out)"
+        return metric_table(rows_, shown) + tail + ("\nAPPROXIMATE unlearning output" if r.get("approximate") else "")
+
+    _emit(summary, as_json, human)
+
+
+@app.command("compare")
+@_command
+def compare_cmd(
+    data: Annotated[Path, typer.Option("--data", help="The rows (JSONL).")],
+    out: Annotated[Path, typer.Option("--out", help="New folder for the report (table.md, results.json, tradeoff.png, cost.png) and its work/.")],
+    forget_ids: Annotated[Optional[str], typer.Option("--forget-ids", help="Comma-separated forget ids, or '-' for one per line on stdin.")] = None,
+    forget_ids_file: Annotated[Optional[str], typer.Option(help="File with one forget id per line.")] = None,
+    holdout: Annotated[Optional[Path], typer.Option(help="Rows of people never trained on (JSONL), for membership inference.")] = None,
+    model: Annotated[str, typer.Option("--model", help="Base model: 'builtin' or a Hugging Face name / local folder.")] = "builtin",
+    num_shards: Annotated[int, typer.Option(help="Shards of the exact path.")] = 8,
+    group_by: Annotated[Optional[str], typer.Option(help="Column that keeps rows together in one shard (e.g. owner); 'none' to shard by id.")] = "owner",
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs of every model (default: sift's recipe, 10).")] = None,
+    methods: Annotated[str, typer.Option(help="Approximate baselines, comma-separated.")] = "ga,graddiff,npo,simnpo,ngdiff",
+    unlearn_epochs: Annotated[int, typer.Option(help="Unlearning epochs of each baseline (each is evaluated after every epoch).")] = 5,
+    unlearn_lr: Annotated[float, typer.Option(help="Baselines' learning rate (ngdiff: GeN's start).")] = 1e-4,
+    seeds: Annotated[int, typer.Option(help="Also compute the NeurIPS 2023 challenge's forgetting score with N seeded models per side (0: off; costly: about 4N monolithic and 3N sharded trainings).")] = 0,
+    retain_sample: Annotated[Optional[int], typer.Option(help="Retain rows scored for utility (a fixed choice by id hash).")] = 40,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy answer length limit for ROUGE and recall.")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass in evaluation.")] = 16,
+    as_json: AsJson = False,
+) -> None:
+    """Exact forgetting beside every approximate baseline, against retrained references; writes a report.
+
+    Runs on one data set and forget set: the sharded workspace and `sift forget` (exact, served routed
+    and merged), each `sift unlearn` baseline from the monolithic model (evaluated after every epoch),
+    and the references retrained without the forget rows (monolithic and sharded). See `sift eval --help`
+    for every metric."""
+    from sift.data import parse_ids
+    from sift.evaluation.compare import CompareSettings, compare, report_markdown
+    from sift.evaluation.run import EvalSettings, read_rows
+
+    settings = CompareSettings(
+        model=model, num_shards=num_shards, group_by=None if group_by in (None, "none") else group_by, epochs=epochs,
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), unlearn_epochs=unlearn_epochs, unlearn_lr=unlearn_lr,
+        seeds=seeds, eval=EvalSettings(batch_size=batch_size, max_new_tokens=max_new_tokens, retain_sample=retain_sample))
+    settings.check()
+    if holdout is None:
+        raise SiftError("membership inference needs --holdout (rows of people never trained on; "
+                        "`sift builtin-data --split holdout --people 2 > holdout.jsonl` for the builtin data)")
+    rows, held = read_rows(data), read_rows(holdout)
+    result = compare(rows, parse_ids(forget_ids, forget_ids_file), held, out, settings)
+    _emit(result, as_json, lambda r: report_markdown(r) + f"\nreport written to {out}/ (table.md, results.json, tradeoff.png, cost.png) in {r['seconds']:.0f}s")
+
+
 @app.command()
 @_command
 def verify(

@@ -97,6 +97,7 @@ def train_shard(
     digest, result, extra = fit(base, examples, cfg, seed, staged, progress)
     build_routers(base, rows, cfg, staged, content_hash)
     seconds = time.perf_counter() - started
+    tokens = cfg.train.epochs * sum(len(ids) for ids, _ in examples)
     atomic_write_json(
         staged / META,
         {
@@ -109,6 +110,9 @@ def train_shard(
             "seed": seed,
             "final_loss": result.final_loss,
             "seconds": round(seconds, 3),
+            # every epoch runs each example once: 6 N FLOPs per token (forward + backward)
+            "tokens_trained": tokens,
+            "flops_estimate": 6 * sum(p.numel() for p in base.model.parameters()) * tokens,
             "torch_threads": torch.get_num_threads(),
             **extra,
         },

@@ -9,6 +9,7 @@ or it has no merged model yet). The base model holds no data, so it is exact by 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -130,21 +131,41 @@ class WorkspaceServer:
             targets = [("routed", d.shard, d.router, d.score) if d.shard is not None else ("merged", None, d.router if d.router != "none" else None, d.score)
                        for d in self.route(prompts, router)]
         answers: list[str | None] = [None] * len(prompts)
-        groups: dict[int | None, list[int]] = {}
-        for i, (_, k, _, _) in enumerate(targets):
-            groups.setdefault(k, []).append(i)
         paths = [t[0] for t in targets]
-        for k in sorted(groups, key=lambda x: (x is None, x or 0)):
-            idx = groups[k]
+        for model, tok, path, k, idx in self._group(targets, fallback, merged):
             if k is None:
-                model, tok, path = self.base_model() if fallback == "base" and not merged else self.merged_model()
                 for i in idx:
                     paths[i] = path
-            else:
-                model, tok = self._shard_model(k), self.base.get().tokenizer
             for i, a in zip(idx, greedy_answers(model, tok, [prompts[i] for i in idx], max_new_tokens, batch_size=batch_size)):
                 answers[i] = a
         return [Answer(p, a or "", path, k, r, s) for p, a, path, (_, k, r, s) in zip(prompts, answers, paths, targets)]
+
+    def models_for(self, prompts: list[str], router: str | None = None, merged: bool = False,
+                   fallback: str | None = None) -> Iterator[tuple[Any, Any, str, int | None, list[int]]]:
+        """The model that serves each prompt, grouped: (model, tokenizer, path, shard, indices),
+        as `answer` would route them; for scoring likelihoods on the served path (sift eval).
+        Iterate it group by group: a group's model is valid only until the next group is drawn
+        (the shards share one copy of the base)."""
+        fallback = fallback or self.view.cfg.serving.fallback
+        if fallback not in FALLBACKS:
+            raise SiftError(f"--fallback must be merged or base; got {fallback!r}")
+        if merged:
+            targets = [("merged", None, None, None)] * len(prompts)
+        else:
+            targets = [("routed", d.shard, d.router, d.score) if d.shard is not None else ("merged", None, None, d.score)
+                       for d in self.route(prompts, router)]
+        return self._group(targets, fallback, merged)
+
+    def _group(self, targets: list[tuple[str, int | None, str | None, float | None]], fallback: str, merged: bool) -> Iterator[tuple[Any, Any, str, int | None, list[int]]]:
+        groups: dict[int | None, list[int]] = {}
+        for i, (_, k, _, _) in enumerate(targets):
+            groups.setdefault(k, []).append(i)
+        for k in sorted(groups, key=lambda x: (x is None, x or 0)):
+            if k is None:
+                model, tok, path = self.base_model() if fallback == "base" and not merged else self.merged_model()
+                yield model, tok, path, None, groups[k]
+            else:
+                yield self._shard_model(k), self.base.get().tokenizer, targets[groups[k][0]][0], k, groups[k]
 
     def _shard_model(self, shard: int) -> Any:
         if self._adapters is None:

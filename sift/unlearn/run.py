@@ -14,7 +14,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,9 +131,15 @@ def monolithic_adapter(ws: Workspace, view: WorkspaceView, rows: list[Row], base
     return folder
 
 
+EpochHook = Callable[[int, Any, Any, dict[str, float]], None]
+
+
 def unlearn(ws: Workspace, ids: list[str], out: Path, settings: UnlearnSettings, base: LazyBase | None = None,
-            quiet: bool = False) -> dict[str, Any]:
-    """Run one approximate method; returns its record (also written to out/sift-unlearn.json)."""
+            quiet: bool = False, on_epoch: EpochHook | None = None) -> dict[str, Any]:
+    """Run one approximate method; returns its record (also written to out/sift-unlearn.json).
+
+    `on_epoch(epoch, model, tokenizer, cost)` is called after every epoch (sift compare evaluates
+    there; it must not change the model); the time it takes is left out of the recorded cost."""
     from peft import PeftModel
 
     from sift.train import tokenize_rows
@@ -183,6 +189,7 @@ def unlearn(ws: Workspace, ids: list[str], out: Path, settings: UnlearnSettings,
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0) if s.method != "ngdiff" else None
     gen = GenSchedule(eta=s.lr, every=s.gen_every) if s.method == "ngdiff" else None
     step = 0
+    hook_seconds = 0.0
     steps_total = s.epochs * math.ceil(len(ex_f) / s.batch_size)
     for epoch in range(1, s.epochs + 1):
         order = torch.randperm(len(ex_f), generator=order_gen).tolist()
@@ -224,11 +231,18 @@ def unlearn(ws: Workspace, ids: list[str], out: Path, settings: UnlearnSettings,
         if not quiet:
             print(f"sift unlearn {s.method}: epoch {epoch}/{s.epochs} forget NLL {row['forget_nll']:.3f}"
                   + (f" retain NLL {row['retain_nll']:.3f}" if s.uses_retain() else ""), file=sys.stderr, flush=True)
+        if on_epoch is not None:
+            hook_started = time.perf_counter()
+            cost = {"seconds": round(hook_started - started - hook_seconds, 3),
+                    "flops": 6 * n_params * count.trained_tokens + 2 * n_params * count.forward_tokens}
+            on_epoch(epoch, model, b.tokenizer, cost)
+            model.eval()
+            hook_seconds += time.perf_counter() - hook_started
 
     staged = staging_dir(out)
     model.save_pretrained(str(staged), safe_serialization=True)
     (staged / "README.md").unlink(missing_ok=True)
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - hook_seconds
     record = {
         "approximate": True,
         "exact": False,

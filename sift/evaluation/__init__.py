@@ -1,0 +1,1 @@
+"""Unlearning evaluation: open-unlearning metrics, references, and the comparison report."""

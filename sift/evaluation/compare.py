@@ -1,0 +1,260 @@
+"""`sift compare`: exact forgetting beside every approximate baseline, on one data set and one
+forget set, each measured against the reference retrained without the forget rows.
+
+What runs, in order (everything under OUT/work/, the report in OUT/):
+1. sharded: the workspace (`--num-shards`, by `--group-by`), trained and merged; evaluated
+   routed (the original, before the forget);
+2. monolithic: one adapter on every row (a 1-shard workspace), the model the approximate methods
+   start from; evaluated (the original);
+3. references, trained from scratch without the forget rows: the monolithic retrain (the reference
+   of the approximate methods) and the sharded rebuild (the reference of the exact path);
+4. exact: `sift forget` on the sharded workspace; evaluated routed and merged, and its served
+   bytes are compared with the sharded rebuild's (they must be identical);
+5. every baseline (`sift unlearn`) from the monolithic adapter, evaluated after every epoch.
+
+Each model is evaluated once (sift.evaluation.run) and its forget_quality and privleak are taken
+against its own kind's reference: approximate methods against the monolithic retrain, the
+exact path against the sharded rebuild. Costs are wall seconds and estimated FLOPs of what it
+took to produce the model: for the exact path the forget (retraining the affected shards and
+re-merging), for a baseline its unlearning epochs, for a reference its full training.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from sift.errors import SiftError
+from sift.evaluation.run import EvalSettings, against_reference, evaluate, metric_table, split_rows
+
+METHODS = ("ga", "graddiff", "npo", "simnpo", "ngdiff")
+TABLE_METRICS = ["forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_exact",
+                 "retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_exact", "wf_Q_A_Prob_normalised", "wf_correct", "mia_min_k", "privleak",
+                 "seconds", "flops"]
+
+
+@dataclass
+class CompareSettings:
+    model: str = "builtin"
+    num_shards: int = 8
+    group_by: str | None = "owner"
+    epochs: int | None = None  # training epochs (None: sift's default recipe)
+    methods: tuple[str, ...] = METHODS
+    unlearn_epochs: int = 5
+    unlearn_lr: float = 1e-4
+    seeds: int = 0  # > 0: the challenge's forgetting score with this many models per side
+    eval: EvalSettings = field(default_factory=lambda: EvalSettings(retain_sample=40))
+
+    def check(self) -> None:
+        from sift.unlearn.run import UnlearnSettings
+
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise SiftError(f"unknown method(s) {unknown}: use {', '.join(METHODS)}")
+        if self.num_shards < 2:
+            raise SiftError("--num-shards must be at least 2 (the exact path is sharded; the monolithic model is built anyway)")
+        if self.seeds < 0 or self.seeds == 1:
+            raise SiftError("--seeds must be 0 (off) or at least 2")
+        for m in self.methods:
+            UnlearnSettings(method=m, epochs=self.unlearn_epochs, lr=self.unlearn_lr).resolved()
+        self.eval.check()
+
+
+def _log(msg: str) -> None:
+    print(f"sift compare: {msg}", file=sys.stderr, flush=True)
+
+
+def _config(s: CompareSettings, num_shards: int, seed: int = 0) -> Any:
+    from sift.config import SiftConfig
+
+    cfg = SiftConfig()
+    cfg.model.name = s.model
+    cfg.shards.num_shards = num_shards
+    cfg.data.group_by = s.group_by if num_shards > 1 else None
+    if s.epochs is not None:
+        cfg.train.epochs = s.epochs
+    cfg.train.seed = seed
+    return cfg
+
+
+def _build(root: Path, rows: list[dict[str, Any]], cfg: Any, merge: bool) -> tuple[Any, dict[str, float]]:
+    """A trained (and merged) workspace from rows; returns it and its training cost."""
+    from sift.create import create_workspace
+    from sift.evaluation.targets import workspace_cost
+    from sift.serve import merge_workspace
+    from sift.train import train_shards
+    from sift.workspace import Workspace
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    data = root.parent / f"{root.name}-rows.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    ws = Workspace(root)
+    started = time.perf_counter()
+    create_workspace(ws, str(data), cfg)
+    data.unlink()  # the workspace holds its own copy
+    train_shards(ws, quiet=True)
+    if merge:
+        merge_workspace(ws, method="mean")
+    cost = workspace_cost(ws)
+    cost["seconds"] = round(time.perf_counter() - started, 3)
+    return ws, cost
+
+
+def _adapter_target(label: str, base: Any, adapter_dir: Path, cost: dict[str, float]) -> Any:
+    from peft import PeftModel
+
+    from sift.evaluation.targets import ModelTarget
+
+    model = PeftModel.from_pretrained(copy.deepcopy(base.model), str(adapter_dir)).eval()
+    return ModelTarget(label, "adapter", model, base.tokenizer, cost)
+
+
+def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dict[str, Any]], out: Path,
+            s: CompareSettings, progress: Callable[[str], None] = _log) -> dict[str, Any]:
+    from sift.builtin.general import general_eval_rows
+    from sift.evaluation.targets import WorkspaceTarget
+    from sift.forget import forget
+    from sift.models import LazyBase
+    from sift.serving.answer import WorkspaceServer
+    from sift.serving.folder import served_hashes
+    from sift.unlearn.run import UnlearnSettings, unlearn
+
+    s.check()
+    if out.exists() and any(out.iterdir()):
+        raise SiftError(f"{out} is not empty; give a new folder for the report")
+    forget_rows, retain_rows = split_rows(rows, forget_ids, s.eval.retain_sample)
+    general = general_eval_rows()
+    forget_set = {r["id"] for r in forget_rows}
+    remaining = [r for r in rows if r["id"] not in forget_set]
+    work = out / "work"
+    started = time.perf_counter()
+    entries: list[dict[str, Any]] = []
+
+    def run_eval(target: Any) -> dict[str, Any]:
+        t = time.perf_counter()
+        res = evaluate(target, forget_rows, retain_rows, general, holdout, None, s.eval, require_reference=False)
+        progress(f"evaluated {target.label} in {time.perf_counter() - t:.0f}s")
+        return res
+
+    def add(res: dict[str, Any], name: str, kind: str, reference: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+        if reference is not None:
+            against_reference(res, reference)
+        res.update(name=name, model=name, role=kind, **extra)
+        entries.append(res)
+        return res
+
+    progress(f"training the sharded workspace ({s.num_shards} shards by {s.group_by or 'id'})")
+    sharded, sharded_cost = _build(work / "sharded", rows, _config(s, s.num_shards), merge=True)
+    base = LazyBase(s.model, None, None)
+    base_model = base.get()
+    server = WorkspaceServer(sharded, base=base)
+    sharded_before = run_eval(WorkspaceTarget("sharded, before forget (routed)", server, cost=sharded_cost))
+
+    progress("training the monolithic model (all rows, one adapter)")
+    mono, mono_cost = _build(work / "monolithic", rows, _config(s, 1), merge=False)
+    mono_before = run_eval(_adapter_target("monolithic, before unlearning", base_model, mono.adapter_dir(0), mono_cost))
+
+    progress("training the references without the forget rows: monolithic retrain, sharded rebuild")
+    mono_ref_ws, mono_ref_cost = _build(work / "reference-monolithic", remaining, _config(s, 1), merge=False)
+    mono_ref = run_eval(_adapter_target("reference: monolithic retrain", base_model, mono_ref_ws.adapter_dir(0), mono_ref_cost))
+    shard_ref_ws, shard_ref_cost = _build(work / "reference-sharded", remaining, _config(s, s.num_shards), merge=True)
+    ref_server = WorkspaceServer(shard_ref_ws, base=base)
+    shard_ref = run_eval(WorkspaceTarget("reference: sharded rebuild (routed)", ref_server, cost=shard_ref_cost))
+    shard_ref_merged = run_eval(WorkspaceTarget("reference: sharded rebuild (merged)", ref_server, merged=True, cost=shard_ref_cost))
+
+    add(mono_before, "original: monolithic (before unlearning)", "original", mono_ref)
+    add(sharded_before, "original: sharded, routed (before forget)", "original", shard_ref)
+    add(mono_ref, "reference: monolithic retrain", "reference", mono_ref)
+    add(shard_ref, "reference: sharded rebuild, routed", "reference", shard_ref)
+    add(shard_ref_merged, "reference: sharded rebuild, merged", "reference", shard_ref_merged)
+
+    progress(f"exact: sift forget of {len(forget_set)} row(s)")
+    cert = forget(sharded, sorted(forget_set), base=base, quiet=True)
+    retrained = set(cert.get("shards_retrained", []))
+    flops = sum(json.loads((sharded.adapter_dir(k) / "sift-meta.json").read_text()).get("flops_estimate", 0.0) for k in retrained)
+    exact_cost = {"seconds": float(cert["seconds"]), "flops": float(flops)}
+    identical = served_hashes(sharded.merged_dir)[0] == served_hashes(shard_ref_ws.merged_dir)[0]
+    exact_server = WorkspaceServer(sharded, base=base)
+    exact_routed = run_eval(WorkspaceTarget("exact: sift forget (routed)", exact_server, cost=exact_cost))
+    add(exact_routed, "exact: sift forget, routed", "exact", shard_ref, identical_to_reference=identical)
+    exact_merged = run_eval(WorkspaceTarget("exact: sift forget (merged)", exact_server, merged=True, cost=exact_cost))
+    add(exact_merged, "exact: sift forget, merged", "exact", shard_ref_merged, identical_to_reference=identical)
+
+    for method in s.methods:
+        progress(f"approximate: {method}, {s.unlearn_epochs} epoch(s), evaluated after each")
+        path: list[dict[str, Any]] = []
+
+        def hook(epoch: int, model: Any, tok: Any, cost: dict[str, float], method: str = method, path: list = path) -> None:
+            from sift.evaluation.targets import ModelTarget
+
+            res = run_eval(ModelTarget(f"{method} epoch {epoch}", "adapter", model, tok, dict(cost)))
+            res["approximate"] = True
+            path.append(add(res, f"{method} (epoch {epoch})", "approximate", mono_ref, method=method, epoch=epoch))
+
+        settings = UnlearnSettings(method=method, epochs=s.unlearn_epochs, lr=s.unlearn_lr)
+        unlearn(mono, sorted(forget_set), work / "unlearned" / method, settings, base=base, quiet=True, on_epoch=hook)
+
+    challenge = None
+    if s.seeds:
+        from sift.evaluation.seeds import challenge_scores
+
+        challenge = challenge_scores(rows, remaining, forget_rows, retain_rows, general, mono, s, work / "seeds", base, progress)
+
+    result = {
+        "settings": {**asdict(s), "eval": asdict(s.eval)},
+        "data": {"rows": len(rows), "forget": len(forget_rows), "retain_scored": len(retain_rows), "holdout": len(holdout),
+                 "general": len(general)},
+        "exact_identical_to_sharded_rebuild": identical,
+        "forget_certificate": {k: cert.get(k) for k in ("rows_removed", "shards_retrained", "shards_dropped", "shards_emptied", "seconds")},
+        "entries": [{k: v for k, v in e.items() if k != "per_row"} for e in entries],
+        "challenge": challenge,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(result, out)
+    return result
+
+
+def write_report(result: dict[str, Any], out: Path) -> None:
+    from sift.fsio import atomic_write_json, atomic_write_text
+
+    atomic_write_json(out / "results.json", result)
+    atomic_write_text(out / "table.md", report_markdown(result))
+    from sift.evaluation.plots import cost_plot, tradeoff_plot
+
+    tradeoff_plot(result, out / "tradeoff.png")
+    cost_plot(result, out / "cost.png")
+
+
+def report_markdown(result: dict[str, Any]) -> str:
+    from sift.evaluation import metrics as M
+
+    entries = result["entries"]
+    lines = [
+        f"# sift compare: {result['data']['forget']} forget rows, {result['data']['rows']} rows in all",
+        "",
+        "forget_quality and privleak are against each row's reference: approximate methods and the monolithic original "
+        "against the monolithic retrain; the exact path and the sharded original against the sharded rebuild. "
+        f"Exact path's served bytes identical to the sharded rebuild's: **{'yes' if result['exact_identical_to_sharded_rebuild'] else 'NO'}**.",
+        "",
+        metric_table(entries, TABLE_METRICS),
+        "",
+        "Metrics (direction; formula):",
+        "",
+    ]
+    lines += [f"- `{m.name}`: {m.better} is better; {m.formula}" for m in M.METRICS.values()]
+    ch = result.get("challenge")
+    if ch:
+        lines += ["", "## Unlearning-challenge forgetting score (NeurIPS 2023)", "", ch["note"], "",
+                  "| method | F | 95 % interval | final score | ceiling F (reference vs reference) |", "|---|---|---|---|---|"]
+        for row in ch["rows"]:
+            lo, hi = row["interval"]
+            lines.append(f"| {row['method']} | {row['F']:.3f} | {lo:.3f}-{hi:.3f} | {row['final']:.3f} | {row['ceiling']:.3f} |")
+    lines.append("")
+    return "\n".join(lines)

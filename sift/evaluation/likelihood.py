@@ -1,0 +1,76 @@
+"""Per-answer likelihoods and greedy answers under one model: what every metric is computed from.
+
+A (question, answer) pair is tokenised exactly as training tokenises a row (sift.models.example_ids:
+the chat template, then the answer and EOS, labels on the answer only), right-padded, with the
+attention mask on the real tokens only. (open-unlearning masks every token equal to the pad id,
+which for Llama-3 is also the template's EOS; that is its open issue #128, not reproduced here.)
+Log-probabilities are computed in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from sift.models import example_ids
+
+
+@dataclass(frozen=True)
+class AnswerScore:
+    avg_loss: float  # mean NLL over the answer tokens, EOS included (Prob, Truth Ratio, LOSS, zlib)
+    token_logprobs: tuple[float, ...]  # answer tokens, EOS excluded (Min-K%)
+    token_z: tuple[float, ...]  # (log p - mu) / sigma over the vocabulary, EOS excluded (Min-K%++)
+    tokens: int  # answer tokens including EOS
+
+
+@torch.no_grad()
+def score_answers(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 16,
+                  max_length: int = 256) -> list[AnswerScore]:
+    """Scores of each (question, answer) pair, in order. Padding never changes a row's numbers
+    beyond float rounding: every row is scored with its own tokens only."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [example_ids(tokenizer, q, a, None) for q, a in pairs]
+    encoded = [(ids[:max_length], labels[:max_length]) for ids, labels in encoded]
+    out: list[AnswerScore] = []
+    model.eval()
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, (x, y) in enumerate(chunk):
+            ids[i, :len(x)] = torch.tensor(x)
+            labels[i, :len(y)] = torch.tensor(y)
+            mask[i, :len(x)] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target = labels[:, 1:]
+        logp_all = torch.log_softmax(logits, dim=-1)
+        for i in range(len(chunk)):
+            keep = (target[i] != -100).nonzero().squeeze(-1)
+            lp_vocab = logp_all[i, keep]  # [T, V]
+            tok = target[i, keep]
+            lp = lp_vocab.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+            p = lp_vocab.exp()
+            mu = (p * lp_vocab).sum(-1)
+            var = ((p * lp_vocab.square()).sum(-1) - mu.square()).clamp(min=1e-6)
+            z = (lp - mu) / var.sqrt()
+            n = len(keep)
+            out.append(AnswerScore(
+                avg_loss=float(-lp.mean()) if n else float("nan"),
+                token_logprobs=tuple(lp[:-1].tolist()),
+                token_z=tuple(z[:-1].tolist()),
+                tokens=n,
+            ))
+    return out
+
+
+def rouge_l_recall(answers: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L recall of each generated answer against its reference (the `rouge_score` package
+    with the Porter stemmer, as open-unlearning's TOFU metrics)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [float(scorer.score(target=ref, prediction=ans)["rougeL"].recall) for ans, ref in zip(answers, references)]

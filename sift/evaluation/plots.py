@@ -1,0 +1,100 @@
+"""The comparison's two plots (matplotlib, no display needed).
+
+tradeoff.png: forget quality (log scale, up is better) against model utility (right is better),
+one labelled point per model; an approximate method is a path through its epochs, ending in a
+labelled point; marker area grows with the wall time it took to produce the model.
+cost.png: wall seconds and estimated FLOPs of producing each final model, log scale.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+COLORS = {"exact": "#1b7837", "reference": "#2166ac", "original": "#7f7f7f", "approximate": "#b2182b"}
+METHOD_COLORS = ["#b2182b", "#ef8a62", "#8c510a", "#762a83", "#e7298a"]
+
+
+def _area(seconds: float | None) -> float:
+    return 30.0 + 40.0 * math.sqrt(max(0.0, seconds or 0.0))
+
+
+def tradeoff_plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6.5), dpi=120)
+    floor = 1e-12  # a p-value below this is drawn at it
+    methods: dict[str, list[dict[str, Any]]] = {}
+    placed: list[tuple[float, float]] = []
+
+    def label_offset(x: float, y: float) -> float:
+        """Points to shift a label down so labels of (near) coincident points do not overlap."""
+        near = sum(1 for px, py in placed if abs(px - x) < 0.02 and abs(math.log10(py) - math.log10(y)) < 0.15)
+        placed.append((x, y))
+        return -11.0 * near
+
+    for e in result["entries"]:
+        if e["role"] == "approximate":
+            methods.setdefault(e["method"], []).append(e)
+            continue
+        m = e["metrics"]
+        if "forget_quality" not in m:
+            continue
+        y = max(m["forget_quality"], floor)
+        ax.scatter([m["model_utility"]], [y], s=_area(m.get("seconds")), color=COLORS[e["role"]], alpha=0.75,
+                   edgecolors="black", linewidths=0.6, zorder=3, marker="D" if e["role"] == "exact" else "o")
+        ax.annotate(e["name"], (m["model_utility"], y), textcoords="offset points", xytext=(8, 4 + label_offset(m["model_utility"], y)),
+                    fontsize=7.5)
+    for i, (method, path_entries) in enumerate(sorted(methods.items())):
+        color = METHOD_COLORS[i % len(METHOD_COLORS)]
+        xs = [e["metrics"]["model_utility"] for e in path_entries]
+        ys = [max(e["metrics"]["forget_quality"], floor) for e in path_entries]
+        ax.plot(xs, ys, color=color, alpha=0.6, linewidth=1.2, zorder=2)
+        ax.scatter(xs, ys, s=[_area(e["metrics"].get("seconds")) * 0.5 for e in path_entries], color=color, alpha=0.55, zorder=3)
+        last = path_entries[-1]
+        ax.annotate(f"{method} (epoch {last['epoch']})", (xs[-1], ys[-1]), textcoords="offset points", xytext=(8, 4 + label_offset(xs[-1], ys[-1])),
+                    fontsize=7.5, color=color)
+    ax.set_yscale("log")
+    ax.set_xlabel("model utility (harmonic mean of retain and general-knowledge Prob, ROUGE, truth ratio; higher is better)")
+    ax.set_ylabel("forget quality (KS p-value against the retrained reference; higher is better)")
+    ax.set_title("Exact forgetting vs approximate unlearning (marker area ~ sqrt of wall seconds)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def cost_plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finals: dict[str, dict[str, Any]] = {}
+    for e in result["entries"]:
+        if e["role"] == "approximate":
+            finals[e["method"]] = e  # the last epoch's entry wins
+        elif e["role"] in ("exact", "reference") and "merged" not in e["name"]:
+            finals[e["name"]] = e
+    names = list(finals)
+    secs = [finals[n]["metrics"].get("seconds") or 0.0 for n in names]
+    flops = [finals[n]["metrics"].get("flops") or 0.0 for n in names]
+    colors = [COLORS[finals[n]["role"]] for n in names]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), dpi=120)
+    for ax, values, label in ((axes[0], secs, "wall seconds"), (axes[1], flops, "training FLOPs (estimate)")):
+        ax.barh(names, [max(v, 1e-9) for v in values], color=colors)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{label} (log scale)")
+        ax.invert_yaxis()
+        ax.grid(True, axis="x", which="both", alpha=0.25)
+        for y, v in enumerate(values):
+            ax.annotate(f"{v:.3g}", (max(v, 1e-9), y), textcoords="offset points", xytext=(3, -3), fontsize=7)
+    axes[1].set_yticklabels([])
+    fig.suptitle("Cost of producing each model (exact forget, approximate unlearning, full retrains)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,261 @@
+"""`sift eval`: every metric of sift.evaluation.metrics for one model, on forget, retain,
+general-knowledge and held-out rows, against a retain reference.
+
+Rows are the data set's JSON objects. Forget and retain rows need `prompt`, `completion` and
+`answer` (the fact's value, for the contains recall); the truth ratio also needs
+`paraphrased_completion` and `perturbed_completions` (the builtin data set carries them). Held-out
+rows (people never trained on, `sift builtin-data --split holdout`) need `prompt` and `completion`.
+
+The result is one JSON object. It carries the per-row truth ratios and MIA scores, so a saved
+result of the retain reference serves as the reference for later runs (as open-unlearning's
+retain logs do): forget_quality and privleak read `per_row.forget_truth_ratio` and
+`metrics.mia_min_k` from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sift.errors import SiftError
+from sift.evaluate import fact_recall, general_recall
+from sift.evaluation import metrics as M
+from sift.evaluation.likelihood import AnswerScore, rouge_l_recall, score_answers
+from sift.evaluation.targets import Target
+from sift.serving.generate import greedy_answers
+
+SETS = ("forget", "retain", "wf", "holdout")
+
+
+@dataclass
+class EvalSettings:
+    batch_size: int = 16
+    max_new_tokens: int = 200  # open-unlearning's generation default; answers stop at EOS
+    min_k: float = 0.4  # TOFU and MUSE configs
+    retain_sample: int | None = None  # score this many retain rows (a fixed, id-hashed choice); None: all
+
+    def check(self) -> None:
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise SiftError("batch size and max new tokens must be at least 1")
+        if not 0 < self.min_k <= 1:
+            raise SiftError(f"--min-k must lie in (0, 1], got {self.min_k}")
+        if self.retain_sample is not None and self.retain_sample < 1:
+            raise SiftError("--retain-sample must be at least 1")
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """JSONL rows; one clear error for a bad line or a duplicate id."""
+    rows, seen = [], set()
+    p = Path(path)
+    if not p.is_file():
+        raise SiftError(f"{path}: no such file")
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SiftError(f"{path}:{n}: not JSON ({exc.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+            raise SiftError(f"{path}:{n}: a row must be a JSON object with a string 'id'")
+        if rec["id"] in seen:
+            raise SiftError(f"{path}:{n}: duplicate id {rec['id']!r}")
+        seen.add(rec["id"])
+        rows.append(rec)
+    if not rows:
+        raise SiftError(f"{path}: no rows")
+    return rows
+
+
+def _hashed_sample(rows: list[dict[str, Any]], n: int | None) -> list[dict[str, Any]]:
+    """The n rows whose ids hash lowest: the same choice for the same ids, in any order."""
+    if n is None or n >= len(rows):
+        return sorted(rows, key=lambda r: r["id"])
+    chosen = sorted(rows, key=lambda r: hashlib.sha256(r["id"].encode()).hexdigest())[:n]
+    return sorted(chosen, key=lambda r: r["id"])
+
+
+def split_rows(rows: list[dict[str, Any]], forget_ids: list[str], retain_sample: int | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(forget rows, retain rows) by id; unknown ids are an error."""
+    wanted = set(forget_ids)
+    known = {r["id"] for r in rows}
+    unknown = sorted(wanted - known)
+    if unknown:
+        raise SiftError(f"{len(unknown)} forget id(s) are not in the data: {', '.join(map(repr, unknown[:5]))}")
+    if not wanted:
+        raise SiftError("no forget ids given")
+    forget = sorted((r for r in rows if r["id"] in wanted), key=lambda r: r["id"])
+    retain = _hashed_sample([r for r in rows if r["id"] not in wanted], retain_sample)
+    if not retain:
+        raise SiftError("every row is in the forget set; model utility needs retain rows")
+    return forget, retain
+
+
+def _check_fields(name: str, rows: list[dict[str, Any]], fields: tuple[str, ...]) -> None:
+    for r in rows:
+        for f in fields:
+            v = r.get(f)
+            ok = isinstance(v, str) if f != "perturbed_completions" else (isinstance(v, list) and v and all(isinstance(x, str) for x in v))
+            if not ok:
+                raise SiftError(f"{name} row {r.get('id')!r} lacks {f!r} (the truth ratio needs paraphrased and perturbed answers; "
+                                "the builtin data set has them)")
+
+
+def evaluate(target: Target, forget: list[dict[str, Any]], retain: list[dict[str, Any]], general: list[dict[str, Any]],
+             holdout: list[dict[str, Any]], reference: dict[str, Any] | None, settings: EvalSettings | None = None,
+             require_reference: bool = True) -> dict[str, Any]:
+    """Evaluate `target`; `reference` is an earlier result of this function for the retain
+    reference (needed for forget_quality and privleak unless require_reference is False)."""
+    s = settings or EvalSettings()
+    s.check()
+    if reference is None and require_reference:
+        raise SiftError("forget_quality and privleak compare with the retain reference (a model trained without the forget rows): "
+                        "pass --reference MODEL or a saved eval JSON of it, or --no-reference to leave both out")
+    _check_fields("forget", forget, ("prompt", "completion", "answer", "paraphrased_completion", "perturbed_completions"))
+    _check_fields("retain", retain, ("prompt", "completion", "answer", "paraphrased_completion", "perturbed_completions"))
+    _check_fields("general", general, ("prompt", "completion", "perturbed_completions"))
+    if not holdout:
+        raise SiftError("membership inference needs held-out rows (people never trained on): pass --holdout "
+                        "(e.g. `sift builtin-data --split holdout --people 2 > holdout.jsonl`)")
+    _check_fields("holdout", holdout, ("prompt", "completion"))
+    started = time.perf_counter()
+
+    items = [(name, r) for name, rows in zip(SETS, (forget, retain, general, holdout)) for r in rows]
+    scored: list[dict[str, Any]] = [{} for _ in items]
+    answers: list[str] = [""] * len(items)
+    for model, tok, idx in target.groups([r["prompt"] for _, r in items]):
+        pairs, owners = [], []
+        for i in idx:
+            name, r = items[i]
+            pairs.append((r["prompt"], r["completion"]))
+            owners.append((i, "answer"))
+            if name in ("forget", "retain"):
+                pairs.append((r["prompt"], r["paraphrased_completion"]))
+                owners.append((i, "para"))
+            if name != "holdout":
+                for w in r["perturbed_completions"]:
+                    pairs.append((r["prompt"], w))
+                    owners.append((i, "pert"))
+        for (i, key), sc in zip(owners, score_answers(model, tok, pairs, s.batch_size)):
+            if key == "pert":
+                scored[i].setdefault("pert", []).append(sc)
+            else:
+                scored[i][key] = sc
+        ask = [i for i in idx if items[i][0] != "holdout"]
+        for i, a in zip(ask, greedy_answers(model, tok, [items[i][1]["prompt"] for i in ask], s.max_new_tokens, s.batch_size)):
+            answers[i] = a
+
+    per_row: dict[str, dict[str, Any]] = {}
+    out_metrics: dict[str, float] = {}
+    by_set: dict[str, list[int]] = {name: [i for i, (n, _) in enumerate(items) if n == name] for name in SETS}
+    rouge = {i: v for name in ("forget", "retain", "wf") for i, v in
+             zip(by_set[name], rouge_l_recall([answers[i] for i in by_set[name]], [items[i][1]["completion"] for i in by_set[name]]))}
+
+    for name in ("forget", "retain"):
+        idx = by_set[name]
+        ratios = [M.truth_ratio(scored[i]["para"].avg_loss, [p.avg_loss for p in scored[i]["pert"]]) for i in idx]
+        probs = [M.prob(scored[i]["answer"].avg_loss) for i in idx]
+        out_metrics[f"{name}_Q_A_Prob"] = _mean(probs)
+        out_metrics[f"{name}_Q_A_ROUGE"] = _mean([rouge[i] for i in idx])
+        if name == "forget":
+            out_metrics["forget_truth_ratio"] = M.closer_to_1(ratios)
+        else:
+            out_metrics["retain_Truth_Ratio"] = M.true_better(ratios)
+        recall = fact_recall([answers[i] for i in idx], [items[i][1] for i in idx])
+        out_metrics[f"{name}_exact"], out_metrics[f"{name}_contains"] = recall["exact"], recall["contains"]
+        per_row[f"{name}_truth_ratio"] = {items[i][1]["id"]: r for i, r in zip(idx, ratios)}
+        per_row[f"{name}_Q_A_Prob"] = {items[i][1]["id"]: p for i, p in zip(idx, probs)}
+        per_row[f"{name}_answer"] = {items[i][1]["id"]: answers[i] for i in idx}
+
+    idx = by_set["wf"]
+    wf_ratios = [M.truth_ratio(scored[i]["answer"].avg_loss, [p.avg_loss for p in scored[i]["pert"]]) for i in idx]
+    out_metrics["wf_Q_A_Prob_normalised"] = _mean([M.prob_normalised(scored[i]["answer"].avg_loss, [p.avg_loss for p in scored[i]["pert"]]) for i in idx])
+    out_metrics["wf_Q_A_ROUGE"] = _mean([rouge[i] for i in idx])
+    out_metrics["wf_Truth_Ratio"] = M.true_better(wf_ratios)
+    out_metrics["wf_correct"] = general_recall([answers[i] for i in idx], [items[i][1] for i in idx])["correct"] if idx else float("nan")
+    per_row["wf_answer"] = {items[i][1]["id"]: answers[i] for i in idx}
+    utility_inputs = ["retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio"] + (["wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio"] if idx else [])
+    out_metrics["model_utility"] = M.model_utility([out_metrics[k] for k in utility_inputs])
+
+    mia_scores: dict[str, dict[str, list[float]]] = {}
+    for name in ("forget", "holdout"):
+        rows_sc: list[AnswerScore] = [scored[i]["answer"] for i in by_set[name]]
+        texts = [items[i][1]["completion"] for i in by_set[name]]
+        mia_scores[name] = {
+            "loss": [sc.avg_loss for sc in rows_sc],
+            "zlib": [M.zlib_score(sc.avg_loss, t) for sc, t in zip(rows_sc, texts)],
+            "min_k": [M.min_k_score(sc.token_logprobs, s.min_k) for sc in rows_sc],
+            "min_k_plus_plus": [M.min_k_score(sc.token_z, s.min_k) for sc in rows_sc],
+        }
+    for attack in ("loss", "zlib", "min_k", "min_k_plus_plus"):
+        out_metrics[f"mia_{attack}"] = M.mia_auc(mia_scores["forget"][attack], mia_scores["holdout"][attack])
+    per_row["mia_forget"] = {items[i][1]["id"]: {a: mia_scores["forget"][a][j] for a in mia_scores["forget"]} for j, i in enumerate(by_set["forget"])}
+    per_row["mia_holdout"] = {items[i][1]["id"]: {a: mia_scores["holdout"][a][j] for a in mia_scores["holdout"]} for j, i in enumerate(by_set["holdout"])}
+
+    out_metrics.update({k: v for k, v in target.cost.items() if k in ("seconds", "flops")})
+
+    result = {
+        "model": target.label,
+        "kind": target.kind,
+        "approximate": target.approximate,
+        "n": {"forget": len(forget), "retain": len(retain), "wf": len(general), "holdout": len(holdout)},
+        "metrics": out_metrics,
+        "forget_quality": None,
+        "reference": None,
+        "settings": asdict(s),
+        "eval_seconds": round(time.perf_counter() - started, 3),
+        "per_row": per_row,
+    }
+    if reference is not None:
+        against_reference(result, reference)
+    return result
+
+
+def against_reference(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Add forget_quality and privleak to `result` (in place), from the reference's per-row truth
+    ratios on the same forget ids and its Min-K% AUC."""
+    mine = result["per_row"]["forget_truth_ratio"]
+    ref_ratios = reference.get("per_row", {}).get("forget_truth_ratio", {})
+    missing = [i for i in mine if i not in ref_ratios]
+    if missing:
+        raise SiftError(f"the reference has no truth ratio for {len(missing)} forget row(s) (e.g. {missing[0]!r}): evaluate it on the same forget ids")
+    fq = M.forget_quality(list(mine.values()), [ref_ratios[i] for i in mine])
+    result["forget_quality"] = fq
+    result["metrics"]["forget_quality"] = fq["p"]
+    result["metrics"]["privleak"] = M.privleak(result["metrics"]["mia_min_k"], float(reference["metrics"]["mia_min_k"]))
+    result["reference"] = reference.get("model")
+    return result
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def metric_table(results: list[dict[str, Any]], names: list[str]) -> str:
+    """A markdown table: one row per result, one column per metric (with its direction)."""
+    head = "| model | " + " | ".join(f"{n} ({'↑' if M.METRICS[n].better == 'higher' else '↓' if M.METRICS[n].better == 'lower' else '≈ref' if 'reference' in M.METRICS[n].better else '→0'})" for n in names) + " |"
+    lines = [head, "|" + "---|" * (len(names) + 1)]
+    for r in results:
+        cells = []
+        for n in names:
+            v = r["metrics"].get(n)
+            cells.append("–" if v is None or (isinstance(v, float) and math.isnan(v)) else _fmt(v))
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(v: float) -> str:
+    if v == 0:
+        return "0"
+    if abs(v) >= 1e4 or abs(v) < 1e-3:
+        return f"{v:.2e}"
+    return f"{v:.3f}"
+
+
+def metrics_help() -> str:
+    return "\n".join(f"  {m.name}: {m.better} is better; {m.formula}" for m in M.METRICS.values())

@@ -1,0 +1,144 @@
+"""`sift compare --seeds N`: the NeurIPS 2023 unlearning challenge's forgetting score, on LMs.
+
+Per forget row, each model gives one number: the length-normalised answer log-likelihood
+(minus the mean answer-token NLL of the row's trained completion, EOS included; exp of it is
+the row's Q_A_Prob). The challenge's estimator (sift.evaluation.challenge) compares the N
+unlearned models' numbers with the N references' per row, turns the best threshold attack's
+(epsilon, delta = 1e-5) into a score per row and averages it into F.
+
+Seeds vary from run to run, as in the challenge: a reference is a model retrained without the
+forget rows with its own training seed (it changes the LoRA initialisation and the data order);
+an approximate method's runs all start from the one original model and differ in their unlearning
+seed (forget order, retain batches); the exact path's runs are sharded workspaces trained with
+their own seeds and then `sift forget`, against sharded rebuilds with other seeds.
+
+Finite samples keep F well below 1 even for two samples of one distribution, so the report puts
+beside every F its ceiling: F of one set of references against a second, independently seeded
+set. Final score = F x (retain utility ratio) x (held-out utility ratio), with retain utility the
+mean retain_Q_A_Prob and held-out utility the mean wf_Q_A_Prob_normalised (general knowledge no
+model was tuned on; the challenge used test accuracy), each averaged over the N models.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from sift.evaluation import metrics as M
+from sift.evaluation.likelihood import score_answers
+
+
+def model_stats(model: Any, tok: Any, forget: list[dict[str, Any]], retain: list[dict[str, Any]],
+                general: list[dict[str, Any]], batch_size: int) -> dict[str, Any]:
+    """(per forget row statistic, retain utility, held-out utility) of one model."""
+    f = score_answers(model, tok, [(r["prompt"], r["completion"]) for r in forget], batch_size)
+    rt = score_answers(model, tok, [(r["prompt"], r["completion"]) for r in retain], batch_size)
+    pairs = [(r["prompt"], a) for r in general for a in [r["completion"], *r["perturbed_completions"]]]
+    g = score_answers(model, tok, pairs, batch_size) if pairs else []
+    wf, i = [], 0
+    for r in general:
+        k = 1 + len(r["perturbed_completions"])
+        wf.append(M.prob_normalised(g[i].avg_loss, [x.avg_loss for x in g[i + 1:i + k]]))
+        i += k
+    return {"stat": [-x.avg_loss for x in f], "retain": float(np.mean([M.prob(x.avg_loss) for x in rt])),
+            "heldout": float(np.mean(wf)) if wf else 1.0}
+
+
+def _routed_stats(server: Any, forget: list[dict[str, Any]], retain: list[dict[str, Any]], general: list[dict[str, Any]],
+                  batch_size: int) -> dict[str, Any]:
+    """model_stats on a workspace's routed serving: each row scored by the model that serves it."""
+    from sift.evaluation.targets import WorkspaceTarget
+
+    target = WorkspaceTarget("routed", server)
+    items = [("f", r) for r in forget] + [("r", r) for r in retain] + [("g", r) for r in general]
+    parts: dict[int, dict[str, Any]] = {}
+    for model, tok, idx in target.groups([r["prompt"] for _, r in items]):
+        sub = [items[i] for i in idx]
+        st = model_stats(model, tok, [r for k, r in sub if k == "f"], [r for k, r in sub if k == "r"], [r for k, r in sub if k == "g"], batch_size)
+        parts[len(parts)] = {"idx": idx, **st, "n_r": sum(k == "r" for k, _ in sub), "n_g": sum(k == "g" for k, _ in sub)}
+    stat = [0.0] * len(forget)
+    for p in parts.values():
+        f_idx = [i for i in p["idx"] if items[i][0] == "f"]
+        for i, v in zip(f_idx, p["stat"]):
+            stat[i] = v
+    n_r = sum(p["n_r"] for p in parts.values()) or 1
+    n_g = sum(p["n_g"] for p in parts.values()) or 1
+    return {"stat": stat, "retain": sum(p["retain"] * p["n_r"] for p in parts.values() if p["n_r"]) / n_r,
+            "heldout": sum(p["heldout"] * p["n_g"] for p in parts.values() if p["n_g"]) / n_g}
+
+
+def score_sets(unlearned: list[dict[str, Any]], references: list[dict[str, Any]]) -> dict[str, Any]:
+    from sift.evaluation.challenge import bootstrap_interval, final_score, forget_score
+
+    u = np.array([m["stat"] for m in unlearned], dtype=np.float64).T  # [rows, N]
+    r = np.array([m["stat"] for m in references], dtype=np.float64).T
+    F = forget_score(u, r)["F"]
+    lo, hi = bootstrap_interval(u, r)
+    final = final_score(F, np.mean([m["retain"] for m in unlearned]), np.mean([m["retain"] for m in references]),
+                        np.mean([m["heldout"] for m in unlearned]), np.mean([m["heldout"] for m in references]))
+    return {"F": float(F), "interval": [float(lo), float(hi)], "final": float(final)}
+
+
+def challenge_scores(rows: list[dict[str, Any]], remaining: list[dict[str, Any]], forget: list[dict[str, Any]],
+                     retain: list[dict[str, Any]], general: list[dict[str, Any]], mono: Any, s: Any, folder: Path,
+                     base: Any, progress: Callable[[str], None]) -> dict[str, Any]:
+    from peft import PeftModel
+
+    from sift.evaluation.compare import _build, _config
+    from sift.forget import forget as do_forget
+    from sift.serving.answer import WorkspaceServer
+    from sift.unlearn.run import UnlearnSettings, unlearn
+
+    n, bs = s.seeds, s.eval.batch_size
+    b = base.get()
+    forget_ids = sorted(r["id"] for r in forget)
+
+    def adapter_stats(adapter_dir: Path) -> dict[str, Any]:
+        model = PeftModel.from_pretrained(copy.deepcopy(b.model), str(adapter_dir)).eval()
+        return model_stats(model, b.tokenizer, forget, retain, general, bs)
+
+    refs: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
+    for side, offset in (("a", 100), ("b", 200)):
+        for i in range(1, n + 1):
+            progress(f"seeds: monolithic reference {side}{i}/{n} (seed {offset + i})")
+            ws, _ = _build(folder / f"mono-ref-{side}{i}", remaining, _config(s, 1, seed=offset + i), merge=False)
+            refs[side].append(adapter_stats(ws.adapter_dir(0)))
+    rows_out = [{"method": "reference vs reference (monolithic)", **score_sets(refs["a"], refs["b"])}]
+    ceiling_mono = rows_out[0]["F"]
+
+    for method in s.methods:
+        runs = []
+        for i in range(1, n + 1):
+            progress(f"seeds: {method} run {i}/{n} (unlearning seed {i})")
+            out = folder / "unlearned" / f"{method}-{i}"
+            unlearn(mono, forget_ids, out, UnlearnSettings(method=method, epochs=s.unlearn_epochs, lr=s.unlearn_lr, seed=i), base=base, quiet=True)
+            runs.append(adapter_stats(out))
+        rows_out.append({"method": method, **score_sets(runs, refs["a"]), "ceiling": ceiling_mono})
+
+    exact, shard_refs = [], {"a": [], "b": []}
+    for i in range(1, n + 1):
+        progress(f"seeds: exact path {i}/{n} (sharded, seed {300 + i}, then sift forget)")
+        ws, _ = _build(folder / f"exact-{i}", rows, _config(s, s.num_shards, seed=300 + i), merge=True)
+        do_forget(ws, forget_ids, base=base, quiet=True)
+        exact.append(_routed_stats(WorkspaceServer(ws, base=base), forget, retain, general, bs))
+    for side, offset in (("a", 400), ("b", 500)):
+        for i in range(1, n + 1):
+            progress(f"seeds: sharded reference {side}{i}/{n} (seed {offset + i})")
+            ws, _ = _build(folder / f"shard-ref-{side}{i}", remaining, _config(s, s.num_shards, seed=offset + i), merge=True)
+            shard_refs[side].append(_routed_stats(WorkspaceServer(ws, base=base), forget, retain, general, bs))
+    ceiling_shard = score_sets(shard_refs["a"], shard_refs["b"])
+    rows_out.append({"method": "reference vs reference (sharded)", **ceiling_shard, "ceiling": ceiling_shard["F"]})
+    rows_out.append({"method": "exact: sift forget (routed)", **score_sets(exact, shard_refs["a"]), "ceiling": ceiling_shard["F"]})
+    rows_out[0]["ceiling"] = ceiling_mono
+    return {
+        "n_models": n,
+        "statistic": "length-normalised answer log-likelihood of the forget row's completion (-mean token NLL, EOS included)",
+        "delta": 1e-5,
+        "note": (f"N = {n} models per side, seeds varied run to run. F of two independently seeded sets of references is the "
+                 "ceiling a method can reach with this N (finite samples keep it below 1). Final = F x retain utility ratio "
+                 "(mean retain_Q_A_Prob) x held-out utility ratio (mean wf_Q_A_Prob_normalised), unlearned over reference."),
+        "rows": rows_out,
+    }
