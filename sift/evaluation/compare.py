@@ -59,8 +59,8 @@ class CompareSettings:
             raise SiftError(f"unknown method(s) {unknown}: use {', '.join(METHODS)}")
         if self.num_shards < 2:
             raise SiftError("--num-shards must be at least 2 (the exact path is sharded; the monolithic model is built anyway)")
-        if self.seeds < 0 or self.seeds == 1:
-            raise SiftError("--seeds must be 0 (off) or at least 2")
+        if self.seeds < 0 or self.seeds in (1, 2):
+            raise SiftError("--seeds must be 0 (off) or at least 3 (the challenge's bins need ceil(ln(N - 1)) > 0)")
         for m in self.methods:
             UnlearnSettings(method=m, epochs=self.unlearn_epochs, lr=self.unlearn_lr).resolved()
         self.eval.check()
@@ -116,7 +116,9 @@ def _adapter_target(label: str, base: Any, adapter_dir: Path, cost: dict[str, fl
 
 
 def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dict[str, Any]], out: Path,
-            s: CompareSettings, progress: Callable[[str], None] = _log) -> dict[str, Any]:
+            s: CompareSettings, progress: Callable[[str], None] = _log, general: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run the comparison and write the report to `out`; `general` defaults to the builtin
+    general-knowledge questions."""
     from sift.builtin.general import general_eval_rows
     from sift.evaluation.targets import WorkspaceTarget
     from sift.forget import forget
@@ -128,8 +130,11 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
     s.check()
     if out.exists() and any(out.iterdir()):
         raise SiftError(f"{out} is not empty; give a new folder for the report")
+    overlap = {r["id"] for r in holdout} & {r["id"] for r in rows}
+    if overlap:
+        raise SiftError(f"{len(overlap)} held-out id(s) are also in the data (e.g. {sorted(overlap)[0]!r}); held-out rows must be unseen")
     forget_rows, retain_rows = split_rows(rows, forget_ids, s.eval.retain_sample)
-    general = general_eval_rows()
+    general = general_eval_rows() if general is None else general
     forget_set = {r["id"] for r in forget_rows}
     remaining = [r for r in rows if r["id"] not in forget_set]
     work = out / "work"

@@ -1,8 +1,10 @@
 """`sift compare --seeds N`: the NeurIPS 2023 unlearning challenge's forgetting score, on LMs.
 
-Per forget row, each model gives one number: the length-normalised answer log-likelihood
-(minus the mean answer-token NLL of the row's trained completion, EOS included; exp of it is
-the row's Q_A_Prob). The challenge's estimator (sift.evaluation.challenge) compares the N
+Per forget row, each model gives one number, the LM analogue of the challenge's logit-scaled
+confidence: f = log p - log(1 - p) with p = exp(-mean answer-token NLL) the row's length-normalised
+answer probability (its Q_A_Prob; EOS included). The estimator's thresholds are a grid in absolute
+units (0.01), so the statistic must spread over many of them; the logit does, where the mean NLL
+alone moves by hundredths of a nat between seeds. The challenge's estimator (sift.evaluation.challenge) compares the N
 unlearned models' numbers with the N references' per row, turns the best threshold attack's
 (epsilon, delta = 1e-5) into a score per row and averages it into F.
 
@@ -43,8 +45,13 @@ def model_stats(model: Any, tok: Any, forget: list[dict[str, Any]], retain: list
         k = 1 + len(r["perturbed_completions"])
         wf.append(M.prob_normalised(g[i].avg_loss, [x.avg_loss for x in g[i + 1:i + k]]))
         i += k
-    return {"stat": [-x.avg_loss for x in f], "retain": float(np.mean([M.prob(x.avg_loss) for x in rt])),
+    return {"stat": [_logit_confidence(x.avg_loss) for x in f], "retain": float(np.mean([M.prob(x.avg_loss) for x in rt])),
             "heldout": float(np.mean(wf)) if wf else 1.0}
+
+
+def _logit_confidence(avg_loss: float) -> float:
+    """log p - log(1 - p) for p = exp(-avg_loss), computed stably: -avg_loss - log(-expm1(-avg_loss))."""
+    return -avg_loss - float(np.log(-np.expm1(-max(avg_loss, 1e-12))))
 
 
 def _routed_stats(server: Any, forget: list[dict[str, Any]], retain: list[dict[str, Any]], general: list[dict[str, Any]],
@@ -135,7 +142,7 @@ def challenge_scores(rows: list[dict[str, Any]], remaining: list[dict[str, Any]]
     rows_out[0]["ceiling"] = ceiling_mono
     return {
         "n_models": n,
-        "statistic": "length-normalised answer log-likelihood of the forget row's completion (-mean token NLL, EOS included)",
+        "statistic": "logit-scaled confidence log p - log(1 - p), p = exp(-mean answer-token NLL) of the forget row's completion",
         "delta": 1e-5,
         "note": (f"N = {n} models per side, seeds varied run to run. F of two independently seeded sets of references is the "
                  "ceiling a method can reach with this N (finite samples keep it below 1). Final = F x retain utility ratio "

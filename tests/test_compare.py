@@ -1,0 +1,95 @@
+"""`sift compare` end to end on the tiny model: every row it promises, the exact path identical to
+its sharded rebuild (so it scores exactly as the reference does), the report files, bad input."""
+
+import json
+
+import pytest
+
+from sift.builtin.facts import make_rows
+from sift.builtin.general import general_eval_rows
+from sift.errors import SiftError
+from sift.evaluation.compare import CompareSettings, compare
+from sift.evaluation.run import EvalSettings
+
+from conftest import write_rows
+from test_cli import one_error_line, sift
+
+
+def settings(**kw):
+    base = dict(model="builtin-tiny", num_shards=2, epochs=1, methods=("ga", "ngdiff"), unlearn_epochs=2,
+                eval=EvalSettings(batch_size=8, max_new_tokens=4, retain_sample=4))
+    base.update(kw)
+    return CompareSettings(**base)
+
+
+def test_compare_end_to_end_tiny(tmp_path):
+    rows = make_rows(people=3, seed=0)
+    forget_ids = [r["id"] for r in rows if r["id"].startswith("p001-")][:4]
+    out = tmp_path / "report"
+    result = compare(rows, forget_ids, make_rows(people=1, seed=0, split="holdout"), out, settings(),
+                     progress=lambda m: None, general=general_eval_rows()[:3])
+    names = [e["name"] for e in result["entries"]]
+    for want in ("original: monolithic (before unlearning)", "reference: monolithic retrain", "reference: sharded rebuild, routed",
+                 "exact: sift forget, routed", "exact: sift forget, merged", "ga (epoch 1)", "ga (epoch 2)", "ngdiff (epoch 2)"):
+        assert want in names, want
+    by = {e["name"]: e for e in result["entries"]}
+    assert result["exact_identical_to_sharded_rebuild"] is True
+    # identical weights: the exact path's numbers are the sharded reference's, so FQ = 1 and privleak = 0
+    for served in ("routed", "merged"):
+        exact, ref = by[f"exact: sift forget, {served}"]["metrics"], by[f"reference: sharded rebuild, {served}"]["metrics"]
+        assert {k: v for k, v in exact.items() if k not in ("seconds", "flops")} == {k: v for k, v in ref.items() if k not in ("seconds", "flops")}
+        assert exact["forget_quality"] == 1.0 and exact["privleak"] == 0.0
+    assert by["ga (epoch 2)"]["approximate"] is True and by["exact: sift forget, routed"]["approximate"] is False
+    assert by["ga (epoch 2)"]["metrics"]["seconds"] >= by["ga (epoch 1)"]["metrics"]["seconds"]
+    for f in ("table.md", "results.json", "tradeoff.png", "cost.png"):
+        assert (out / f).stat().st_size > 0, f
+    saved = json.loads((out / "results.json").read_text())
+    assert [e["name"] for e in saved["entries"]] == names
+    assert "forget_quality" in (out / "table.md").read_text()
+    with pytest.raises(SiftError, match="not empty"):
+        compare(rows, forget_ids, [], out, settings())
+
+
+def test_compare_refuses_bad_input_before_training(tmp_path):
+    rows = write_rows(tmp_path / "rows.jsonl", make_rows(people=2, seed=0))
+    held = write_rows(tmp_path / "held.jsonl", make_rows(people=1, seed=0, split="holdout"))
+    common = ["compare", "--data", str(rows), "--out", str(tmp_path / "r"), "--model", "builtin-tiny"]
+    assert "unknown method" in one_error_line(sift(*common, "--forget-ids", "p000-pet", "--holdout", str(held), "--methods", "ga,magic"))
+    assert "--holdout" in one_error_line(sift(*common, "--forget-ids", "p000-pet"))
+    assert "not in the data" in one_error_line(sift(*common, "--forget-ids", "nope", "--holdout", str(held)))
+    assert "also in the data" in one_error_line(sift(*common, "--forget-ids", "p000-pet", "--holdout", str(rows)))
+    assert "--seeds" in one_error_line(sift(*common, "--forget-ids", "p000-pet", "--holdout", str(held), "--seeds", "2"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_seed_statistic_is_the_logit_of_the_normalised_probability():
+    import math
+
+    from sift.evaluation.seeds import _logit_confidence
+
+    p = math.exp(-0.7)
+    assert _logit_confidence(0.7) == pytest.approx(math.log(p) - math.log(1 - p))
+    assert math.isfinite(_logit_confidence(0.0)) and _logit_confidence(50.0) == pytest.approx(-50.0, abs=1e-6)
+
+
+def test_score_sets_identical_models_reach_F_1_and_ratios_multiply():
+    from sift.evaluation.seeds import score_sets
+
+    models = [{"stat": [0.1 * i + j for j in range(5)], "retain": 0.5, "heldout": 0.8} for i in range(4)]
+    same = score_sets(models, models)
+    assert same["F"] == 1.0 and same["final"] == 1.0
+    worse = [dict(m, retain=0.25) for m in models]
+    assert score_sets(worse, models)["final"] == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_compare_with_seeds_tiny(tmp_path):
+    rows = make_rows(people=3, seed=0)
+    forget_ids = [r["id"] for r in rows if r["id"].startswith("p001-")][:4]
+    result = compare(rows, forget_ids, make_rows(people=1, seed=0, split="holdout"), tmp_path / "r",
+                     settings(methods=("ga",), unlearn_epochs=1, seeds=3), progress=lambda m: None, general=general_eval_rows()[:3])
+    rows_ = {r["method"]: r for r in result["challenge"]["rows"]}
+    assert set(rows_) == {"reference vs reference (monolithic)", "ga", "reference vs reference (sharded)", "exact: sift forget (routed)"}
+    for r in rows_.values():
+        assert 0.0 <= r["F"] <= 1.0 and r["interval"][0] <= r["F"] <= r["interval"][1]
+    assert "Unlearning-challenge" in (tmp_path / "r" / "table.md").read_text()
