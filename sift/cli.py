@@ -470,7 +470,7 @@ def compare_cmd(
     unlearn_lr: Annotated[float, typer.Option(help="Baselines' learning rate (ngdiff: GeN's start).")] = 1e-4,
     seeds: Annotated[int, typer.Option(help="Also compute the NeurIPS 2023 challenge's forgetting score with N seeded models per side (0: off; costly: about 4N monolithic and 3N sharded trainings).")] = 0,
     retain_sample: Annotated[Optional[int], typer.Option(help="Retain rows scored for utility (a fixed choice by id hash).")] = 40,
-    max_new_tokens: Annotated[int, typer.Option(help="Greedy answer length limit for ROUGE and recall.")] = 200,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy answer length limit for ROUGE and recall (open-unlearning: 200; the builtin answers are one sentence, so 64 keeps the run short).")] = 64,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass in evaluation.")] = 16,
     as_json: AsJson = False,
 ) -> None:

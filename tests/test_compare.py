@@ -47,7 +47,7 @@ def test_compare_end_to_end_tiny(tmp_path):
     assert [e["name"] for e in saved["entries"]] == names
     assert "forget_quality" in (out / "table.md").read_text()
     with pytest.raises(SiftError, match="not empty"):
-        compare(rows, forget_ids, [], out, settings())
+        compare(rows, forget_ids, make_rows(people=1, seed=0, split="holdout"), out, settings())
 
 
 def test_compare_refuses_bad_input_before_training(tmp_path):
@@ -93,3 +93,12 @@ def test_compare_with_seeds_tiny(tmp_path):
     for r in rows_.values():
         assert 0.0 <= r["F"] <= 1.0 and r["interval"][0] <= r["F"] <= r["interval"][1]
     assert "Unlearning-challenge" in (tmp_path / "r" / "table.md").read_text()
+
+
+def test_compare_checks_row_fields_before_training(tmp_path):
+    rows = make_rows(people=2, seed=0)
+    for r in rows:
+        del r["paraphrased_completion"]
+    with pytest.raises(SiftError, match="paraphrased_completion"):
+        compare(rows, ["p000-pet"], make_rows(people=1, seed=0, split="holdout"), tmp_path / "r", settings(), progress=lambda m: None)
+    assert not (tmp_path / "r").exists()

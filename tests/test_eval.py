@@ -179,3 +179,75 @@ def test_sift_eval_cli(trained_ws, tmp_path, facts):
     assert r.returncode == 2 and "--holdout" in one_error_line(r)
     r = sift("eval", "--help")
     assert "forget_quality" in r.stdout and "KS" in r.stdout
+
+
+class Const(torch.nn.Module):
+    """Input-independent logits over the 3-token vocabulary of Tok, from given probabilities."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.logits = torch.log(torch.tensor(probs))
+
+    def forward(self, input_ids, attention_mask):
+        return type("Out", (), {"logits": self.logits.expand(input_ids.shape[0], input_ids.shape[1], 3)})()
+
+
+def test_per_row_values_come_from_the_model_that_serves_the_row(monkeypatch):
+    """Two models serve interleaved rows (as a router would): each row's Prob, truth ratio, MIA
+    score and answer must be the serving model's, whatever the grouping and option counts."""
+    import sift.evaluation.run as run_mod
+    from sift.evaluation.targets import Target
+
+    a, b = Const([1 / 8, 2 / 8, 5 / 8]), Const([5 / 8, 2 / 8, 1 / 8])
+    tok = Tok()
+
+    class TwoModels(Target):
+        def groups(self, prompts):
+            yield a, tok, list(range(0, len(prompts), 2))
+            yield b, tok, list(range(1, len(prompts), 2))
+
+    monkeypatch.setattr(run_mod, "greedy_answers", lambda model, t, prompts, n, bs: ["A" if model is a else "B"] * len(prompts))
+
+    def row(i, pert):
+        return {"id": f"r{i}", "prompt": "1", "completion": "2" * (i % 3 + 1), "answer": "2", "paraphrased_completion": "1" * (i % 2 + 1),
+                "perturbed_completions": pert}
+
+    forget = [row(0, ["11"]), row(1, ["12", "21", "1"])]
+    retain = [row(2, ["2"]), row(3, ["22", "1"])]
+    holdout = [{"id": "h0", "prompt": "2", "completion": "21"}, {"id": "h1", "prompt": "2", "completion": "1"}]
+    res = evaluate(TwoModels("two", "test"), forget, retain, [], holdout, None, FAST, require_reference=False)
+    served = {"r0": a, "r1": b, "r2": a, "r3": b, "h0": a, "h1": b}  # items are forget, retain, holdout in order
+    for r in forget + retain:
+        m = served[r["id"]]
+        ans, para, *pert = score_answers(m, tok, [("1", r["completion"]), ("1", r["paraphrased_completion"])] + [("1", w) for w in r["perturbed_completions"]])
+        name = "forget" if r in forget else "retain"
+        assert res["per_row"][f"{name}_Q_A_Prob"][r["id"]] == pytest.approx(M.prob(ans.avg_loss))
+        assert res["per_row"][f"{name}_truth_ratio"][r["id"]] == pytest.approx(M.truth_ratio(para.avg_loss, [p.avg_loss for p in pert]))
+        assert res["per_row"][f"{name}_answer"][r["id"]] == ("A" if m is a else "B")
+    for h in holdout:
+        (sc,) = score_answers(served[h["id"]], tok, [(h["prompt"], h["completion"])])
+        assert res["per_row"]["mia_holdout"][h["id"]]["loss"] == pytest.approx(sc.avg_loss)
+    assert "wf_correct" not in res["metrics"]  # no general questions: the wf_* metrics are left out, not NaN
+    assert all(math.isfinite(v) for v in res["metrics"].values())
+    json.dumps(res, allow_nan=False)
+
+
+def test_a_saved_reference_must_cover_the_same_holdout_rows(trained_ws, eval_sets):
+    base = WorkspaceServer(trained_ws).base.get()
+    target = ModelTarget("base", "base", base.model, base.tokenizer)
+    forget_rows, retain_rows, general, holdout = eval_sets
+    ref = evaluate(target, forget_rows, retain_rows, general, holdout[:5], None, FAST, require_reference=False)
+    with pytest.raises(SiftError, match="membership scores"):
+        evaluate(target, forget_rows, retain_rows, general, holdout, ref, FAST)
+
+
+def test_the_original_model_looks_like_a_member_on_its_forget_rows(tmp_path, facts):
+    """End-to-end direction of the MIA AUC: a model trained on the forget rows gives them lower
+    losses than unseen people's, so mia_loss is above 0.5 (forget = 0, held-out = 1)."""
+    from sift.builtin.facts import make_rows as rows_of
+
+    ws = build_workspace(tmp_path / "mono", facts, tiny_config(num_shards=1, group_by=None, epochs=6))
+    forget_rows, retain_rows = split_rows(facts, [r["id"] for r in facts if r["id"].startswith("p001-")], 6)
+    res = evaluate(WorkspaceTarget("mono", WorkspaceServer(ws), merged=True), forget_rows, retain_rows, [], rows_of(people=1, seed=0, split="holdout"),
+                   None, FAST, require_reference=False)
+    assert res["metrics"]["mia_loss"] > 0.5

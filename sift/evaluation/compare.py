@@ -22,6 +22,7 @@ re-merging), for a baseline its unlearning epochs, for a reference its full trai
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import shutil
 import sys
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sift.errors import SiftError
-from sift.evaluation.run import EvalSettings, against_reference, evaluate, metric_table, split_rows
+from sift.evaluation.run import EvalSettings, against_reference, check_rows, evaluate, metric_table, split_rows
 
 METHODS = ("ga", "graddiff", "npo", "simnpo", "ngdiff")
 TABLE_METRICS = ["forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_exact",
@@ -135,6 +136,7 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
         raise SiftError(f"{len(overlap)} held-out id(s) are also in the data (e.g. {sorted(overlap)[0]!r}); held-out rows must be unseen")
     forget_rows, retain_rows = split_rows(rows, forget_ids, s.eval.retain_sample)
     general = general_eval_rows() if general is None else general
+    check_rows(forget_rows, retain_rows, general, holdout)  # before any training
     forget_set = {r["id"] for r in forget_rows}
     remaining = [r for r in rows if r["id"] not in forget_set]
     work = out / "work"
@@ -190,6 +192,8 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
     add(exact_routed, "exact: sift forget, routed", "exact", shard_ref, identical_to_reference=identical)
     exact_merged = run_eval(WorkspaceTarget("exact: sift forget (merged)", exact_server, merged=True, cost=exact_cost))
     add(exact_merged, "exact: sift forget, merged", "exact", shard_ref_merged, identical_to_reference=identical)
+    del server, ref_server, exact_server  # each holds model copies; the baselines need the memory
+    gc.collect()
 
     for method in s.methods:
         progress(f"approximate: {method}, {s.unlearn_epochs} epoch(s), evaluated after each")

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
+from sift.errors import SiftError
 from sift.models import example_ids
 
 
@@ -54,12 +55,16 @@ def score_answers(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], 
             tok = target[i, keep]
             lp = lp_vocab.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
             p = lp_vocab.exp()
-            mu = (p * lp_vocab).sum(-1)
-            var = ((p * lp_vocab.square()).sum(-1) - mu.square()).clamp(min=1e-6)
+            finite = torch.isfinite(lp_vocab)  # p = 0 where log p = -inf: those terms add nothing
+            mu = torch.where(finite, p * lp_vocab, 0.0).sum(-1)
+            var = (torch.where(finite, p * lp_vocab.square(), 0.0).sum(-1) - mu.square()).clamp(min=1e-6)
             z = (lp - mu) / var.sqrt()
             n = len(keep)
+            if n < 2:
+                q, a = pairs[start + i]
+                raise SiftError(f"the answer {a[:40]!r} to {q[:40]!r} has no tokens left within {max_length} tokens; shorten it or raise max_length")
             out.append(AnswerScore(
-                avg_loss=float(-lp.mean()) if n else float("nan"),
+                avg_loss=float(-lp.mean()),
                 token_logprobs=tuple(lp[:-1].tolist()),
                 token_z=tuple(z[:-1].tolist()),
                 tokens=n,

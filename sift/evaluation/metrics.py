@@ -85,6 +85,8 @@ def forget_quality(model_ratios: Sequence[float], reference_ratios: Sequence[flo
 
     if len(model_ratios) == 0 or len(reference_ratios) == 0:
         raise ValueError("forget_quality needs truth ratios on both sides")
+    if not (np.all(np.isfinite(model_ratios)) and np.all(np.isfinite(reference_ratios))):
+        raise ValueError("forget_quality got a non-finite truth ratio")
     p = float(ks_2samp(np.asarray(model_ratios, dtype=np.float64), np.asarray(reference_ratios, dtype=np.float64)).pvalue)
     return {"p": p, "log10_p": math.log10(p) if p > 0 else -324.0, "n": len(model_ratios), "n_ref": len(reference_ratios)}
 

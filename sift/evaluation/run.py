@@ -100,10 +100,22 @@ def _check_fields(name: str, rows: list[dict[str, Any]], fields: tuple[str, ...]
     for r in rows:
         for f in fields:
             v = r.get(f)
-            ok = isinstance(v, str) if f != "perturbed_completions" else (isinstance(v, list) and v and all(isinstance(x, str) for x in v))
+            ok = (isinstance(v, str) and v.strip()) if f != "perturbed_completions" else (isinstance(v, list) and v and all(isinstance(x, str) and x.strip() for x in v))
             if not ok:
                 raise SiftError(f"{name} row {r.get('id')!r} lacks {f!r} (the truth ratio needs paraphrased and perturbed answers; "
                                 "the builtin data set has them)")
+
+
+def check_rows(forget: list[dict[str, Any]], retain: list[dict[str, Any]], general: list[dict[str, Any]],
+               holdout: list[dict[str, Any]]) -> None:
+    """Every field the metrics need, checked before any model is loaded or trained."""
+    _check_fields("forget", forget, ("prompt", "completion", "answer", "paraphrased_completion", "perturbed_completions"))
+    _check_fields("retain", retain, ("prompt", "completion", "answer", "paraphrased_completion", "perturbed_completions"))
+    _check_fields("general", general, ("prompt", "completion", "perturbed_completions"))
+    if not holdout:
+        raise SiftError("membership inference needs held-out rows (people never trained on): pass --holdout "
+                        "(e.g. `sift builtin-data --split holdout --people 2 > holdout.jsonl`)")
+    _check_fields("holdout", holdout, ("prompt", "completion"))
 
 
 def evaluate(target: Target, forget: list[dict[str, Any]], retain: list[dict[str, Any]], general: list[dict[str, Any]],
@@ -116,13 +128,7 @@ def evaluate(target: Target, forget: list[dict[str, Any]], retain: list[dict[str
     if reference is None and require_reference:
         raise SiftError("forget_quality and privleak compare with the retain reference (a model trained without the forget rows): "
                         "pass --reference MODEL or a saved eval JSON of it, or --no-reference to leave both out")
-    _check_fields("forget", forget, ("prompt", "completion", "answer", "paraphrased_completion", "perturbed_completions"))
-    _check_fields("retain", retain, ("prompt", "completion", "answer", "paraphrased_completion", "perturbed_completions"))
-    _check_fields("general", general, ("prompt", "completion", "perturbed_completions"))
-    if not holdout:
-        raise SiftError("membership inference needs held-out rows (people never trained on): pass --holdout "
-                        "(e.g. `sift builtin-data --split holdout --people 2 > holdout.jsonl`)")
-    _check_fields("holdout", holdout, ("prompt", "completion"))
+    check_rows(forget, retain, general, holdout)
     started = time.perf_counter()
 
     items = [(name, r) for name, rows in zip(SETS, (forget, retain, general, holdout)) for r in rows]
@@ -173,13 +179,15 @@ def evaluate(target: Target, forget: list[dict[str, Any]], retain: list[dict[str
         per_row[f"{name}_answer"] = {items[i][1]["id"]: answers[i] for i in idx}
 
     idx = by_set["wf"]
-    wf_ratios = [M.truth_ratio(scored[i]["answer"].avg_loss, [p.avg_loss for p in scored[i]["pert"]]) for i in idx]
-    out_metrics["wf_Q_A_Prob_normalised"] = _mean([M.prob_normalised(scored[i]["answer"].avg_loss, [p.avg_loss for p in scored[i]["pert"]]) for i in idx])
-    out_metrics["wf_Q_A_ROUGE"] = _mean([rouge[i] for i in idx])
-    out_metrics["wf_Truth_Ratio"] = M.true_better(wf_ratios)
-    out_metrics["wf_correct"] = general_recall([answers[i] for i in idx], [items[i][1] for i in idx])["correct"] if idx else float("nan")
-    per_row["wf_answer"] = {items[i][1]["id"]: answers[i] for i in idx}
-    utility_inputs = ["retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio"] + (["wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio"] if idx else [])
+    utility_inputs = ["retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio"]
+    if idx:  # without general questions the wf_* metrics are left out, and utility is the retain part's
+        wf_ratios = [M.truth_ratio(scored[i]["answer"].avg_loss, [p.avg_loss for p in scored[i]["pert"]]) for i in idx]
+        out_metrics["wf_Q_A_Prob_normalised"] = _mean([M.prob_normalised(scored[i]["answer"].avg_loss, [p.avg_loss for p in scored[i]["pert"]]) for i in idx])
+        out_metrics["wf_Q_A_ROUGE"] = _mean([rouge[i] for i in idx])
+        out_metrics["wf_Truth_Ratio"] = M.true_better(wf_ratios)
+        out_metrics["wf_correct"] = general_recall([answers[i] for i in idx], [items[i][1] for i in idx])["correct"]
+        per_row["wf_answer"] = {items[i][1]["id"]: answers[i] for i in idx}
+        utility_inputs += ["wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio"]
     out_metrics["model_utility"] = M.model_utility([out_metrics[k] for k in utility_inputs])
 
     mia_scores: dict[str, dict[str, list[float]]] = {}
@@ -225,9 +233,20 @@ def against_reference(result: dict[str, Any], reference: dict[str, Any]) -> dict
     if missing:
         raise SiftError(f"the reference has no truth ratio for {len(missing)} forget row(s) (e.g. {missing[0]!r}): evaluate it on the same forget ids")
     fq = M.forget_quality(list(mine.values()), [ref_ratios[i] for i in mine])
+    # the reference's Min-K% AUC, recomputed on exactly these forget and held-out rows
+    ref_rows = reference.get("per_row", {})
+    ref_k, my_k = reference.get("settings", {}).get("min_k"), result["settings"]["min_k"]
+    if ref_k is not None and ref_k != my_k:
+        raise SiftError(f"the reference was scored with Min-K k = {ref_k}, this model with k = {my_k}")
+    held = list(result["per_row"]["mia_holdout"])
+    lacking = [i for i in list(mine) + held if i not in ref_rows.get("mia_forget", {}) and i not in ref_rows.get("mia_holdout", {})]
+    if lacking:
+        raise SiftError(f"the reference has no membership scores for {len(lacking)} row(s) (e.g. {lacking[0]!r}): evaluate it with the same --holdout")
+    ref_score = {**ref_rows["mia_holdout"], **ref_rows["mia_forget"]}
+    auc_ref = M.mia_auc([ref_score[i]["min_k"] for i in mine], [ref_score[i]["min_k"] for i in held])
     result["forget_quality"] = fq
     result["metrics"]["forget_quality"] = fq["p"]
-    result["metrics"]["privleak"] = M.privleak(result["metrics"]["mia_min_k"], float(reference["metrics"]["mia_min_k"]))
+    result["metrics"]["privleak"] = M.privleak(result["metrics"]["mia_min_k"], auc_ref)
     result["reference"] = reference.get("model")
     return result
 
