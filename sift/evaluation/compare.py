@@ -84,7 +84,7 @@ def _config(s: CompareSettings, num_shards: int, seed: int = 0) -> Any:
     return cfg
 
 
-def _build(root: Path, rows: list[dict[str, Any]], cfg: Any, merge: bool) -> tuple[Any, dict[str, float]]:
+def _build(root: Path, rows: list[dict[str, Any]], cfg: Any, merge: bool, quiet: bool = False) -> tuple[Any, dict[str, float]]:
     """A trained (and merged) workspace from rows; returns it and its training cost."""
     from sift.create import create_workspace
     from sift.evaluation.targets import workspace_cost
@@ -99,7 +99,7 @@ def _build(root: Path, rows: list[dict[str, Any]], cfg: Any, merge: bool) -> tup
     started = time.perf_counter()
     create_workspace(ws, str(data), cfg)
     data.unlink()  # the workspace holds its own copy
-    train_shards(ws, quiet=True)
+    train_shards(ws, quiet=quiet)
     if merge:
         merge_workspace(ws, method="mean")
     cost = workspace_cost(ws)
