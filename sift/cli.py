@@ -393,6 +393,7 @@ def eval_cmd(
     base_model: Annotated[Optional[str], typer.Option("--model", help="Base model of a peft adapter that does not name one.")] = None,
     general: Annotated[bool, typer.Option("--general/--no-general", help="Score the builtin general-knowledge questions (the wf_* metrics of model_utility).")] = True,
     retain_sample: Annotated[Optional[int], typer.Option(help="Score only this many retain rows (a fixed choice by id hash).")] = None,
+    general_sample: Annotated[Optional[int], typer.Option(help="Score only this many general questions (a fixed choice by id hash).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Greedy answer length limit for ROUGE and recall.")] = 200,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
     out: Annotated[Optional[Path], typer.Option("--out", help="Also save the full result (per-row values included) to this JSON file; usable as a later --reference.")] = None,
@@ -400,7 +401,7 @@ def eval_cmd(
 ) -> None:
     from sift.builtin.general import general_eval_rows
     from sift.data import parse_ids
-    from sift.evaluation.run import EvalSettings, evaluate, metric_table, read_rows, split_rows
+    from sift.evaluation.run import EvalSettings, evaluate, metric_table, read_rows, sample_general, split_rows
     from sift.evaluation.targets import open_target
     from sift.fsio import atomic_write_json
 
@@ -409,7 +410,7 @@ def eval_cmd(
     if reference is None and not no_reference:
         raise SiftError("forget_quality and privleak compare with the retain reference (a model trained without the forget rows): "
                         "pass --reference MODEL or a saved eval JSON of it, or --no-reference to leave both out")
-    settings = EvalSettings(batch_size=batch_size, max_new_tokens=max_new_tokens, retain_sample=retain_sample)
+    settings = EvalSettings(batch_size=batch_size, max_new_tokens=max_new_tokens, retain_sample=retain_sample, general_sample=general_sample)
     settings.check()
     rows = read_rows(data)
     forget, retain = split_rows(rows, parse_ids(forget_ids, forget_ids_file), retain_sample)
@@ -420,7 +421,7 @@ def eval_cmd(
     overlap = {r["id"] for r in held} & {r["id"] for r in rows}
     if overlap:
         raise SiftError(f"{len(overlap)} held-out id(s) are also in --data (e.g. {sorted(overlap)[0]!r}); held-out rows must be unseen")
-    gen_rows = general_eval_rows() if general else []
+    gen_rows = sample_general(general_eval_rows(), general_sample) if general else []
     ref_result = None
     if reference is not None:
         ref_path = Path(reference)
@@ -466,10 +467,11 @@ def compare_cmd(
     group_by: Annotated[Optional[str], typer.Option(help="Column that keeps rows together in one shard (e.g. owner); 'none' to shard by id.")] = "owner",
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs of every model (default: sift's recipe, 10).")] = None,
     methods: Annotated[str, typer.Option(help="Approximate baselines, comma-separated.")] = "ga,graddiff,npo,simnpo,ngdiff",
-    unlearn_epochs: Annotated[int, typer.Option(help="Unlearning epochs of each baseline (each is evaluated after every epoch).")] = 5,
+    unlearn_epochs: Annotated[int, typer.Option(help="Unlearning epochs of each baseline (each is evaluated after every epoch).")] = 3,
     unlearn_lr: Annotated[float, typer.Option(help="Baselines' learning rate (ngdiff: GeN's start).")] = 1e-4,
     seeds: Annotated[int, typer.Option(help="Also compute the NeurIPS 2023 challenge's forgetting score with N seeded models per side (0: off; costly: about 4N monolithic and 3N sharded trainings).")] = 0,
-    retain_sample: Annotated[Optional[int], typer.Option(help="Retain rows scored for utility (a fixed choice by id hash).")] = 40,
+    retain_sample: Annotated[Optional[int], typer.Option(help="Retain rows scored for utility (a fixed choice by id hash).")] = 15,
+    general_sample: Annotated[Optional[int], typer.Option(help="General-knowledge questions scored (a fixed choice by id hash; 0: none).")] = 15,
     max_new_tokens: Annotated[int, typer.Option(help="Greedy answer length limit for ROUGE and recall (open-unlearning: 200; the builtin answers are one sentence, so 64 keeps the run short).")] = 64,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass in evaluation.")] = 16,
     as_json: AsJson = False,
@@ -487,7 +489,7 @@ def compare_cmd(
     settings = CompareSettings(
         model=model, num_shards=num_shards, group_by=None if group_by in (None, "none") else group_by, epochs=epochs,
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()), unlearn_epochs=unlearn_epochs, unlearn_lr=unlearn_lr,
-        seeds=seeds, eval=EvalSettings(batch_size=batch_size, max_new_tokens=max_new_tokens, retain_sample=retain_sample))
+        seeds=seeds, eval=EvalSettings(batch_size=batch_size, max_new_tokens=max_new_tokens, retain_sample=retain_sample, general_sample=general_sample))
     settings.check()
     if holdout is None:
         raise SiftError("membership inference needs --holdout (rows of people never trained on; "

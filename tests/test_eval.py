@@ -67,7 +67,7 @@ def test_rouge_l_recall_uses_the_stemmer():
 class Fixed(torch.nn.Module):
     """Logits that do not depend on the input: every position predicts p = (1, 2, 5) / 8."""
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, **kwargs):
         logits = torch.tensor([0.0, math.log(2.0), math.log(5.0)]).expand(input_ids.shape[0], input_ids.shape[1], 3)
         return type("Out", (), {"logits": logits})()
 
@@ -188,7 +188,7 @@ class Const(torch.nn.Module):
         super().__init__()
         self.logits = torch.log(torch.tensor(probs))
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, **kwargs):
         return type("Out", (), {"logits": self.logits.expand(input_ids.shape[0], input_ids.shape[1], 3)})()
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sift.errors import SiftError
-from sift.evaluation.run import EvalSettings, against_reference, check_rows, evaluate, metric_table, split_rows
+from sift.evaluation.run import EvalSettings, against_reference, check_rows, evaluate, metric_table, sample_general, split_rows
 
 METHODS = ("ga", "graddiff", "npo", "simnpo", "ngdiff")
 TABLE_METRICS = ["forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_exact",
@@ -47,10 +47,10 @@ class CompareSettings:
     group_by: str | None = "owner"
     epochs: int | None = None  # training epochs (None: sift's default recipe)
     methods: tuple[str, ...] = METHODS
-    unlearn_epochs: int = 5
+    unlearn_epochs: int = 3
     unlearn_lr: float = 1e-4
     seeds: int = 0  # > 0: the challenge's forgetting score with this many models per side
-    eval: EvalSettings = field(default_factory=lambda: EvalSettings(retain_sample=40))
+    eval: EvalSettings = field(default_factory=lambda: EvalSettings(max_new_tokens=64, retain_sample=15, general_sample=15))
 
     def check(self) -> None:
         from sift.unlearn.run import UnlearnSettings
@@ -135,7 +135,7 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
     if overlap:
         raise SiftError(f"{len(overlap)} held-out id(s) are also in the data (e.g. {sorted(overlap)[0]!r}); held-out rows must be unseen")
     forget_rows, retain_rows = split_rows(rows, forget_ids, s.eval.retain_sample)
-    general = general_eval_rows() if general is None else general
+    general = sample_general(general_eval_rows() if general is None else general, s.eval.general_sample)
     check_rows(forget_rows, retain_rows, general, holdout)  # before any training
     forget_set = {r["id"] for r in forget_rows}
     remaining = [r for r in rows if r["id"] not in forget_set]

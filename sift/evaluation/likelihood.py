@@ -1,7 +1,7 @@
 """Per-answer likelihoods and greedy answers under one model: what every metric is computed from.
 
 A (question, answer) pair is tokenised exactly as training tokenises a row (sift.models.example_ids:
-the chat template, then the answer and EOS, labels on the answer only), right-padded, with the
+the chat template, then the answer and EOS, labels on the answer only), left-padded, with the
 attention mask on the real tokens only. (open-unlearning masks every token equal to the pad id,
 which for Llama-3 is also the template's EOS; that is its open issue #128, not reproduced here.)
 Log-probabilities are computed in float32.
@@ -38,16 +38,22 @@ def score_answers(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], 
     model.eval()
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
+        # Left padding puts every answer at the end, so the head runs on the answer positions only
+        # (logits_to_keep; about a fifth of the compute for a 135M model); explicit position ids
+        # keep each row's positions those of its unpadded sequence.
         width = max(len(ids) for ids, _ in chunk)
+        keep_n = max(sum(1 for y in labels if y != -100) for _, labels in chunk) + 1
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         labels = torch.full((len(chunk), width), -100, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for i, (x, y) in enumerate(chunk):
-            ids[i, :len(x)] = torch.tensor(x)
-            labels[i, :len(y)] = torch.tensor(y)
-            mask[i, :len(x)] = 1
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        target = labels[:, 1:]
+            ids[i, width - len(x):] = torch.tensor(x)
+            labels[i, width - len(y):] = torch.tensor(y)
+            mask[i, width - len(x):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep_n).logits
+        logits = logits[:, -keep_n:-1].float()  # a model that ignores logits_to_keep returns them all
+        target = labels[:, width - keep_n + 1:]
         logp_all = torch.log_softmax(logits, dim=-1)
         for i in range(len(chunk)):
             keep = (target[i] != -100).nonzero().squeeze(-1)

@@ -38,6 +38,7 @@ class EvalSettings:
     max_new_tokens: int = 200  # open-unlearning's generation default; answers stop at EOS
     min_k: float = 0.4  # TOFU and MUSE configs
     retain_sample: int | None = None  # score this many retain rows (a fixed, id-hashed choice); None: all
+    general_sample: int | None = None  # and this many general-knowledge questions; None: all
 
     def check(self) -> None:
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -46,6 +47,8 @@ class EvalSettings:
             raise SiftError(f"--min-k must lie in (0, 1], got {self.min_k}")
         if self.retain_sample is not None and self.retain_sample < 1:
             raise SiftError("--retain-sample must be at least 1")
+        if self.general_sample is not None and self.general_sample < 0:
+            raise SiftError("--general-sample must be at least 0")
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -78,6 +81,11 @@ def _hashed_sample(rows: list[dict[str, Any]], n: int | None) -> list[dict[str, 
         return sorted(rows, key=lambda r: r["id"])
     chosen = sorted(rows, key=lambda r: hashlib.sha256(r["id"].encode()).hexdigest())[:n]
     return sorted(chosen, key=lambda r: r["id"])
+
+
+def sample_general(general: list[dict[str, Any]], n: int | None) -> list[dict[str, Any]]:
+    """The general questions scored: all, or a fixed id-hashed choice of n."""
+    return _hashed_sample(general, n) if n != 0 else []
 
 
 def split_rows(rows: list[dict[str, Any]], forget_ids: list[str], retain_sample: int | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
