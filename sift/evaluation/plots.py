@@ -1,8 +1,9 @@
 """The comparison's two plots (matplotlib, no display needed).
 
 tradeoff.png: forget quality (log scale, up is better) against model utility (right is better),
-one labelled point per model; an approximate method is a path through its epochs, ending in a
-labelled point; marker area grows with the wall time it took to produce the model.
+one point per model, named in the legend; an approximate method is a path through its epochs (its
+last epoch's number beside the end); marker area grows with the wall time it took to produce the
+model.
 cost.png: wall seconds and estimated FLOPs of producing each final model, log scale.
 """
 
@@ -26,17 +27,12 @@ def tradeoff_plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(10, 6.5), dpi=120)
     floor = 1e-12  # a p-value below this is drawn at it
     methods: dict[str, list[dict[str, Any]]] = {}
-    placed: list[tuple[float, float]] = []
-
-    def label_offset(x: float, y: float) -> float:
-        """Points to shift a label down so labels of (near) coincident points do not overlap."""
-        near = sum(1 for px, py in placed if abs(px - x) < 0.02 and abs(math.log10(py) - math.log10(y)) < 0.15)
-        placed.append((x, y))
-        return -11.0 * near
-
+    markers = {"exact": ["D", "d"], "reference": ["s", "P"], "original": ["o", "h"]}
+    shades = {"exact": ["#1b7837", "#5aae61"], "reference": ["#2166ac", "#67a9cf"], "original": ["#4d4d4d", "#999999"]}
+    seen: dict[str, int] = {}
     for e in result["entries"]:
         if e["role"] == "approximate":
             methods.setdefault(e["method"], []).append(e)
@@ -44,25 +40,28 @@ def tradeoff_plot(result: dict[str, Any], path: Path) -> None:
         m = e["metrics"]
         if "forget_quality" not in m:
             continue
-        y = max(m["forget_quality"], floor)
-        ax.scatter([m["model_utility"]], [y], s=_area(m.get("seconds")), color=COLORS[e["role"]], alpha=0.75,
-                   edgecolors="black", linewidths=0.6, zorder=3, marker="D" if e["role"] == "exact" else "o")
-        ax.annotate(e["name"], (m["model_utility"], y), textcoords="offset points", xytext=(8, 4 + label_offset(m["model_utility"], y)),
-                    fontsize=7.5)
+        k = seen.get(e["role"], 0)
+        seen[e["role"]] = k + 1
+        ax.scatter([m["model_utility"]], [max(m["forget_quality"], floor)], s=_area(m.get("seconds")),
+                   color=shades[e["role"]][k % 2], marker=markers[e["role"]][(k // 2) % 2], alpha=0.8,
+                   edgecolors="black", linewidths=0.6, zorder=3, label=e["name"])
     for i, (method, path_entries) in enumerate(sorted(methods.items())):
         color = METHOD_COLORS[i % len(METHOD_COLORS)]
         xs = [e["metrics"]["model_utility"] for e in path_entries]
         ys = [max(e["metrics"]["forget_quality"], floor) for e in path_entries]
-        ax.plot(xs, ys, color=color, alpha=0.6, linewidth=1.2, zorder=2)
-        ax.scatter(xs, ys, s=[_area(e["metrics"].get("seconds")) * 0.5 for e in path_entries], color=color, alpha=0.55, zorder=3)
-        last = path_entries[-1]
-        ax.annotate(f"{method} (epoch {last['epoch']})", (xs[-1], ys[-1]), textcoords="offset points", xytext=(8, 4 + label_offset(xs[-1], ys[-1])),
-                    fontsize=7.5, color=color)
+        ax.plot(xs, ys, color=color, alpha=0.7, linewidth=1.2, zorder=2)
+        ax.scatter(xs, ys, s=[_area(e["metrics"].get("seconds")) for e in path_entries], color=color, alpha=0.6, zorder=3,
+                   label=f"{method} (approximate), epochs 1-{path_entries[-1]['epoch']}")
+        ax.annotate(str(path_entries[-1]["epoch"]), (xs[-1], ys[-1]), textcoords="offset points", xytext=(5, 3), fontsize=7, color=color)
     ax.set_yscale("log")
     ax.set_xlabel("model utility (harmonic mean of retain and general-knowledge Prob, ROUGE, truth ratio; higher is better)")
     ax.set_ylabel("forget quality (KS p-value against the retrained reference; higher is better)")
-    ax.set_title("Exact forgetting vs approximate unlearning (marker area ~ sqrt of wall seconds)", fontsize=10)
+    ax.set_title("Exact forgetting vs approximate unlearning (marker area grows with wall seconds)", fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
+    legend = ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7.5, frameon=False)
+    for handle in getattr(legend, "legend_handles", []):
+        if hasattr(handle, "set_sizes"):
+            handle.set_sizes([40])
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
