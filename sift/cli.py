@@ -472,7 +472,8 @@ def compare_cmd(
     seeds: Annotated[int, typer.Option(help="Also compute the NeurIPS 2023 challenge's forgetting score with N seeded models per side (0: off; costly: about 4N monolithic and 3N sharded trainings).")] = 0,
     retain_sample: Annotated[Optional[int], typer.Option(help="Retain rows scored for utility (a fixed choice by id hash).")] = 15,
     general_sample: Annotated[Optional[int], typer.Option(help="General-knowledge questions scored (a fixed choice by id hash; 0: none).")] = 15,
-    max_new_tokens: Annotated[int, typer.Option(help="Greedy answer length limit for ROUGE and recall (open-unlearning: 200; the builtin answers are one sentence, so 64 keeps the run short).")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy answer length limit for ROUGE and recall (open-unlearning: 200; the builtin answers are one sentence of under 30 tokens, so 48 keeps the run short).")] = 48,
+    sharded_original: Annotated[bool, typer.Option("--sharded-original", help="Also evaluate the sharded workspace before the forget (the monolithic original is always evaluated).")] = False,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass in evaluation.")] = 16,
     as_json: AsJson = False,
 ) -> None:
@@ -489,7 +490,7 @@ def compare_cmd(
     settings = CompareSettings(
         model=model, num_shards=num_shards, group_by=None if group_by in (None, "none") else group_by, epochs=epochs,
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()), unlearn_epochs=unlearn_epochs, unlearn_lr=unlearn_lr,
-        seeds=seeds, eval=EvalSettings(batch_size=batch_size, max_new_tokens=max_new_tokens, retain_sample=retain_sample, general_sample=general_sample))
+        seeds=seeds, sharded_original=sharded_original, eval=EvalSettings(batch_size=batch_size, max_new_tokens=max_new_tokens, retain_sample=retain_sample, general_sample=general_sample))
     settings.check()
     if holdout is None:
         raise SiftError("membership inference needs --holdout (rows of people never trained on; "

@@ -16,7 +16,7 @@ from test_cli import one_error_line, sift
 
 
 def settings(**kw):
-    base = dict(model="builtin-tiny", num_shards=2, epochs=1, methods=("ga", "ngdiff"), unlearn_epochs=2,
+    base = dict(model="builtin-tiny", num_shards=2, epochs=1, methods=("ga", "ngdiff"), unlearn_epochs=2, sharded_original=True,
                 eval=EvalSettings(batch_size=8, max_new_tokens=4, retain_sample=4))
     base.update(kw)
     return CompareSettings(**base)
@@ -29,7 +29,7 @@ def test_compare_end_to_end_tiny(tmp_path):
     result = compare(rows, forget_ids, make_rows(people=1, seed=0, split="holdout"), out, settings(),
                      progress=lambda m: None, general=general_eval_rows()[:3])
     names = [e["name"] for e in result["entries"]]
-    for want in ("original: monolithic (before unlearning)", "reference: monolithic retrain", "reference: sharded rebuild, routed",
+    for want in ("original: monolithic (before unlearning)", "original: sharded, routed (before forget)", "reference: monolithic retrain", "reference: sharded rebuild, routed",
                  "exact: sift forget, routed", "exact: sift forget, merged", "ga (epoch 1)", "ga (epoch 2)", "ngdiff (epoch 2)"):
         assert want in names, want
     by = {e["name"]: e for e in result["entries"]}

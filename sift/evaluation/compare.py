@@ -2,8 +2,8 @@
 forget set, each measured against the reference retrained without the forget rows.
 
 What runs, in order (everything under OUT/work/, the report in OUT/):
-1. sharded: the workspace (`--num-shards`, by `--group-by`), trained and merged; evaluated
-   routed (the original, before the forget);
+1. sharded: the workspace (`--num-shards`, by `--group-by`), trained and merged (evaluated
+   routed before the forget with `--sharded-original`);
 2. monolithic: one adapter on every row (a 1-shard workspace), the model the approximate methods
    start from; evaluated (the original);
 3. references, trained from scratch without the forget rows: the monolithic retrain (the reference
@@ -50,7 +50,8 @@ class CompareSettings:
     unlearn_epochs: int = 3
     unlearn_lr: float = 1e-4
     seeds: int = 0  # > 0: the challenge's forgetting score with this many models per side
-    eval: EvalSettings = field(default_factory=lambda: EvalSettings(max_new_tokens=64, retain_sample=15, general_sample=15))
+    sharded_original: bool = False  # also evaluate the sharded workspace before the forget
+    eval: EvalSettings = field(default_factory=lambda: EvalSettings(max_new_tokens=48, retain_sample=15, general_sample=15))
 
     def check(self) -> None:
         from sift.unlearn.run import UnlearnSettings
@@ -161,7 +162,7 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
     base = LazyBase(s.model, None, None)
     base_model = base.get()
     server = WorkspaceServer(sharded, base=base)
-    sharded_before = run_eval(WorkspaceTarget("sharded, before forget (routed)", server, cost=sharded_cost))
+    sharded_before = run_eval(WorkspaceTarget("sharded, before forget (routed)", server, cost=sharded_cost)) if s.sharded_original else None
 
     progress("training the monolithic model (all rows, one adapter)")
     mono, mono_cost = _build(work / "monolithic", rows, _config(s, 1), merge=False)
@@ -176,7 +177,8 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
     shard_ref_merged = run_eval(WorkspaceTarget("reference: sharded rebuild (merged)", ref_server, merged=True, cost=shard_ref_cost))
 
     add(mono_before, "original: monolithic (before unlearning)", "original", mono_ref)
-    add(sharded_before, "original: sharded, routed (before forget)", "original", shard_ref)
+    if sharded_before is not None:
+        add(sharded_before, "original: sharded, routed (before forget)", "original", shard_ref)
     add(mono_ref, "reference: monolithic retrain", "reference", mono_ref)
     add(shard_ref, "reference: sharded rebuild, routed", "reference", shard_ref)
     add(shard_ref_merged, "reference: sharded rebuild, merged", "reference", shard_ref_merged)
