@@ -139,6 +139,9 @@ def load_adapter(adapter_dir: Path, shard: int) -> Adapter:
     return Adapter(shard=shard, sha256=digest, scaling=scaling, modules=factors)
 
 
+_BLOCK_ELEMENTS = 131072  # float64 elements per row block of fixed_point_delta: 1 MiB, cache-sized
+
+
 def fixed_point_delta(f: LoraFactors | DenseDelta, scaling: float, bits: int) -> torch.Tensor:
     """scaling * B @ A (or a dense delta) on the integer grid 2**-bits, computed identically on
     every call, in the base weight's layout: [out, in], or [in, out] (the transpose) when
@@ -147,9 +150,15 @@ def fixed_point_delta(f: LoraFactors | DenseDelta, scaling: float, bits: int) ->
         return _to_grid(f.delta.to(torch.float64).mul(2.0**bits).round_(), bits)
     a = f.a.to(torch.float64)
     b = f.b.to(torch.float64)
-    acc = torch.zeros(b.shape[0], a.shape[1], dtype=torch.float64)
-    for k in range(a.shape[0]):  # fixed order; each product is exact in float64
-        acc.addcmul_(b[:, k : k + 1], a[k : k + 1, :])
+    acc = torch.empty(b.shape[0], a.shape[1], dtype=torch.float64)
+    # Row blocks small enough to stay in cache (faster than whole-matrix passes); every
+    # element still sees the same operations in the same order, so the bytes do not change.
+    rows = max(1, _BLOCK_ELEMENTS // max(1, a.shape[1]))
+    for r0 in range(0, b.shape[0], rows):
+        block = acc[r0 : r0 + rows].zero_()
+        b_block = b[r0 : r0 + rows]
+        for k in range(a.shape[0]):  # fixed order; each product is exact in float64
+            block.addcmul_(b_block[:, k : k + 1], a[k : k + 1, :])
     acc.mul_(scaling * 2.0**bits).round_()
     q = _to_grid(acc, bits)
     # Rounding is elementwise, so transposing the integers is the transpose of the exact delta.

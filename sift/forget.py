@@ -14,14 +14,14 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from sift.adapters import load_adapter, read_meta
+from sift.adapters import Adapter, load_adapter, read_meta
 from sift.data import read_manifest, write_workspace_rows
 from sift.errors import SiftError
 from sift.fsio import atomic_write_json, remove_tree
 from sift.hashing import keyed_id_hash
-from sift.merge import MergeState, get_method
+from sift.merge import get_method
 from sift.models import LazyBase
-from sift.serve import load_merge_state, merge_workspace, served_info
+from sift.serve import merge_workspace, saved_sum_members, served_info
 from sift.snapshot import WorkspaceView
 from sift.train import train_shards
 from sift.workspace import Workspace
@@ -92,21 +92,25 @@ def _complete(ws: Workspace, journal: dict[str, Any], base: LazyBase | None, qui
     had_served = served_info(ws) is not None
     method = get_method(cfg.merge.method)
 
-    # 1. An incremental method takes the old adapters out of its sums while they are still on
-    #    disk. If one of them is already gone (a resumed forget), it starts its sums over; a
-    #    recomputed method (TIES) merges every remaining adapter again in step 4.
-    acc: MergeState | None = load_merge_state(ws) if had_served and method.incremental else None
-    for shard in affected:
-        if acc is None:
-            break
-        held = acc.members.get(shard)
-        if held is None:
-            continue
-        meta = read_meta(ws.adapter_dir(shard))
-        if meta is None or meta.get("adapter_sha256") != held:
-            acc = None
-        else:
-            acc.subtract(load_adapter(ws.adapter_dir(shard), shard))
+    # 1. An incremental method will take the old adapters out of its sums: read them now, while
+    #    they are still on disk (a few MB each; the sums themselves are streamed in step 4). If one
+    #    is already gone (a resumed forget), the sums start over; a recomputed method (TIES) merges
+    #    every remaining adapter again in step 4.
+    leaving: list[Adapter] | None = None
+    if had_served and method.incremental:
+        held_by_sums = saved_sum_members(ws)
+        leaving = [] if held_by_sums is not None else None
+        for shard in affected:
+            if leaving is None:
+                break
+            held = held_by_sums.get(shard) if held_by_sums is not None else None
+            if held is None:
+                continue
+            meta = read_meta(ws.adapter_dir(shard))
+            if meta is None or meta.get("adapter_sha256") != held:
+                leaving = None
+            else:
+                leaving.append(load_adapter(ws.adapter_dir(shard), shard))
 
     # 2. Delete the rows from the workspace's data.
     rows = view.rows
@@ -136,7 +140,7 @@ def _complete(ws: Workspace, journal: dict[str, Any], base: LazyBase | None, qui
     # 4. Re-merge: one adapter's work per affected shard when the sums survived.
     merge: dict[str, Any] | None = None
     if had_served:
-        merge = merge_workspace(ws, full=method.incremental and acc is None, base=base, merge_state=acc, view=view)
+        merge = merge_workspace(ws, full=method.incremental and leaving is None, base=base, removed=leaving, view=view)
 
     # 5. Record it, then drop the journal.
     adapters = {str(s): (read_meta(ws.adapter_dir(s)) or {}).get("adapter_sha256") for s in affected}

@@ -58,23 +58,56 @@ def resolve_model(name: str) -> tuple[str, str | None]:
     return str(folder), meta["fingerprint"]
 
 
-def load_base_model(name: str, revision: str | None = None) -> BaseModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path, fingerprint = resolve_model(name)
+def _load_kwargs(revision: str | None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"trust_remote_code": False}
     if revision:
         kwargs["revision"] = revision
+    return kwargs
+
+
+def load_tokenizer(name: str, revision: str | None = None) -> Any:
+    """The base's tokenizer alone (a pad token set to EOS when it has none), as load_base_model
+    sets it up: what a streamed merge writes beside the weights without loading the model."""
+    from transformers import AutoTokenizer
+
+    path, _ = resolve_model(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **_load_kwargs(revision))
     except OSError as exc:
         raise SiftError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
-    model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
         raise SiftError(f"model {name!r}: its tokenizer has no end-of-sequence token")
+    return tokenizer
+
+
+def base_weight_folder(name: str, revision: str | None = None) -> Path | None:
+    """The local folder holding the base's safetensors files (sift's cache, a local folder, or the
+    hub cache when the model was downloaded before), or None: then merges load the model."""
+    path, _ = resolve_model(name)
+    folder: Path | None = Path(path) if Path(path).is_dir() else None
+    if folder is None:
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(path, revision=revision, local_files_only=True,
+                                            allow_patterns=["*.safetensors", "*.json"]))
+        except Exception:
+            return None
+    return folder if any(folder.glob("*.safetensors")) else None
+
+
+def load_base_model(name: str, revision: str | None = None) -> BaseModel:
+    from transformers import AutoModelForCausalLM
+
+    path, fingerprint = resolve_model(name)
+    tokenizer = load_tokenizer(name, revision)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True, **_load_kwargs(revision))
+    except OSError as exc:
+        raise SiftError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+    model.eval()
     if fingerprint is None:
         fingerprint = model_fingerprint(model)
     return BaseModel(model, tokenizer, path, fingerprint)
@@ -209,6 +242,24 @@ class LazyBase:
     def __init__(self, name: str, revision: str | None, expected_fingerprint: str | None):
         self.name, self.revision, self.expected = name, revision, expected_fingerprint
         self._base: BaseModel | None = None
+
+    @property
+    def loaded(self) -> BaseModel | None:
+        return self._base
+
+    def check(self) -> None:
+        """Refuse another base model, loading it only when its fingerprint is not cached (sift's
+        builtin folders carry theirs): a streamed merge never needs the model in memory."""
+        if self._base is not None or self.expected is None:
+            return
+        _, cached = resolve_model(self.name)
+        if cached is None:
+            self.get()
+        elif cached != self.expected:
+            raise SiftError(f"base model {self.name!r} is not the one this workspace was made with (its weights differ)")
+
+    def tokenizer(self) -> Any:
+        return self._base.tokenizer if self._base is not None else load_tokenizer(self.name, self.revision)
 
     def get(self) -> BaseModel:
         if self._base is None:

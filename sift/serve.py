@@ -8,18 +8,23 @@ bytes of a from-scratch merge; `merge_workspace(full=True)` takes the from-scrat
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from sift.adapters import load_adapter
+import torch
+
+from sift.adapters import Adapter, fixed_point_delta, load_adapter
 from sift.errors import SiftError
 from sift.merge import IncrementalMethod, MergeMethod, MergeState, RecomputedMethod, get_method
-from sift.models import LazyBase
+from sift.merge.state import STATE_DIR, SumsReader, SumsWriter, served_value
+from sift.models import LazyBase, base_weight_folder
 from sift.serving.folder import load_merge_state as _load_state
-from sift.serving.folder import served_hashes, served_info as _served_info, write_served
+from sift.serving.folder import BaseFiles, served_hashes, served_info as _served_info, write_served, write_served_stream
 from sift.snapshot import WorkspaceView
 from sift.workspace import Workspace
 
-__all__ = ["current_adapters", "load_merge_state", "merge_workspace", "served_hashes", "served_info"]
+__all__ = ["current_adapters", "load_merge_state", "merge_workspace", "saved_sum_members", "served_hashes", "served_info"]
 
 
 def served_info(ws: Workspace) -> dict[str, Any] | None:
@@ -28,6 +33,15 @@ def served_info(ws: Workspace) -> dict[str, Any] | None:
 
 def load_merge_state(ws: Workspace) -> MergeState | None:
     return _load_state(ws.merged_dir)
+
+
+def saved_sum_members(ws: Workspace) -> dict[int, str] | None:
+    """shard -> adapter sha256 held by the saved sums (read without the sums), or None."""
+    reader = SumsReader.open(ws.merged_dir / STATE_DIR)
+    if reader is None:
+        return None
+    with reader:
+        return dict(reader.members)
 
 
 def current_adapters(view: WorkspaceView) -> dict[int, str]:
@@ -57,12 +71,14 @@ def merge_workspace(
     full: bool = False,
     density: float | None = None,
     base: LazyBase | None = None,
-    merge_state: MergeState | None = None,
+    removed: list[Adapter] | None = None,
     view: WorkspaceView | None = None,
 ) -> dict[str, Any]:
     """Bring ws/merged up to date with the adapters. An incremental method updates the saved sums
-    when they only lack some adapters (or `merge_state` was already brought up to date by a
-    forget) and starts over otherwise; a recomputed method merges every adapter again."""
+    by the adapters that left (`removed`, handed in by a forget that read them before deleting
+    them) and those that arrived, and starts over when the sums hold anything else; a recomputed
+    method merges every adapter again. Both stream the base and the sums one tensor at a time
+    when the base's safetensors files are on disk, and load the base otherwise."""
     started = time.perf_counter()
     view = view or WorkspaceView.load(ws)
     cfg, state = view.cfg, view.state
@@ -82,45 +98,156 @@ def merge_workspace(
         **m.served_record(n, params),
     }
     if (
-        not full and merge_state is None and previous is not None
+        not full and removed is None and previous is not None
         and all(previous.get(k) == v for k, v in record.items())
     ):
         return {"merged": False, "reason": "up to date", "method": m.name, "members": n, "served_sha256": previous["served_sha256"]}
 
     base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
-    acc: MergeState | None = None
+    base.check()
     if isinstance(m, IncrementalMethod):
-        acc, mode = _bring_sums_up_to_date(ws, view, members, full, merge_state)
-        weights = m.served_weights(acc, base.get().model.state_dict(), n, params)
+        plan = _plan_sums(ws, view, members, full, removed)
+        served_sha, streamed = write_incremental(ws.merged_dir, base, m, plan, members, params, record)
+        mode = plan.mode
     elif isinstance(m, RecomputedMethod):
         mode = "recomputed"
         adapters = [load_adapter(ws.adapter_dir(s), s) for s in sorted(members)]
-        weights = m.merge(adapters, base.get().model.state_dict(), params, cfg.merge.fixed_point_bits)
+        touched = sorted({name for a in adapters for name in a.modules})
+        files = BaseFiles.open(base_weight_folder(cfg.model.name, cfg.model.revision), set(touched))
+        streamed = files is not None
+        if files is not None:
+            try:
+                weights = m.merge(adapters, files, params, cfg.merge.fixed_point_bits)  # type: ignore[arg-type]
+                served_sha = write_served_stream(ws.merged_dir, files, base.tokenizer(), lambda name, w0: weights[name],
+                                                 touched, record)
+            finally:
+                files.close()
+        else:
+            weights = m.merge(adapters, base.get().model.state_dict(), params, cfg.merge.fixed_point_bits)
+            served_sha = write_served(ws.merged_dir, base.get(), weights, record, None)
     else:  # pragma: no cover - every registered method is one of the two
         raise SiftError(f"merge method {m.name!r} declares neither kind")
-    served_sha = write_served(ws.merged_dir, base.get(), weights, record, acc)
     ws.save_config(cfg)
     out = {
         "merged": True, "mode": mode, "method": m.name, "exact": m.exact, "incremental": m.incremental,
-        "members": n, "served_sha256": served_sha, "seconds": round(time.perf_counter() - started, 3),
+        "members": n, "served_sha256": served_sha, "streamed": streamed,
+        "seconds": round(time.perf_counter() - started, 3),
     }
     return out | m.served_record(n, params)
 
 
-def _bring_sums_up_to_date(
-    ws: Workspace, view: WorkspaceView, members: dict[int, str], full: bool, merge_state: MergeState | None
-) -> tuple[MergeState, str]:
-    """The int64 sums over exactly `members`: the saved (or handed-in) sums plus the adapters
-    they lack, or a fresh sum when they hold an adapter that is gone."""
+@dataclass
+class SumsPlan:
+    """How the new sums come about: `old` (saved sums read one tensor at a time, or sums just
+    computed in memory) minus `remove` plus `add`."""
+
+    mode: str  # "incremental" | "from-scratch"
+    old: SumsReader | MergeState | None
+    remove: list[Adapter]
+    add: list[Adapter]
+    bits: int
+    base_fingerprint: str
+
+    def names(self) -> set[str]:
+        held = set(self.old.names()) if isinstance(self.old, SumsReader) else set(self.old.acc) if self.old else set()
+        return held | {name for a in self.add for name in a.modules}
+
+    def total(self, name: str, shape: torch.Size) -> torch.Tensor:
+        if isinstance(self.old, SumsReader):
+            total = self.old.get(name) if name in self._held() else torch.zeros(shape, dtype=torch.int64)
+        elif self.old is not None and name in self.old.acc:
+            total = self.old.acc[name]
+        else:
+            total = torch.zeros(shape, dtype=torch.int64)
+        for sign, adapters in ((-1, self.remove), (1, self.add)):
+            for a in adapters:
+                if name in a.modules:
+                    q = fixed_point_delta(a.modules[name], a.scaling, self.bits)
+                    if q.shape != total.shape:
+                        raise SiftError(f"adapter of shard {a.shard}: {name} has shape {tuple(q.shape)}, expected {tuple(total.shape)}")
+                    total = total.add(q, alpha=sign)
+        return total
+
+    def _held(self) -> set[str]:
+        if not hasattr(self, "_held_names"):
+            self._held_names = set(self.old.names()) if isinstance(self.old, SumsReader) else set()
+        return self._held_names
+
+    def in_memory(self) -> MergeState:
+        """The same sums as a MergeState (for the path that loads the base)."""
+        if isinstance(self.old, MergeState):
+            acc = self.old
+        else:
+            assert isinstance(self.old, SumsReader)
+            acc = MergeState(self.bits, self.base_fingerprint, dict(self.old.members), {n: self.old.get(n) for n in self.old.names()})
+        for a in self.remove:
+            acc.subtract(a)
+        for a in self.add:
+            acc.add(a)
+        return acc
+
+    def close(self) -> None:
+        if isinstance(self.old, SumsReader):
+            self.old.close()
+
+
+def _plan_sums(ws: Workspace, view: WorkspaceView, members: dict[int, str], full: bool, removed: list[Adapter] | None) -> SumsPlan:
+    """Saved sums minus `removed` plus the adapters they lack when what remains of them is a
+    subset of `members`; otherwise a fresh sum over `members`, in memory."""
     cfg, state = view.cfg, view.state
-    acc = None if full else (merge_state or load_merge_state(ws))
-    if acc is not None and (acc.bits != cfg.merge.fixed_point_bits or acc.base_fingerprint != state.base_model_fingerprint):
-        acc = None
-    if acc is not None and all(members.get(s) == h for s, h in acc.members.items()):
-        for shard in sorted(set(members) - set(acc.members)):
-            acc.add(load_adapter(ws.adapter_dir(shard), shard))
-        return acc, "incremental"
-    acc = MergeState(bits=cfg.merge.fixed_point_bits, base_fingerprint=state.base_model_fingerprint)
+    bits, fingerprint = cfg.merge.fixed_point_bits, state.base_model_fingerprint
+    reader = None if full else SumsReader.open(ws.merged_dir / STATE_DIR)
+    if reader is not None:
+        remaining = dict(reader.members)
+        usable = reader.bits == bits and reader.base_fingerprint == fingerprint
+        for a in removed or []:
+            usable = usable and remaining.pop(a.shard, None) == a.sha256
+        if usable and all(members.get(s) == h for s, h in remaining.items()):
+            add = [load_adapter(ws.adapter_dir(s), s) for s in sorted(set(members) - set(remaining))]
+            return SumsPlan("incremental", reader, list(removed or []), add, bits, fingerprint)
+        reader.close()
+    acc = MergeState(bits=bits, base_fingerprint=fingerprint)
     for shard in sorted(members):
         acc.add(load_adapter(ws.adapter_dir(shard), shard))
-    return acc, "from-scratch"
+    return SumsPlan("from-scratch", acc, [], [], bits, fingerprint)
+
+
+def write_incremental(folder: Path, base: LazyBase, m: IncrementalMethod, plan: SumsPlan, members: dict[int, str],
+                      params: dict[str, float], record: dict[str, Any]) -> tuple[str, bool]:
+    """Write the served folder and its new sums; returns (served hash, whether it streamed).
+    Streamed, it holds one base tensor, one sum and the plan's adapters in memory at a time."""
+    try:
+        names = plan.names() if members else set()
+        files = BaseFiles.open(base_weight_folder(base.name, base.revision), names)
+        if files is None:
+            acc = plan.in_memory()
+            weights = m.served_weights(acc, base.get().model.state_dict(), len(members), params)
+            return write_served(folder, base.get(), weights, record, acc), False
+        try:
+            order = [name for tf in files.files for name in tf.names() if name in names]
+            coefficient = m.served_coefficient(len(members), params)
+            sums: dict[str, Any] = {}
+
+            def begin(state_dir: Path) -> None:
+                sums["dir"] = state_dir
+                if members:  # no members: the same empty state a fresh, empty merge has
+                    sums["w"] = SumsWriter(state_dir, order, {n: files.where[n].entries[n].shape for n in order})
+
+            def compute(name: str, w0: torch.Tensor) -> torch.Tensor:
+                total = plan.total(name, w0.shape)
+                sums["w"].write(name, total)
+                return served_value(w0, total, coefficient, plan.bits)
+
+            def end() -> None:
+                if "w" in sums:
+                    sums["w"].finish(plan.bits, plan.base_fingerprint, members)
+                else:
+                    MergeState(plan.bits, plan.base_fingerprint).save(sums["dir"])
+
+            digest = write_served_stream(folder, files, base.tokenizer(), compute, order, record,
+                                         begin_state=begin, end_state=end)
+            return digest, True
+        finally:
+            files.close()
+    finally:
+        plan.close()

@@ -17,7 +17,8 @@ from sift.data import write_workspace_rows
 from sift.errors import SiftError
 from sift.hashing import tensors_sha256
 from sift.models import LazyBase
-from sift.serve import load_merge_state, merge_workspace, served_hashes, served_info
+from sift.merge.state import STATE_DIR, sums_sha256
+from sift.serve import merge_workspace, served_hashes, served_info
 from sift.serving.route import router_file_hashes
 from sift.snapshot import WorkspaceView
 from sift.train import train_shards
@@ -45,8 +46,7 @@ def shard_files(ws: Workspace, shard: int) -> dict[str, str] | None:
 def accumulator_sha256(ws: Workspace) -> str | None:
     """Hash of the served model's int64 sums (None when its method keeps none). SIFT-Masks
     serves routed requests from these sums, so they are compared like the served weights."""
-    state = load_merge_state(ws)
-    return None if state is None else tensors_sha256(state.acc)[0]
+    return sums_sha256(ws.merged_dir / STATE_DIR)
 
 
 def verify(ws: Workspace, tmp_dir: str | None = None, base: LazyBase | None = None, quiet: bool = False) -> dict[str, Any]:

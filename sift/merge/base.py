@@ -76,6 +76,10 @@ class IncrementalMethod(MergeMethod):
     incremental = True
 
     @abstractmethod
+    def served_coefficient(self, n: int, params: dict[str, float]) -> float:
+        """c in served = base + c * sum, for n adapters."""
+
+    @abstractmethod
     def served_weights(self, acc: MergeState, base_state: dict[str, torch.Tensor], n: int, params: dict[str, float]) -> dict[str, torch.Tensor]:
         """Merged values of every weight the adapters touch, from the sum of n adapters."""
 

@@ -27,6 +27,9 @@ class LinearMethod(IncrementalMethod):
     def served_record(self, n: int, params: dict[str, float]) -> dict[str, float]:
         return {"coefficient": self._coefficient(n, params)}
 
+    def served_coefficient(self, n: int, params: dict[str, float]) -> float:
+        return self._coefficient(n, params)
+
     def served_weights(self, acc: MergeState, base_state: dict[str, torch.Tensor], n: int, params: dict[str, float]) -> dict[str, torch.Tensor]:
         return acc.served_weights(base_state, self._coefficient(n, params))
 

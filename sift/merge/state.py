@@ -15,14 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from sift.adapters import Adapter, fixed_point_delta
 from sift.errors import SiftError
+from sift.hashing import combine_hashes, tensor_sha256
+from sift.merge.stream import StreamWriter, TensorFile, pack_int64, unpack_int64
 
 STATE_DIR = "sift-merge"
 _ACC = "accumulator.safetensors"
 _META = "state.json"
+PACKED = "packed-le-v1"  # sift.merge.stream.pack_int64, shapes in state.json
+
+
+def served_value(w0: torch.Tensor, total: torch.Tensor, coefficient: float, bits: int) -> torch.Tensor:
+    """The one formula every merge path serves: fp32(fp64(W0) + fp64(sum) * (c * 2**-bits))."""
+    return (w0.to(torch.float64) + total.to(torch.float64) * (coefficient * 2.0 ** (-bits))).to(w0.dtype)
 
 
 @dataclass
@@ -60,7 +67,6 @@ class MergeState:
                        masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The merged values of every weight the adapters touch; with `masks` (SIFT-Masks' local
         mask of one shard) only the masked entries of the sum are applied, the rest stay at base."""
-        factor = coefficient * 2.0 ** (-self.bits)
         out = {}
         for name, total in self.acc.items():
             if masks is not None:
@@ -71,34 +77,125 @@ class MergeState:
             w0 = base_state[name]
             if w0.shape != total.shape:  # e.g. a [out, in] delta for a Conv1D weight stored [in, out]
                 raise SiftError(f"the adapters' delta for {name} has shape {tuple(total.shape)} but the base weight has {tuple(w0.shape)}: adapters and base do not match")
-            out[name] = (w0.to(torch.float64) + total.to(torch.float64) * factor).to(w0.dtype)
+            out[name] = served_value(w0, total, coefficient, self.bits)
         return out
 
     # -- persistence ------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
+        """The sums packed losslessly (sift.merge.stream), tensor by tensor, and state.json."""
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in sorted(self.acc.items())}, str(folder / _ACC))
-        meta = {
-            "bits": self.bits,
-            "base_fingerprint": self.base_fingerprint,
-            "members": {str(k): v for k, v in sorted(self.members.items())},
-        }
-        (folder / _META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        names = sorted(self.acc)
+        with SumsWriter(folder, names, {n: tuple(self.acc[n].shape) for n in names}) as out:
+            for name in names:
+                out.write(name, self.acc[name])
+            out.finish(self.bits, self.base_fingerprint, self.members)
 
     @staticmethod
     def load(folder: Path) -> MergeState | None:
-        """The saved state, or None when there is none or it cannot be trusted (then the caller
-        merges from scratch, which is always correct)."""
+        """The saved state, all in memory, or None when there is none or it cannot be trusted (then
+        the caller merges from scratch, which is always correct)."""
+        reader = SumsReader.open(folder)
+        if reader is None:
+            return None
+        with reader:
+            try:
+                acc = {name: reader.get(name) for name in reader.names()}
+            except Exception:
+                return None
+        return MergeState(bits=reader.bits, base_fingerprint=reader.base_fingerprint, members=dict(reader.members), acc=acc)
+
+
+class SumsReader:
+    """Saved sums read one tensor at a time (int64), in either encoding: packed bytes (current)
+    or plain int64 (workspaces written before packing)."""
+
+    def __init__(self, folder: Path, meta: dict[str, Any], tensors: TensorFile):
+        self.folder, self._file = folder, tensors
+        self.bits = int(meta["bits"])
+        self.base_fingerprint: str = meta["base_fingerprint"]
+        self.members: dict[int, str] = {int(k): v for k, v in meta["members"].items()}
+        self._shapes: dict[str, list[int]] | None = meta.get("shapes") if meta.get("encoding") == PACKED else None
+        if meta.get("encoding", "int64") not in (PACKED, "int64"):
+            raise SiftError(f"{folder}: unknown merge-state encoding {meta.get('encoding')!r}")
+
+    @staticmethod
+    def open(folder: Path) -> SumsReader | None:
         try:
             meta: dict[str, Any] = json.loads((folder / _META).read_text())
-            acc = load_file(str(folder / _ACC))
+            reader = SumsReader(folder, meta, TensorFile(folder / _ACC))
         except Exception:
             return None
-        if any(t.dtype != torch.int64 for t in acc.values()):
+        want = "U8" if reader._shapes is not None else "I64"
+        if any(e.dtype != want for e in reader._file.entries.values()) or (
+            reader._shapes is not None and set(reader._shapes) != set(reader._file.entries)
+        ):
+            reader.close()
             return None
-        return MergeState(
-            bits=int(meta["bits"]),
-            base_fingerprint=meta["base_fingerprint"],
-            members={int(k): v for k, v in meta["members"].items()},
-            acc=dict(acc),
-        )
+        return reader
+
+    def names(self) -> list[str]:
+        return sorted(self._file.entries)
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self._file.get(name)
+        return t if self._shapes is None else unpack_int64(t, tuple(self._shapes[name]))
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> SumsReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class SumsWriter:
+    """Writes saved sums tensor by tensor in a fixed order of names (a streaming merge writes each
+    as soon as it is computed); `finish` writes state.json last."""
+
+    def __init__(self, folder: Path, names: list[str], shapes: dict[str, tuple[int, ...]]):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.shapes = folder, shapes
+        plan = [(n, "U8", (_numel(shapes[n]), 8)) for n in names]
+        self._out = StreamWriter(folder / _ACC, plan, {"sift": "merge sums, packed int64"})
+
+    def write(self, name: str, total: torch.Tensor) -> None:
+        if tuple(total.shape) != tuple(self.shapes[name]) or total.dtype != torch.int64:
+            raise RuntimeError(f"SumsWriter: {name} is not the planned int64 tensor")
+        self._out.write(name, pack_int64(total))
+
+    def finish(self, bits: int, base_fingerprint: str, members: dict[int, str]) -> None:
+        self._out.close()
+        meta = {
+            "bits": bits,
+            "base_fingerprint": base_fingerprint,
+            "members": {str(k): v for k, v in sorted(members.items())},
+            "encoding": PACKED,
+            "shapes": {n: list(s) for n, s in sorted(self.shapes.items())},
+        }
+        (self.folder / _META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    def __enter__(self) -> SumsWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is not None:
+            self._out.abort()
+
+
+def sums_sha256(folder: Path) -> str | None:
+    """Hash of the saved sums as int64 values (the same whatever their encoding), one tensor at a
+    time; None when there are none."""
+    reader = SumsReader.open(folder)
+    if reader is None:
+        return None
+    with reader:
+        return combine_hashes((n, tensor_sha256(reader.get(n))) for n in reader.names())
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

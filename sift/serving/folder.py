@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +16,10 @@ from safetensors.torch import load_file
 
 from sift.errors import SiftError
 from sift.fsio import replace_dir, staging_dir
-from sift.hashing import tensors_sha256
+from sift.hashing import combine_hashes, tensors_sha256
 from sift.merge import MergeState
 from sift.merge.state import STATE_DIR
+from sift.merge.stream import StreamWriter, TensorFile
 from sift.models import BaseModel
 
 SERVED_META = "served.json"
@@ -54,11 +57,108 @@ def write_served(folder: Path, base: BaseModel, weights: dict[str, torch.Tensor]
 
 
 def served_hashes(folder: Path) -> tuple[str, dict[str, str]]:
-    """sha256 of every weight tensor as stored in the folder's safetensors files, and overall."""
+    """sha256 of every weight tensor as stored in the folder's safetensors files, and overall
+    (read one tensor at a time; the same values `tensors_sha256` gives for the loaded tensors)."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise SiftError(f"{folder} holds no served model (no .safetensors); run `sift merge`")
-    tensors: dict[str, torch.Tensor] = {}
+    per: dict[str, str] = {}
     for f in files:
-        tensors.update(load_file(str(f)))
-    return tensors_sha256(tensors)
+        with TensorFile(f) as tf:
+            for name in tf.names():
+                per[name] = tf.sha256(name)
+    per = dict(sorted(per.items()))
+    return combine_hashes(per.items()), per
+
+
+class BaseFiles:
+    """The base model's safetensors files, read one tensor at a time (the base is never loaded
+    whole by a streamed merge). Only float32 files qualify: the loaded base is float32, and the
+    streamed and loaded paths must write the same bytes."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.files = [TensorFile(f) for f in sorted(folder.glob("*.safetensors"))]
+        self.where = {name: tf for tf in self.files for name in tf.entries}
+
+    @staticmethod
+    def open(folder: Path | None, touched: set[str]) -> BaseFiles | None:
+        """The files, or None when they cannot stand in for the loaded base (a weight the
+        adapters touch is missing, stored under another name, or not float32)."""
+        if folder is None:
+            return None
+        try:
+            files = BaseFiles(folder)
+        except SiftError:
+            return None
+        if not files.files or any(n not in files.where or files.where[n].entries[n].dtype != "F32" for n in touched):
+            files.close()
+            return None
+        return files
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.where[name].get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.where
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.get(name)
+
+    def close(self) -> None:
+        for tf in self.files:
+            tf.close()
+
+
+# Files of the base folder that describe the model (not weights, not tokenizer): copied as they are.
+_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
+
+
+def write_served_stream(
+    folder: Path,
+    base: BaseFiles,
+    tokenizer: Any,
+    compute: Callable[[str, torch.Tensor], torch.Tensor],
+    touched: list[str],
+    info: dict[str, Any],
+    begin_state: Callable[[Path], None] | None = None,
+    end_state: Callable[[], None] | None = None,
+) -> str:
+    """Write the served folder atomically, one tensor at a time: every base tensor is copied as
+    raw bytes except those in `touched`, which are `compute(name, base_value)` (called in the
+    base files' order). `begin_state(dir)` is called with sift-merge/ before the first tensor and
+    `end_state()` after the last, so the merge's sums are written as they are computed. Returns the hash of the weights, computed as they are written."""
+    staged = staging_dir(folder)
+    (staged / STATE_DIR).mkdir()
+    if begin_state is not None:
+        begin_state(staged / STATE_DIR)
+    todo = set(touched)
+    per: dict[str, str] = {}
+    for tf in base.files:
+        out = StreamWriter(staged / tf.path.name, [(n, tf.entries[n].dtype, tf.entries[n].shape) for n in tf.names()])
+        try:
+            for name in tf.names():
+                if name in todo:
+                    w0 = tf.get(name)
+                    value = compute(name, w0)
+                    if value.dtype != w0.dtype or value.shape != w0.shape:
+                        raise SiftError(f"merged {name} has {value.dtype} {tuple(value.shape)}, the base {w0.dtype} {tuple(w0.shape)}")
+                    per[name] = out.write(name, value)
+                else:
+                    per[name] = out.copy(name, tf)
+            out.close()
+        except BaseException:
+            out.abort()
+            raise
+    for extra in _MODEL_FILES:
+        if (base.folder / extra).exists():
+            shutil.copyfile(base.folder / extra, staged / extra)
+    if end_state is not None:
+        end_state()
+    tokenizer.save_pretrained(str(staged))
+    per = dict(sorted(per.items()))
+    overall = combine_hashes(per.items())
+    (staged / STATE_DIR / SERVED_META).write_text(json.dumps(
+        {**info, "served_sha256": overall, "tensors": per}, indent=2, sort_keys=True) + "\n")
+    replace_dir(staged, folder)
+    return overall
