@@ -368,6 +368,39 @@ def unlearn(
           f"{r['forget_rows']} row(s) written to {r['out']}; not an exact forget: use `sift forget` for that")
 
 
+@app.command()
+@_command
+def serve(
+    workspace: Ws,
+    host: Annotated[str, typer.Option(help="Address to listen on (default: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    router: Annotated[Optional[str], typer.Option("--router", help="Default router of the server: keys or embed (default: the workspace's serving.router); a request's sift_router wins.")] = None,
+    fallback: Annotated[Optional[str], typer.Option(help="Who answers what no shard claims: merged or base (default: the workspace's serving.fallback); a request's sift_fallback wins.")] = None,
+    model_name: Annotated[Optional[str], typer.Option(help="Model id of routed serving in /v1/models (default: the workspace folder's name).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Answer length, in tokens, when a request gives no max_tokens.")] = 48,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for (more is refused with 400).")] = 256,
+    wait: Wait = 0.0,
+) -> None:
+    """Serve the workspace over HTTP with an OpenAI-compatible API: /v1/completions,
+    /v1/chat/completions, /v1/models. Requests are routed as `sift generate` routes them; a
+    forget on the workspace is picked up before any request accepted after its certificate."""
+    import uvicorn
+
+    from sift.http.app import create_app
+    from sift.workspace import Workspace
+
+    ws = Workspace(workspace)
+    ws.require()
+    application = create_app(ws, model_name=model_name, router=router, fallback=fallback, default_max_tokens=max_tokens,
+                             max_tokens_limit=max_tokens_limit, startup_wait=wait)
+    name = application.state.settings.name
+    print(f"sift: serving {workspace} as model {name!r} at http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(application, host=host, port=port, log_level="warning")
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on; stopping is the normal end
+        pass
+
+
 def _eval_help() -> str:
     from sift.evaluation.run import metrics_help
 
