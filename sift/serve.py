@@ -20,7 +20,7 @@ from sift.merge import IncrementalMethod, MergeMethod, MergeState, RecomputedMet
 from sift.merge.state import STATE_DIR, SumsReader, SumsWriter, served_value
 from sift.models import LazyBase, base_weight_folder
 from sift.serving.folder import load_merge_state as _load_state
-from sift.serving.folder import BaseFiles, served_hashes, served_info as _served_info, write_served, write_served_stream
+from sift.serving.folder import BaseFiles, served_hashes, served_info as _served_info, tokenizer_files, write_served, write_served_stream
 from sift.snapshot import WorkspaceView
 from sift.workspace import Workspace
 
@@ -244,7 +244,10 @@ def write_incremental(folder: Path, base: LazyBase, m: IncrementalMethod, plan: 
                 else:
                     MergeState(plan.bits, plan.base_fingerprint).save(sums["dir"])
 
-            digest = write_served_stream(folder, files, base.tokenizer(), compute, order, record,
+            previous = _served_info(folder)
+            same_base = previous is not None and previous.get("base_fingerprint") == base.expected
+            tokenizer = folder if same_base and tokenizer_files(folder) else base.tokenizer()
+            digest = write_served_stream(folder, files, tokenizer, compute, order, record,
                                          begin_state=begin, end_state=end)
             return digest, True
         finally:

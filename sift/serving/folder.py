@@ -114,10 +114,16 @@ class BaseFiles:
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
 
 
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The files of a served folder that `tokenizer.save_pretrained` wrote: all but the weights,
+    the model's own files and sift-merge/."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix != ".safetensors" and f.name not in _MODEL_FILES)
+
+
 def write_served_stream(
     folder: Path,
     base: BaseFiles,
-    tokenizer: Any,
+    tokenizer: Any | Path,
     compute: Callable[[str, torch.Tensor], torch.Tensor],
     touched: list[str],
     info: dict[str, Any],
@@ -155,7 +161,11 @@ def write_served_stream(
             shutil.copyfile(base.folder / extra, staged / extra)
     if end_state is not None:
         end_state()
-    tokenizer.save_pretrained(str(staged))
+    if isinstance(tokenizer, Path):
+        for f in tokenizer_files(tokenizer):
+            shutil.copyfile(f, staged / f.name)
+    else:
+        tokenizer.save_pretrained(str(staged))
     per = dict(sorted(per.items()))
     overall = combine_hashes(per.items())
     (staged / STATE_DIR / SERVED_META).write_text(json.dumps(
