@@ -1,6 +1,6 @@
 """Merge cost at hundreds of adapters: sift's incremental re-merge vs merging from scratch vs peft.
 
-    python scripts/bench_merge.py [--num-adapters 256] [--workdir DIR] [--keep] [--json]
+    python scripts/bench_merge.py [--num-adapters 256] [--workdir DIR] [--keep] [--json] [--out FILE]
 
 N seeded random LoRA adapters shaped like the builtin model's (r 16, alpha 32, every linear layer
 of SmolLM2-135M; 19.6 MB each) are written to disk, and their exact sums are built once (setup,
@@ -197,6 +197,7 @@ def main() -> None:
     p.add_argument("--workdir", default=None, help="where adapters and merged models go (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (adapters are reused by a later run)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--out", default=None, help="also write the JSON object to this file")
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.num_adapters < 2:
@@ -243,6 +244,8 @@ def main() -> None:
         "peft_max_abs_diff": diff,
         "machine": f"{os.cpu_count()} CPU cores",
     }
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result))
         return

@@ -90,6 +90,7 @@ def train_shards_cmd(
     lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank (default 16).")] = None,
     lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default 32).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Config seed; each shard's seed derives from it and its index.")] = None,
+    slices: Annotated[Optional[int], typer.Option(help="SISA slices R (default 1): each shard trains over R cumulative slices of its rows and keeps a checkpoint after each, so a forget retrains only from the first slice that held a deleted row.")] = None,
     router: Annotated[Optional[str], typer.Option(help="Default router of the workspace: auto (keys with --group-by, else embed), keys, embed or none.")] = None,
     fallback: Annotated[Optional[str], typer.Option(help="Who answers what no shard claims: merged (default) or base.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="A sift.toml to start from (flags override it).")] = None,
@@ -104,7 +105,8 @@ def train_shards_cmd(
     from sift.config import SiftConfig, load_config
     from sift.create import check_same_data, create_workspace
     from sift.forget import resume_pending_forget
-    from sift.train import parse_shard_spec, train_shards
+    from sift.snapshot import WorkspaceView
+    from sift.train import launch_rank, parse_shard_spec, rank_shards, train_shards
     from sift.workspace import Workspace
 
     ws = Workspace(workspace)
@@ -117,13 +119,19 @@ def train_shards_cmd(
         ("train", "method"): method, ("sift_masks", "target_modules"): target_list,
         ("data", "id_column"): id_column, ("train", "epochs"): epochs, ("sift_masks" if sift_masks else "train", "lr"): lr,
         ("train", "batch_size"): batch_size, ("lora", "r"): lora_r, ("lora", "alpha"): lora_alpha,
-        ("train", "seed"): seed, ("serving", "router"): router, ("serving", "fallback"): fallback,
+        ("train", "seed"): seed, ("train", "slices"): slices, ("serving", "router"): router, ("serving", "fallback"): fallback,
     }
     if not ws.exists() and data is None:
         raise SiftError(f"{workspace} is not a workspace yet: give --data to create it")
+    rank, world = launch_rank()
+    together = world > 1 or shards is not None  # other trainers may share the workspace
     fresh_folder = not workspace.exists()
-    with ws.lock(wait=wait, command="train-shards"):
-        created = None
+    # Creating the workspace, or finishing an interrupted forget, needs it alone: the ranks of a
+    # launch meet here (the first creates it, the others wait and check it). Trainers that share
+    # an existing workspace skip this and check the settings under the shared lock.
+    alone = not together or not ws.exists() or ws.journal_path.exists()
+    created = None
+    with ws.lock(exclusive=alone, wait=max(wait, 600.0) if world > 1 else wait, command="train-shards"):
         if not ws.exists():
             cfg = load_config(config) if config else SiftConfig()
             for (section, key), value in overrides.items():
@@ -143,12 +151,22 @@ def train_shards_cmd(
             cfg = ws.load_config()
             clash = [("--targets" if key == "target_modules" else f"--{key.replace('_', '-')}") for (section, key), value in overrides.items()
                      if value is not None and value != getattr(getattr(cfg, section), key)]
+            if world > 1 and config is not None and not clash:  # a rank after the one that created it
+                config = None
             if clash or config is not None:
                 raise SiftError(f"workspace {workspace} exists with other settings ({', '.join(clash) or '--config'}); use a new workspace or edit its sift.toml")
             if data is not None:
                 check_same_data(ws, data, cfg)
-            resume_pending_forget(ws)
-        summary = train_shards(ws, parse_shard_spec(shards, cfg.shards.num_shards))
+            if alone:
+                resume_pending_forget(ws)
+        if not together:
+            summary = train_shards(ws, parse_shard_spec(shards, cfg.shards.num_shards))
+    if together:  # the workspace lock shared with the other trainers, one lock per shard
+        with ws.lock(exclusive=False, wait=wait, command="train-shards"):
+            view = WorkspaceView.load(ws)
+            mine = rank_shards(view, parse_shard_spec(shards, cfg.shards.num_shards), rank, world)
+            summary = train_shards(ws, mine, view=view, shard_locks=True)
+        summary.update(rank=rank, world_size=world)
     summary["created"] = created is not None
     _emit(summary, as_json, lambda s: f"trained {len(s['trained'])} shard(s) ({s['steps']} steps, {s['seconds']:.1f}s); "
           f"{len(s['unchanged'])} unchanged")

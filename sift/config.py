@@ -58,6 +58,7 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     seed: int = 0
+    slices: int = 1  # SISA slices R: each shard trains over R cumulative slices, a checkpoint after each
 
 
 @dataclass
@@ -120,6 +121,10 @@ class SiftConfig:
             raise SiftError("train: epochs and batch_size must be >= 1 and max_length >= 8")
         if not (t.lr > 0 and math.isfinite(t.lr)):
             raise SiftError(f"train.lr must be a positive number, got {t.lr}")
+        if not (isinstance(t.slices, int) and 1 <= t.slices <= 64):
+            raise SiftError(f"train.slices must be an integer in 1..64, got {t.slices!r}")
+        if t.slices > 1 and t.method != "lora":
+            raise SiftError("train.slices > 1 (SISA slices) needs train.method lora")
         if t.method not in TRAIN_METHODS:
             raise SiftError(f"train.method must be one of {', '.join(TRAIN_METHODS)}; got {t.method!r}")
         sm = self.sift_masks
@@ -146,6 +151,8 @@ class SiftConfig:
         d = dataclasses.asdict(self)
         d.pop("merge")
         d.pop("serving")
+        if self.train.slices == 1:  # workspaces made before slices keep their hashes
+            d["train"].pop("slices")
         if self.train.method == "lora":  # sift-masks settings cannot change a LoRA adapter (and
             d["train"].pop("method")      # LoRA workspaces keep the hashes they had before)
             d.pop("sift_masks")

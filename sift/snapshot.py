@@ -50,8 +50,11 @@ class WorkspaceView:
     def num_shards(self) -> int:
         return self.cfg.shards.num_shards
 
-    def plan(self, shard: int) -> ShardPlan:
-        """What shard `shard` needs; computed once per view (content hashes cost a pass over rows)."""
+    def plan(self, shard: int, fresh: bool = False) -> ShardPlan:
+        """What shard `shard` needs; computed once per view (content hashes cost a pass over rows)
+        unless `fresh` (another process may have trained it meanwhile)."""
+        if fresh:
+            self._plans.pop(shard, None)
         if shard not in self._plans:
             rows = self.rows.get(shard, [])
             meta = read_meta(self.ws.adapter_dir(shard))

@@ -6,7 +6,11 @@ No state crosses shards: each shard starts from a fresh copy of the base model, 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
+import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -16,15 +20,15 @@ from typing import Any
 
 import torch
 
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from sift.adapters import ADAPTER_WEIGHTS, META, check_mergeable_targets
 from sift.config import SiftConfig
-from sift.data import Row
+from sift.data import Row, shard_content_hash
 from sift.determinism import derive_seed, enable_determinism
 from sift.errors import SiftError
 from sift.fsio import atomic_write_json, remove_tree, replace_dir, staging_dir
-from sift.hashing import tensors_sha256
+from sift.hashing import sha256_hex, shard_of, tensors_sha256
 from sift.loop import LoopResult, LoopSettings, batches, run_loop
 from sift.models import BaseModel, LazyBase, example_ids
 from sift.siftmasks.store import DELTA_FILE, save_delta
@@ -93,11 +97,15 @@ def train_shard(
     examples = tokenize_rows(base, rows, cfg.train.max_length)
     seed = shard_seed(cfg, shard)
     staged = staging_dir(out_dir)
-    fit = _fit_sift_masks if cfg.train.method == "sift-masks" else _fit_lora
-    digest, result, extra = fit(base, examples, cfg, seed, staged, progress)
+    if cfg.train.slices > 1:
+        digest, result, extra = _fit_lora_sliced(base, rows, cfg, shard, seed, staged, out_dir, progress)
+        tokens = extra.pop("tokens_trained")
+    else:
+        fit = _fit_sift_masks if cfg.train.method == "sift-masks" else _fit_lora
+        digest, result, extra = fit(base, examples, cfg, seed, staged, progress)
+        tokens = cfg.train.epochs * sum(len(ids) for ids, _ in examples)
     build_routers(base, rows, cfg, staged, content_hash)
     seconds = time.perf_counter() - started
-    tokens = cfg.train.epochs * sum(len(ids) for ids, _ in examples)
     atomic_write_json(
         staged / META,
         {
@@ -121,9 +129,8 @@ def train_shard(
     return TrainResult(shard, len(rows), result.steps, seconds, result.final_loss, digest)
 
 
-def _fit_lora(base: BaseModel, examples: list, cfg: SiftConfig, seed: int, staged: Path,
-              progress: Callable[[int, int, float], None] | None) -> tuple[str, LoopResult, dict[str, Any]]:
-    """One LoRA adapter (peft), saved in peft's format."""
+def _lora_model(base: BaseModel, cfg: SiftConfig, seed: int) -> tuple[Any, list[torch.nn.Parameter]]:
+    """A fresh copy of the base with LoRA layers whose A matrices are drawn from `seed`."""
     from peft import LoraConfig, get_peft_model
 
     model = copy.deepcopy(base.model)
@@ -138,18 +145,128 @@ def _fit_lora(base: BaseModel, examples: list, cfg: SiftConfig, seed: int, stage
     )
     peft_model = get_peft_model(model, lora)
     check_mergeable_targets(peft_model)  # refuse before the first step, not at merge time
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    return peft_model, [p for p in peft_model.parameters() if p.requires_grad]
+
+
+def _save_lora(peft_model: Any, staged: Path) -> str:
+    peft_model.eval()
+    peft_model.save_pretrained(str(staged), safe_serialization=True)
+    (staged / "README.md").unlink(missing_ok=True)  # peft's model card template; says nothing here
+    return tensors_sha256(load_file(str(staged / ADAPTER_WEIGHTS)))[0]
+
+
+def _fit_lora(base: BaseModel, examples: list, cfg: SiftConfig, seed: int, staged: Path,
+              progress: Callable[[int, int, float], None] | None) -> tuple[str, LoopResult, dict[str, Any]]:
+    """One LoRA adapter (peft), saved in peft's format."""
+    peft_model, params = _lora_model(base, cfg, seed)
     t = cfg.train
     settings = LoopSettings(t.epochs, t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.max_grad_norm)
     peft_model.train()
     lm = peft_model.base_model.model  # the causal LM, with the LoRA layers injected in place
     result = run_loop(lm, params, examples, base.tokenizer.pad_token_id, settings, seed,
                       loss_fn=lambda m, b: completion_loss(m, *b), progress=progress)
-    peft_model.eval()
-    peft_model.save_pretrained(str(staged), safe_serialization=True)
-    (staged / "README.md").unlink(missing_ok=True)  # peft's model card template; says nothing here
-    digest = tensors_sha256(load_file(str(staged / ADAPTER_WEIGHTS)))[0]
-    return digest, result, {}
+    return _save_lora(peft_model, staged), result, {}
+
+
+# -- SISA slices ---------------------------------------------------------------------------------
+
+SLICES_DIR = "slices"
+_STAGES = "stages.json"
+
+
+def slice_of(group: str, slices: int) -> int:
+    """A row's slice (0-based): a hash of its group key (owner or id) salted apart from the shard
+    hash, so that one shard's rows spread over every slice and one owner's rows share a slice."""
+    return shard_of("slice\0" + group, slices)
+
+
+def slice_epochs(epochs: int, slices: int) -> list[int]:
+    """SISA's allotment: stage r trains int((r+1) e') - int(r e') epochs, e' = 2e/(R+1), so that the
+    stages together see about as many rows as e epochs over the whole shard."""
+    per = 2 * epochs / (slices + 1)
+    return [int((r + 1) * per) - int(r * per) for r in range(slices)]
+
+
+def stage_hash(cfg: SiftConfig, base_fingerprint: str, shard: int, stage: int, prefix: list[Row]) -> str:
+    """Names a stage's checkpoint: the rows it has seen (slices 0..stage), the config, the base."""
+    return sha256_hex(f"stage {stage}|".encode() + shard_content_hash(cfg.training_hash(), base_fingerprint, shard, prefix).encode())
+
+
+def read_stages(adapter_dir: Path) -> list[dict[str, Any]]:
+    try:
+        return json.loads((adapter_dir / SLICES_DIR / _STAGES).read_text())["stages"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _fit_lora_sliced(base: BaseModel, rows: list[Row], cfg: SiftConfig, shard: int, seed: int, staged: Path,
+                     previous: Path, progress: Callable[[int, int, float], None] | None) -> tuple[str, LoopResult, dict[str, Any]]:
+    """SISA (Bourtoule et al. 2021) on one shard: stage r trains the adapter left by stage r - 1 on
+    slices 0..r with a fresh optimizer and a seed of its own, and saves the LoRA tensors.
+
+    A stage's result depends only on the previous checkpoint, its rows and the config, so a stage
+    whose rows are unchanged (every stage before the first slice that lost a row) is taken from
+    `previous` instead of trained, and everything after it is bit-identical to training from
+    scratch. A checkpoint is reused only when its recorded stage hash matches the current rows and
+    its tensors match their recorded hash, so no kept checkpoint has seen a deleted row."""
+    R, t = cfg.train.slices, cfg.train
+    ordered = sorted(rows, key=lambda r: r.id)
+    where = {r.id: slice_of(r.group, R) for r in ordered}
+    epochs = slice_epochs(t.epochs, R)
+    old = {int(e["stage"]): e for e in read_stages(previous)}
+    peft_model, params = _lora_model(base, cfg, seed)
+    peft_model.train()
+    lm = peft_model.base_model.model
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    (staged / SLICES_DIR).mkdir()
+    stages: list[dict[str, Any]] = []
+    steps = tokens = 0
+    loss = float("nan")
+    reusing = True
+    for r in range(R):
+        prefix = [row for row in ordered if where[row.id] <= r]
+        digest = stage_hash(cfg, base.fingerprint, shard, r, prefix)
+        name = f"stage-{r:02d}.safetensors"
+        kept = old.get(r) if reusing else None
+        state = _load_checkpoint(previous / SLICES_DIR / name, kept, digest) if kept else None
+        if state is not None:
+            with torch.no_grad():
+                for n, p in peft_model.named_parameters():
+                    if n in state:
+                        p.copy_(state[n])
+            shutil.copyfile(previous / SLICES_DIR / name, staged / SLICES_DIR / name)
+            stages.append({**kept, "reused": True})
+            loss = float(kept.get("final_loss", loss))
+            continue
+        reusing = False
+        examples = tokenize_rows(base, prefix, t.max_length)
+        stage_seed = derive_seed("slice", seed, r)
+        torch.manual_seed(stage_seed)  # LoRA dropout, if any, draws from the global generator
+        settings = LoopSettings(epochs[r], t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.max_grad_norm)
+        result = run_loop(lm, params, examples, base.tokenizer.pad_token_id, settings, stage_seed,
+                          loss_fn=lambda m, b: completion_loss(m, *b), progress=progress) if examples and epochs[r] else LoopResult(0, loss)
+        steps += result.steps
+        tokens += epochs[r] * sum(len(ids) for ids, _ in examples)
+        loss = result.final_loss
+        tensors = {n: p.detach().clone().contiguous() for n, p in peft_model.named_parameters() if n in set(names)}
+        save_file(tensors, str(staged / SLICES_DIR / name), metadata={"format": "pt"})
+        stages.append({"stage": r, "stage_hash": digest, "rows": len(prefix), "epochs": epochs[r], "steps": result.steps,
+                       "final_loss": loss, "sha256": tensors_sha256(tensors)[0], "reused": False})
+    atomic_write_json(staged / SLICES_DIR / _STAGES, {"slices": R, "stages": [{k: v for k, v in e.items() if k != "reused"} for e in stages]})
+    first = next((e["stage"] for e in stages if not e["reused"]), R)
+    extra = {"slices": R, "resumed_from_stage": first, "stages_reused": sum(e["reused"] for e in stages), "tokens_trained": tokens}
+    return _save_lora(peft_model, staged), LoopResult(steps, loss), extra
+
+
+def _load_checkpoint(path: Path, entry: dict[str, Any], digest: str) -> dict[str, torch.Tensor] | None:
+    """A stage's tensors, only if they are the ones recorded for exactly these rows."""
+    if entry.get("stage_hash") != digest:
+        return None
+    try:
+        state = load_file(str(path))
+    except Exception:
+        return None
+    return state if tensors_sha256(state)[0] == entry.get("sha256") else None
 
 
 def _fit_sift_masks(base: BaseModel, examples: list, cfg: SiftConfig, seed: int, staged: Path,
@@ -173,7 +290,7 @@ def stderr_progress(label: str) -> Callable[[int, int, float], None]:
         bar: dict[str, Any] = {}
 
         def update(step: int, total: int, loss: float) -> None:
-            if "bar" not in bar:
+            if "bar" not in bar or step == 1:  # a new bar per run of the loop (SISA stages run several)
                 bar["bar"] = tqdm(total=total, desc=label, file=sys.stderr, leave=False, unit="step")
             bar["bar"].update(1)
             bar["bar"].set_postfix(loss=f"{loss:.3f}")
@@ -218,10 +335,13 @@ def train_shards(
     base: LazyBase | None = None,
     quiet: bool = False,
     view: WorkspaceView | None = None,
+    shard_locks: bool = False,
 ) -> dict[str, Any]:
     """Train every selected shard whose adapter is missing or stale; skip the rest (rebuilding
     only their router files when the serving settings changed).
 
+    `shard_locks`: the caller holds the workspace lock shared with other trainers, so each shard
+    is planned and written under its own lock (a shard another trainer finished is 'unchanged').
     Returns a summary: per shard 'trained', 'unchanged', 'empty' or 'dropped'."""
     started = time.perf_counter()
     view = view or WorkspaceView.load(ws)
@@ -231,27 +351,10 @@ def train_shards(
     results: list[TrainResult] = []
     todo = shards if shards is not None else list(range(view.num_shards))
     for shard in todo:
-        plan = view.plan(shard)
-        adir = ws.adapter_dir(shard)
-        if plan.status == "dropped":
-            status[shard] = "dropped"
-            continue
-        if plan.status == "empty":
-            remove_tree(adir)
-            status[shard] = "empty"
-            continue
-        assert plan.content_hash is not None
-        if plan.status == "current":
-            if not routers_current(adir, router_settings(cfg, state.base_model_fingerprint, plan.content_hash)):
-                build_routers(base.get(), plan.rows, cfg, adir, plan.content_hash)
-            status[shard] = "unchanged"
-            continue
-        label = f"shard {shard:>3} ({len(plan.rows)} rows)"
-        res = train_shard(base.get(), plan.rows, cfg, shard, adir, plan.content_hash, None if quiet else stderr_progress(label))
-        if not quiet:
-            print(f"{label}: trained {res.steps} steps in {res.seconds:.1f}s, final loss {res.final_loss:.4f}", file=sys.stderr, flush=True)
-        results.append(res)
-        status[shard] = "trained"
+        with ws.shard_lock(shard) if shard_locks else contextlib.nullcontext():
+            res = _train_one(ws, view, base, cfg, state, shard, quiet, fresh=shard_locks, status=status)
+        if res is not None:
+            results.append(res)
     view.forget_plans()
     return {
         "shards": {str(k): v for k, v in sorted(status.items())},
@@ -260,3 +363,56 @@ def train_shards(
         "steps": sum(r.steps for r in results),
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _train_one(ws: Workspace, view: WorkspaceView, base: LazyBase, cfg: SiftConfig, state: Any, shard: int,
+               quiet: bool, fresh: bool, status: dict[int, str]) -> TrainResult | None:
+    """Bring one shard up to date; records what happened in `status`."""
+    plan = view.plan(shard, fresh=fresh)
+    adir = ws.adapter_dir(shard)
+    if plan.status == "dropped":
+        status[shard] = "dropped"
+        return None
+    if plan.status == "empty":
+        remove_tree(adir)
+        status[shard] = "empty"
+        return None
+    assert plan.content_hash is not None
+    if plan.status == "current":
+        if not routers_current(adir, router_settings(cfg, state.base_model_fingerprint, plan.content_hash)):
+            build_routers(base.get(), plan.rows, cfg, adir, plan.content_hash)
+        status[shard] = "unchanged"
+        return None
+    label = f"shard {shard:>3} ({len(plan.rows)} rows)"
+    res = train_shard(base.get(), plan.rows, cfg, shard, adir, plan.content_hash, None if quiet else stderr_progress(label))
+    if not quiet:
+        print(f"{label}: trained {res.steps} steps in {res.seconds:.1f}s, final loss {res.final_loss:.4f}", file=sys.stderr, flush=True)
+    status[shard] = "trained"
+    return res
+
+
+# -- several trainers on one workspace ---------------------------------------------------------
+
+def launch_rank() -> tuple[int, int]:
+    """(rank, world size) as `accelerate launch` and torchrun set them (RANK, WORLD_SIZE);
+    (0, 1) for a plain process."""
+    try:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError:
+        raise SiftError("RANK and WORLD_SIZE must be integers (they are set by accelerate launch / torchrun)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise SiftError(f"RANK {rank} does not fit WORLD_SIZE {world}")
+    return rank, world
+
+
+def rank_shards(view: WorkspaceView, shards: list[int], rank: int, world: int) -> list[int]:
+    """This rank's part of `shards`: most rows first to the least-loaded rank (ties to the lower
+    rank). Every rank computes the same split with no messages, from the rows alone: whether a
+    shard is already trained changes while other ranks work, so it must not steer the split."""
+    cost = {s: len(view.rows.get(s, [])) for s in shards}
+    load, mine = [0] * world, {r: [] for r in range(world)}
+    for s in sorted(shards, key=lambda s: (-cost[s], s)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        mine[r].append(s)
+        load[r] += cost[s]
+    return sorted(mine[rank])

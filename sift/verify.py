@@ -18,6 +18,7 @@ from sift.errors import SiftError
 from sift.hashing import tensors_sha256
 from sift.models import LazyBase
 from sift.merge.state import STATE_DIR, sums_sha256
+from sift.train import SLICES_DIR
 from sift.serve import merge_workspace, served_hashes, served_info
 from sift.serving.route import router_file_hashes
 from sift.snapshot import WorkspaceView
@@ -40,7 +41,13 @@ def shard_files(ws: Workspace, shard: int) -> dict[str, str] | None:
         adapter = weights.name + ":" + tensors_sha256(load_file(str(weights)))[0]
     except Exception:  # a damaged file differs from anything rebuilt
         adapter = "unreadable"
-    return {WEIGHTS: adapter, **router_file_hashes(folder)}
+    stages = {}
+    for ck in sorted((folder / SLICES_DIR).glob("*.safetensors")):  # SISA checkpoints serve later forgets
+        try:
+            stages[f"{SLICES_DIR}/{ck.name}"] = tensors_sha256(load_file(str(ck)))[0]
+        except Exception:
+            stages[f"{SLICES_DIR}/{ck.name}"] = "unreadable"
+    return {WEIGHTS: adapter, **router_file_hashes(folder), **stages}
 
 
 def accumulator_sha256(ws: Workspace) -> str | None:

@@ -167,6 +167,19 @@ class Workspace:
         finally:
             os.close(fd)  # closing releases the lock
 
+    @contextlib.contextmanager
+    def shard_lock(self, shard: int) -> Iterator[None]:
+        """flock on ws/.locks/shard-NNNN.lock, waiting for it: two trainers sharing the workspace
+        lock (ranks of one launch, or shell/Slurm jobs with --shards) never write one shard at once."""
+        folder = self.root / ".locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / f"shard-{shard:04d}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     # -- ledger -------------------------------------------------------------------------------
     def read_ledger(self) -> list[dict[str, Any]]:
         if not self.ledger_path.exists():
