@@ -59,6 +59,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     slices: int = 1  # SISA slices R: each shard trains over R cumulative slices, a checkpoint after each
+    # CPU threads of every training step. The bytes depend on it (reductions split differently), so
+    # a new workspace pins the count it was made with; 0 (workspaces from before) leaves it to torch.
+    threads: int = 0
 
 
 @dataclass
@@ -123,6 +126,8 @@ class SiftConfig:
             raise SiftError(f"train.lr must be a positive number, got {t.lr}")
         if not (isinstance(t.slices, int) and 1 <= t.slices <= 64):
             raise SiftError(f"train.slices must be an integer in 1..64, got {t.slices!r}")
+        if not (isinstance(t.threads, int) and 0 <= t.threads <= 1024):
+            raise SiftError(f"train.threads must be an integer in 0..1024, got {t.threads!r}")
         if t.slices > 1 and t.method != "lora":
             raise SiftError("train.slices > 1 (SISA slices) needs train.method lora")
         if t.method not in TRAIN_METHODS:
@@ -153,6 +158,8 @@ class SiftConfig:
         d.pop("serving")
         if self.train.slices == 1:  # workspaces made before slices keep their hashes
             d["train"].pop("slices")
+        if self.train.threads == 0:  # likewise for workspaces made before the thread count was pinned
+            d["train"].pop("threads")
         if self.train.method == "lora":  # sift-masks settings cannot change a LoRA adapter (and
             d["train"].pop("method")      # LoRA workspaces keep the hashes they had before)
             d.pop("sift_masks")

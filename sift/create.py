@@ -19,8 +19,14 @@ def base_fingerprint(cfg: SiftConfig) -> str:
 
 def create_workspace(ws: Workspace, source: str, cfg: SiftConfig) -> dict[str, Any]:
     """Validate the data, assign shards, write rows, manifest, state and (last) the config:
-    until sift.toml exists the folder is not a workspace, so a crash here leaves nothing half-made."""
+    until sift.toml exists the folder is not a workspace, so a crash here leaves nothing half-made.
+    A config with train.threads 0 gets this process's torch thread count pinned: every later
+    training (a forget, verify's rebuild, another rank) then computes with the same reductions."""
     cfg.validate()
+    if cfg.train.threads == 0:
+        import torch
+
+        cfg.train.threads = torch.get_num_threads()
     rows = parse_rows(load_records(source), cfg.data, source=source)
     fingerprint = base_fingerprint(cfg)
     if cfg.train.method == "sift-masks":  # refuse targets the model lacks before anything is written

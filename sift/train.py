@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,24 @@ def train_shard(
     """Fine-tune one shard (a LoRA adapter, or a SIFT-Masks sign-fixed delta, as train.method
     says) and write it, sift-meta.json and the shard's router files to `out_dir` atomically: a
     crash leaves the previous adapter or none, never half of one."""
+    with pinned_threads(cfg.train.threads):
+        return _train_shard(base, rows, cfg, shard, out_dir, content_hash, progress)
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to n (0: left as it is) for the duration."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_shard(base: BaseModel, rows: list[Row], cfg: SiftConfig, shard: int, out_dir: Path, content_hash: str,
+                 progress: Callable[[int, int, float], None] | None) -> TrainResult:
     enable_determinism()
     started = time.perf_counter()
     examples = tokenize_rows(base, rows, cfg.train.max_length)

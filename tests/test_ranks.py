@@ -84,3 +84,49 @@ def test_rank_split_is_balanced_and_covers_every_shard(tmp_path, facts):
     assert sorted(parts[0] + parts[1]) == [0, 1, 2, 3] and not set(parts[0]) & set(parts[1])
     load = [sum(len(view.rows.get(s, [])) for s in p) for p in parts]
     assert max(load) - min(load) <= max(len(r) for r in view.rows.values())
+
+
+def test_accelerate_launch_splits_the_shards(tmp_path):
+    """The real launcher: on CPU, `accelerate launch --multi_gpu` starts torchrun-style workers
+    (its `--cpu` with several processes needs mpirun); sift needs only their RANK / WORLD_SIZE."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(_data())
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+                        "-m", "sift.cli", "train-shards", "-w", str(tmp_path / "ranks"), "--data", str(rows), *TRAIN],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    summaries = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert sorted(s["rank"] for s in summaries) == [0, 1] and all(s["world_size"] == 2 for s in summaries)
+    _finish(_start(["train-shards", "-w", str(tmp_path / "alone"), "--data", str(rows), *TRAIN]))
+    assert _adapters(tmp_path / "ranks") == _adapters(tmp_path / "alone")
+
+
+def test_a_workspace_pins_the_thread_count_its_training_uses(tmp_path, facts, monkeypatch):
+    """Reductions split by thread count change an adapter's bytes (measured on the builtin model:
+    1 and 2 threads give different adapters), so every training of a workspace uses the count it
+    was made with, whatever the process's own."""
+    import torch
+
+    import sift.train as train_mod
+    from conftest import build_workspace, tiny_config
+
+    before = torch.get_num_threads()
+    ws = build_workspace(tmp_path / "ws", facts, tiny_config(num_shards=2), merge=None)
+    cfg = ws.load_config()
+    assert cfg.train.threads == before and "threads" in cfg.training_dict()["train"]
+    seen = []
+    real = train_mod.run_loop
+    monkeypatch.setattr(train_mod, "run_loop", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    cfg.train.threads = 1 if before != 1 else 2
+    ws.save_config(cfg)
+    try:
+        torch.set_num_threads(3)
+        train_mod.train_shards(ws, quiet=True)  # the config changed: every shard retrains
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {cfg.train.threads}
+    legacy = tiny_config()
+    assert legacy.train.threads == 0 and "threads" not in legacy.training_dict()["train"]
