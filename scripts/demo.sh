@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main job on the embedded default (no network): make the data, train one LoRA
 # adapter per shard, merge, ask (routed to the shard that learned the answer, no group given),
-# forget one person, ask again, verify. About 6 minutes on 2 CPU cores.
+# forget one person, ask again, verify. About 5 minutes on 2 CPU cores.
 # SIFT_DEMO_DIR (default ./demo) holds the data and the workspace; SIFT_DEMO_PEOPLE sizes the data;
 # SIFT_DEMO_MODEL=builtin-tiny runs the same steps on a random tiny model in seconds.
 set -euo pipefail
@@ -43,9 +43,14 @@ ask() {
   a=$(sift generate -w "$ws" "$@" 2> "$out/served-by.txt")
   printf '%s\n      [%s]\n' "$a" "$(sed 's/^sift: //' "$out/served-by.txt")"
 }
+# Both questions in one call (one model load); each answer with the path that served it.
+ask_both() {
+  sift generate -w "$ws" "$question" "$paraphrase" > "$out/answers.txt" 2> "$out/served-by.txt"
+  paste "$out/answers.txt" <(sed 's/^sift: //' "$out/served-by.txt") |
+    awk -F'\t' '{ printf "   %-13s: %s\n      [%s]\n", (NR == 1 ? "served" : "paraphrased"), $1, $2 }'
+}
 step "4. Ask about $owner, no group given (trained answer: \"$truth\")"
-echo "   served       : $(ask "$question")"
-echo "   paraphrased  : $(ask "$paraphrase")"
+ask_both
 echo "   merged only  : $(ask --merged "$question")"
 echo "   which shard would answer, per router (sift route):"
 printf '%s\n%s\n' "$question" "$paraphrase" | sift route -w "$ws" - --router keys | sed 's/^/      /'
@@ -59,8 +64,7 @@ cut -f1 "$out/ids.tsv" | sift forget -w "$ws" --ids - --json
 took
 
 step "6. Ask again: no shard holds $owner any more, so the merged model answers, and says so"
-echo "   served       : $(ask "$question")"
-echo "   paraphrased  : $(ask "$paraphrase")"
+ask_both
 took
 
 step "7. Verify: rebuild from scratch on the remaining rows and compare every weight byte"
