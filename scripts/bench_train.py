@@ -37,7 +37,7 @@ def main() -> None:
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments
 
     from sift.builtin.facts import make_rows
     from sift.config import SiftConfig
@@ -83,6 +83,7 @@ def main() -> None:
                                   dataloader_num_workers=0)
         trainer = Trainer(model=model, args=targs, train_dataset=data,
                           data_collator=DataCollatorForSeq2Seq(base.tokenizer, padding=True, label_pad_token_id=-100))
+        trainer.remove_callback(PrinterCallback)  # it prints the final log dict on stdout
         started = time.perf_counter()
         out_state = trainer.train()
         hf_s = time.perf_counter() - started
