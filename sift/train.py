@@ -22,12 +22,12 @@ import torch
 
 from safetensors.torch import load_file, save_file
 
-from sift.adapters import ADAPTER_WEIGHTS, META, check_mergeable_targets
+from sift.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META, check_mergeable_targets
 from sift.config import SiftConfig
 from sift.data import Row, shard_content_hash
 from sift.determinism import derive_seed, enable_determinism
 from sift.errors import SiftError
-from sift.fsio import atomic_write_json, remove_tree, replace_dir, staging_dir
+from sift.fsio import atomic_write_json, atomic_write_text, remove_tree, replace_dir, staging_dir
 from sift.hashing import sha256_hex, shard_of, tensors_sha256
 from sift.loop import LoopResult, LoopSettings, batches, run_loop
 from sift.models import BaseModel, LazyBase, example_ids
@@ -170,7 +170,19 @@ def _save_lora(peft_model: Any, staged: Path) -> str:
     peft_model.eval()
     peft_model.save_pretrained(str(staged), safe_serialization=True)
     (staged / "README.md").unlink(missing_ok=True)  # peft's model card template; says nothing here
+    canonical_adapter_config(staged / ADAPTER_CONFIG)
     return tensors_sha256(load_file(str(staged / ADAPTER_WEIGHTS)))[0]
+
+
+def canonical_adapter_config(path: Path) -> None:
+    """Rewrite peft's adapter_config.json with sorted keys and sorted module lists: peft stores
+    target_modules from a set, so its order followed Python's per-process string hashing and two
+    identical runs wrote different files."""
+    data = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(data.get(key), list):
+            data[key] = sorted(data[key])
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _fit_lora(base: BaseModel, examples: list, cfg: SiftConfig, seed: int, staged: Path,

@@ -12,10 +12,10 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from sift.adapters import weights_file
+from sift.adapters import ADAPTER_CONFIG, weights_file
 from sift.data import write_workspace_rows
 from sift.errors import SiftError
-from sift.hashing import tensors_sha256
+from sift.hashing import sha256_hex, tensors_sha256
 from sift.models import LazyBase
 from sift.merge.state import STATE_DIR, sums_sha256
 from sift.train import SLICES_DIR
@@ -47,7 +47,15 @@ def shard_files(ws: Workspace, shard: int) -> dict[str, str] | None:
             stages[f"{SLICES_DIR}/{ck.name}"] = tensors_sha256(load_file(str(ck)))[0]
         except Exception:
             stages[f"{SLICES_DIR}/{ck.name}"] = "unreadable"
-    return {WEIGHTS: adapter, **router_file_hashes(folder), **stages}
+    config = folder / ADAPTER_CONFIG  # peft reads it to serve the adapter: compared byte for byte
+    files = {ADAPTER_CONFIG: sha256_hex(config.read_bytes())} if config.exists() else {}
+    return {WEIGHTS: adapter, **router_file_hashes(folder), **stages, **files}
+
+
+def served_files(folder: Path) -> dict[str, str]:
+    """sha256 of the served folder's files other than the weights and sift-merge/ (config,
+    generation config, tokenizer): a loader reads them too, so a rebuild must write the same bytes."""
+    return {f.name: sha256_hex(f.read_bytes()) for f in sorted(folder.iterdir()) if f.is_file() and f.suffix != ".safetensors"}
 
 
 def accumulator_sha256(ws: Workspace) -> str | None:
@@ -93,9 +101,12 @@ def verify(ws: Workspace, tmp_dir: str | None = None, base: LazyBase | None = No
                 if a.get(name) != b.get(name):
                     router_diff.append(f"shard-{shard:04d}/{name}")
         sums_match = accumulator_sha256(ws) == accumulator_sha256(fresh)
+        mine, theirs = served_files(ws.merged_dir), served_files(fresh.merged_dir)
+        file_diff = sorted(n for n in set(mine) | set(theirs) if mine.get(n) != theirs.get(n))
     names = sorted(set(served_per) | set(rebuilt_per))
     mismatched = [n for n in names if served_per.get(n) != rebuilt_per.get(n)]
-    identical = served_overall == rebuilt_overall and not mismatched and not adapter_diff and not router_diff and sums_match
+    identical = (served_overall == rebuilt_overall and not mismatched and not adapter_diff and not router_diff
+                 and sums_match and not file_diff)
     return {
         "identical": identical,
         "served_sha256": served_overall,
@@ -104,9 +115,11 @@ def verify(ws: Workspace, tmp_dir: str | None = None, base: LazyBase | None = No
         "mismatched_tensors": mismatched[:20],
         "adapters_compared": compared,
         "mismatched_adapters": adapter_diff,
-        "router_files_compared": routers,
-        "mismatched_router_files": router_diff,
+        "shard_files_compared": routers,  # router files, adapter_config.json, slice checkpoints
+        "mismatched_shard_files": router_diff,
         "merge_sums_match": sums_match,
+        "served_files_compared": len(set(mine) | set(theirs)),
+        "mismatched_served_files": file_diff,
         "served_record_matches_files": info.get("served_sha256") == served_overall,
         "method": info["method"],
         "rows": sum(len(r) for r in view.rows.values()),

@@ -67,7 +67,7 @@ def test_router_files_after_forget_equal_from_scratch(trained_ws, facts, tmp_pat
     assert all_router_files(trained_ws) == all_router_files(scratch)
     assert all_router_files(trained_ws)  # something was compared
     result = verify(trained_ws, quiet=True)
-    assert result["identical"] and result["router_files_compared"] >= 2 * len(all_router_files(trained_ws))
+    assert result["identical"] and result["shard_files_compared"] >= 2 * len(all_router_files(trained_ws))
 
 
 def test_verify_fails_when_a_router_file_is_altered(trained_ws):
@@ -78,7 +78,7 @@ def test_verify_fails_when_a_router_file_is_altered(trained_ws):
     path.write_text(json.dumps(keys))
     result = verify(trained_ws, quiet=True)
     assert not result["identical"]
-    assert result["mismatched_router_files"] == [f"shard-{shard:04d}/{KEYS_FILE}"]
+    assert result["mismatched_shard_files"] == [f"shard-{shard:04d}/{KEYS_FILE}"]
     assert result["mismatched_tensors"] == []
 
 

@@ -242,6 +242,10 @@ def unlearn(ws: Workspace, ids: list[str], out: Path, settings: UnlearnSettings,
     staged = staging_dir(out)
     model.save_pretrained(str(staged), safe_serialization=True)
     (staged / "README.md").unlink(missing_ok=True)
+    if (staged / "adapter_config.json").exists():
+        from sift.train import canonical_adapter_config
+
+        canonical_adapter_config(staged / "adapter_config.json")
     seconds = time.perf_counter() - started - hook_seconds
     record = {
         "approximate": True,
