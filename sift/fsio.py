@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -73,13 +76,39 @@ def staging_dir(final: Path) -> Path:
     return path
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE), so that `b` never
+    stops existing; False where the system or file system does not offer it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def replace_dir(staged: Path, final: Path) -> None:
-    """Swap a fully written folder into place. A crash leaves either the old or the new folder,
-    plus at most a `.old` sibling that `recover_dir` puts right."""
+    """Swap a fully written folder into place. Where the system allows, the old and new folders
+    trade places in one atomic step, so a reader of `final` (the server, `from_pretrained`) finds
+    the old folder or the new one, never none; the old one is then deleted (a crash before that
+    leaves a hidden staging folder that `clean_staging` removes). Elsewhere two renames are used:
+    a crash between them leaves a `.old` sibling that `recover_dir` puts right."""
     for f in staged.rglob("*"):
         if f.is_file():
             with f.open("rb") as fh:
                 os.fsync(fh.fileno())
+    if final.is_dir() and _exchange(staged, final):
+        _fsync_dir(final.parent)
+        shutil.rmtree(staged)  # now the old folder
+        return
     old = final.with_name(final.name + ".old")
     if old.exists():
         shutil.rmtree(old)
