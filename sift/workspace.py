@@ -36,6 +36,10 @@ class WorkspaceState:
     ledger_salt: str = field(default_factory=lambda: secrets.token_hex(16))
     dropped_shards: list[int] = field(default_factory=list)
     format: int = STATE_FORMAT
+    # The ledger's length and last entry hash as of the last append: the hash chain shows an
+    # edited entry, this anchor a truncated ledger (entries cut from its end leave no broken link).
+    ledger_entries: int = 0
+    ledger_head: str = ""
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> WorkspaceState:
@@ -45,6 +49,8 @@ class WorkspaceState:
             base_model_fingerprint=d["base_model_fingerprint"],
             ledger_salt=d["ledger_salt"],
             dropped_shards=sorted(int(s) for s in d.get("dropped_shards", [])),
+            ledger_entries=int(d.get("ledger_entries", 0)),
+            ledger_head=str(d.get("ledger_head", "")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -53,6 +59,7 @@ class WorkspaceState:
             "base_model_fingerprint": self.base_model_fingerprint,
             "ledger_salt": self.ledger_salt,
             "dropped_shards": sorted(self.dropped_shards),
+            **({"ledger_entries": self.ledger_entries, "ledger_head": self.ledger_head} if self.ledger_entries else {}),
         }
 
 
@@ -182,15 +189,19 @@ class Workspace:
 
     # -- ledger -------------------------------------------------------------------------------
     def read_ledger(self) -> list[dict[str, Any]]:
-        if not self.ledger_path.exists():
-            return []
-        entries = read_jsonl(self.ledger_path)
+        entries = read_jsonl(self.ledger_path) if self.ledger_path.exists() else []
         prev = ""
         for i, e in enumerate(entries):
             body = {k: v for k, v in e.items() if k != "entry_sha256"}
             if e.get("previous_sha256", "") != prev or sha256_hex(_canonical(body)) != e.get("entry_sha256"):
                 raise SiftError(f"ledger {self.ledger_path} is damaged at entry {i + 1} (hash chain broken)")
             prev = e["entry_sha256"]
+        if self.state_path.exists():
+            anchor = self.load_state()
+            n = anchor.ledger_entries
+            if n and (len(entries) < n or entries[n - 1]["entry_sha256"] != anchor.ledger_head):
+                raise SiftError(f"ledger {self.ledger_path} is truncated or replaced: state.json records {n} entries "
+                                f"ending in {anchor.ledger_head[:12]}, the ledger has {len(entries)}")
         return entries
 
     def append_ledger(self, entry: dict[str, Any]) -> dict[str, Any]:
@@ -203,6 +214,9 @@ class Workspace:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+        state = self.load_state()  # a crash before this leaves the anchor one entry behind: still a prefix
+        state.ledger_entries, state.ledger_head = len(entries) + 1, body["entry_sha256"]
+        self.save_state(state)
         return body
 
     def forgotten_hashes(self) -> set[str]:

@@ -192,3 +192,19 @@ def test_served_model_loads_with_plain_transformers(trained_ws):
     assert out.returncode == 0, out.stderr
     base = load_base_model("builtin-tiny").model.state_dict()["model.layers.0.self_attn.q_proj.weight"]
     assert float(out.stdout.strip()) != float(base.double().sum())
+
+
+def test_a_truncated_ledger_is_reported(trained_ws, facts):
+    """Entries cut from the end break no link of the chain; state.json's anchor shows them."""
+    forget(trained_ws, [facts[0]["id"]], quiet=True)
+    forget(trained_ws, [facts[1]["id"]], quiet=True)
+    lines = trained_ws.ledger_path.read_text().splitlines(keepends=True)
+    assert len(lines) == 2 and len(trained_ws.read_ledger()) == 2
+    trained_ws.ledger_path.write_text(lines[0])
+    with pytest.raises(SiftError, match="truncated"):
+        trained_ws.read_ledger()
+    with pytest.raises(SiftError, match="truncated"):
+        forget(trained_ws, [facts[2]["id"]], quiet=True)  # no forget on top of a cut ledger
+    trained_ws.ledger_path.unlink()
+    with pytest.raises(SiftError, match="truncated"):
+        trained_ws.read_ledger()
