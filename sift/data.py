@@ -230,11 +230,13 @@ def parse_ids(spec: str | None, ids_file: str | None) -> list[str]:
     if spec is not None and spec != "-":
         ids += [t.strip() for t in spec.split(",")]
     lines: list[str] = []
+    # one id per line means split at "\n" only: str.splitlines also splits at \x1c-\x1e, \x85 and
+    # \u2028/9, which may sit inside an id (found by a property test)
     if spec == "-":
-        lines += sys.stdin.read().splitlines()
+        lines += sys.stdin.read().split("\n")
     if ids_file is not None:
         try:
-            lines += Path(ids_file).read_text(encoding="utf-8").splitlines()
+            lines += Path(ids_file).read_text(encoding="utf-8").split("\n")
         except OSError as exc:
             raise SiftError(f"cannot read ids file {ids_file}: {exc.strerror}") from None
     if spec is None and ids_file is None:
