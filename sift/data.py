@@ -50,7 +50,7 @@ def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
     Files go through `datasets` with a throw-away cache, so no copy of the rows is left behind in
     ~/.cache (a later forget could not reach it there)."""
     if source == "-":
-        return _parse_jsonl_text(sys.stdin.read(), "<stdin>")
+        return parse_jsonl_text(sys.stdin.read(), "<stdin>")
     path = Path(source)
     if path.suffix.lower() in _FORMATS or path.exists():
         if not path.exists():
@@ -64,12 +64,12 @@ def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
             raise SiftError(f"data file {source} is empty")
         if fmt == "json":
             # our own parser: it names the bad line, where datasets' errors do not
-            return _parse_jsonl_text(path.read_text(encoding="utf-8"), source)
+            return parse_jsonl_text(path.read_text(encoding="utf-8"), source)
         return _load_with_datasets(fmt, str(path), "train", source)
     return _load_with_datasets(source, None, split, source)
 
 
-def _parse_jsonl_text(text: str, name: str) -> list[dict[str, Any]]:
+def parse_jsonl_text(text: str, name: str) -> list[dict[str, Any]]:
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():

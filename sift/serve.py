@@ -148,17 +148,20 @@ class SumsPlan:
     bits: int
     base_fingerprint: str
 
+    def __post_init__(self) -> None:
+        self._held = set(self.old.names()) if isinstance(self.old, SumsReader) else set(self.old.acc) if self.old else set()
+
     def names(self) -> set[str]:
-        held = set(self.old.names()) if isinstance(self.old, SumsReader) else set(self.old.acc) if self.old else set()
-        return held | {name for a in self.add for name in a.modules}
+        return self._held | {name for a in self.add for name in a.modules}
 
     def total(self, name: str, shape: torch.Size) -> torch.Tensor:
-        if isinstance(self.old, SumsReader):
-            total = self.old.get(name) if name in self._held() else torch.zeros(shape, dtype=torch.int64)
-        elif self.old is not None and name in self.old.acc:
-            total = self.old.acc[name]
-        else:
+        if name not in self._held:
             total = torch.zeros(shape, dtype=torch.int64)
+        elif isinstance(self.old, SumsReader):
+            total = self.old.get(name)
+        else:
+            assert self.old is not None
+            total = self.old.acc[name]
         for sign, adapters in ((-1, self.remove), (1, self.add)):
             for a in adapters:
                 if name in a.modules:
@@ -167,11 +170,6 @@ class SumsPlan:
                         raise SiftError(f"adapter of shard {a.shard}: {name} has shape {tuple(q.shape)}, expected {tuple(total.shape)}")
                     total = total.add(q, alpha=sign)
         return total
-
-    def _held(self) -> set[str]:
-        if not hasattr(self, "_held_names"):
-            self._held_names = set(self.old.names()) if isinstance(self.old, SumsReader) else set()
-        return self._held_names
 
     def in_memory(self) -> MergeState:
         """The same sums as a MergeState (for the path that loads the base)."""

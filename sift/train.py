@@ -247,7 +247,6 @@ def _fit_lora_sliced(base: BaseModel, rows: list[Row], cfg: SiftConfig, shard: i
     peft_model, params = _lora_model(base, cfg, seed)
     peft_model.train()
     lm = peft_model.base_model.model
-    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     (staged / SLICES_DIR).mkdir()
     stages: list[dict[str, Any]] = []
     steps = tokens = 0
@@ -278,7 +277,7 @@ def _fit_lora_sliced(base: BaseModel, rows: list[Row], cfg: SiftConfig, shard: i
         steps += result.steps
         tokens += epochs[r] * sum(len(ids) for ids, _ in examples)
         loss = result.final_loss
-        tensors = {n: p.detach().clone().contiguous() for n, p in peft_model.named_parameters() if n in set(names)}
+        tensors = {n: p.detach().clone().contiguous() for n, p in peft_model.named_parameters() if p.requires_grad}
         save_file(tensors, str(staged / SLICES_DIR / name), metadata={"format": "pt"})
         stages.append({"stage": r, "stage_hash": digest, "rows": len(prefix), "epochs": epochs[r], "steps": result.steps,
                        "final_loss": loss, "sha256": tensors_sha256(tensors)[0], "reused": False})

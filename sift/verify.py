@@ -18,11 +18,10 @@ from sift.errors import SiftError
 from sift.hashing import sha256_hex, tensors_sha256
 from sift.models import LazyBase
 from sift.merge.state import STATE_DIR, sums_sha256
-from sift.train import SLICES_DIR
 from sift.serve import merge_workspace, served_hashes, served_info
 from sift.serving.route import router_file_hashes
 from sift.snapshot import WorkspaceView
-from sift.train import train_shards
+from sift.train import SLICES_DIR, train_shards
 from sift.workspace import Workspace, WorkspaceState
 
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sift.data import parse_jsonl_text
 from sift.errors import SiftError
 from sift.evaluate import fact_recall, general_recall
 from sift.evaluation import metrics as M
@@ -52,26 +53,19 @@ class EvalSettings:
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """JSONL rows; one clear error for a bad line or a duplicate id."""
-    rows, seen = [], set()
+    """JSONL rows (parsed as training data is, sift.data); one clear error for a row without a
+    string id or a duplicate id."""
     p = Path(path)
     if not p.is_file():
         raise SiftError(f"{path}: no such file")
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SiftError(f"{path}:{n}: not JSON ({exc.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
-            raise SiftError(f"{path}:{n}: a row must be a JSON object with a string 'id'")
+    rows = parse_jsonl_text(p.read_text(encoding="utf-8"), str(path))
+    seen: set[str] = set()
+    for n, rec in enumerate(rows, 1):
+        if not isinstance(rec.get("id"), str):
+            raise SiftError(f"{path}: row {n}: a row must have a string 'id'")
         if rec["id"] in seen:
-            raise SiftError(f"{path}:{n}: duplicate id {rec['id']!r}")
+            raise SiftError(f"{path}: row {n}: duplicate id {rec['id']!r}")
         seen.add(rec["id"])
-        rows.append(rec)
-    if not rows:
-        raise SiftError(f"{path}: no rows")
     return rows
 
 

@@ -10,6 +10,7 @@ the served weights are then a fixed elementwise function of (base, sum, coeffici
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,7 @@ class SumsWriter:
     def __init__(self, folder: Path, names: list[str], shapes: dict[str, tuple[int, ...]]):
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.shapes = folder, shapes
-        plan = [(n, "U8", (_numel(shapes[n]), 8)) for n in names]
+        plan = [(n, "U8", (math.prod(shapes[n]), 8)) for n in names]
         self._out = StreamWriter(folder / _ACC, plan, {"sift": "merge sums, packed int64"})
 
     def write(self, name: str, total: torch.Tensor) -> None:
@@ -194,8 +195,3 @@ def sums_sha256(folder: Path) -> str | None:
         return combine_hashes((n, tensor_sha256(reader.get(n))) for n in reader.names())
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import sys
@@ -183,10 +184,7 @@ class StreamWriter:
 
 
 def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n * torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return math.prod(shape) * DTYPES[dtype].itemsize
 
 
 def _padded_len(n: int) -> int:

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from sift.errors import SiftError
 from sift.fsio import replace_dir, staging_dir
-from sift.hashing import combine_hashes, tensors_sha256
+from sift.hashing import combine_hashes
 from sift.merge import MergeState
 from sift.merge.state import STATE_DIR
 from sift.merge.stream import StreamWriter, TensorFile
