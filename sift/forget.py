@@ -60,6 +60,7 @@ def forget(
         "forget_id": secrets.token_hex(8),
         "id_hashes": sorted(keyed_id_hash(salt, i) for i in present),
         "shards": sorted({manifest[i] for i in present}),
+        "rows": len(present),  # a resumed forget finds the rows already gone: its record must not say 0
         "drop": drop,
         "started": _now(),
     }
@@ -115,7 +116,7 @@ def _complete(ws: Workspace, journal: dict[str, Any], base: LazyBase | None, qui
     # 2. Delete the rows from the workspace's data.
     rows = view.rows
     kept = {s: [r for r in rows.get(s, []) if keyed_id_hash(salt, r.id) not in doomed] for s in affected}
-    removed = sum(len(rows.get(s, [])) - len(kept[s]) for s in affected)
+    removed = int(journal.get("rows", sum(len(rows.get(s, [])) - len(kept[s]) for s in affected)))
     write_workspace_rows(ws, cfg.data, {**rows, **kept}, cfg.shards.num_shards, only=affected)
     remove_tree(ws.unlearn_dir)  # sift unlearn's monolithic adapter learned the deleted rows too
 

@@ -139,8 +139,9 @@ class Workspace:
 
     def recover(self) -> None:
         """Tidy what an interrupted command left: half-swapped folders and staging files."""
-        for d in (self.root, self.shards_dir, self.adapters_dir):
-            clean_staging(d)
+        for folder, subfolders, _ in os.walk(self.root):  # staging can sit at any depth (slices/, sift-merge/)
+            clean_staging(Path(folder))
+            subfolders[:] = [d for d in subfolders if not (d.startswith(".") and d.endswith(".tmp"))]
         recover_dir(self.merged_dir)
         if self.adapters_dir.is_dir():
             for p in list(self.adapters_dir.iterdir()):
