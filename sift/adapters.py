@@ -68,6 +68,47 @@ def weights_file(adapter_dir: Path) -> Path | None:
     return None
 
 
+def not_safetensors(path: Path) -> str | None:
+    """Why a file that should hold safetensors does not, judged from its first bytes, or None.
+    Pickles (torch.save's zip archives, bare pickles) are named as such: sift never unpickles."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as exc:
+        return f"cannot be opened ({exc.strerror})"
+    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return None  # a safetensors header: an 8-byte length, then JSON that fits in the file
+    if head.startswith(b"PK\x03\x04"):
+        return "is a zip archive (torch.save's pickle format), not safetensors; sift never unpickles weights"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
+        return "is a pickle, not safetensors; sift never unpickles weights"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "is truncated (shorter than its safetensors header says)"
+    return "is not a safetensors file (no safetensors header)"
+
+
+def require_safetensors_adapter(folder: Path) -> None:
+    """Refuse an adapter folder without safetensors weights before peft sees it: peft would fall
+    back to unpickling adapter_model.bin."""
+    weights = Path(folder) / ADAPTER_WEIGHTS
+    if not weights.exists():
+        raise SiftError(f"adapter {folder} has no {ADAPTER_WEIGHTS} (safetensors is the only accepted format)")
+    problem = not_safetensors(weights)
+    if problem:
+        raise SiftError(f"{weights} {problem}")
+
+
+def open_peft_adapter(base_model: Any, folder: Path, **kwargs: Any) -> Any:
+    """peft's own loader on a copy of `base_model` (which stays unchanged), safetensors only."""
+    import copy
+
+    from peft import PeftModel
+
+    require_safetensors_adapter(folder)
+    return PeftModel.from_pretrained(copy.deepcopy(base_model), str(folder), **kwargs)
+
+
 def read_meta(adapter_dir: Path) -> dict | None:
     try:
         return json.loads((adapter_dir / META).read_text())
@@ -79,6 +120,18 @@ def adapter_is_current(adapter_dir: Path, content_hash: str) -> bool:
     """True when the folder holds an adapter trained on exactly the content `content_hash` names."""
     meta = read_meta(adapter_dir)
     return meta is not None and meta.get("content_hash") == content_hash and weights_file(adapter_dir) is not None
+
+
+def adapter_intact(adapter_dir: Path) -> bool:
+    """True when the shard's weights file reads whole and hashes to what sift-meta.json records
+    (a damaged file is retrained by train-shards rather than taken for a whole one)."""
+    weights, meta = weights_file(adapter_dir), read_meta(adapter_dir)
+    if weights is None or meta is None or not_safetensors(weights):
+        return False
+    try:
+        return tensors_sha256(load_file(str(weights)))[0] == meta.get("adapter_sha256")
+    except Exception:  # noqa: BLE001 - unreadable is not intact
+        return False
 
 
 def check_recorded_hash(adapter_dir: Path, tensors: dict[str, torch.Tensor], what: str) -> str:
@@ -100,6 +153,9 @@ def load_adapter(adapter_dir: Path, shard: int) -> Adapter:
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.exists():
         raise SiftError(f"adapter {adapter_dir} has no {ADAPTER_WEIGHTS} (safetensors is the only accepted format)")
+    problem = not_safetensors(weights)
+    if problem:
+        raise SiftError(f"adapter {weights} {problem}")
     try:
         cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
         tensors = load_file(str(weights))
@@ -137,6 +193,26 @@ def load_adapter(adapter_dir: Path, shard: int) -> Adapter:
             )
         factors[name] = LoraFactors(a.to(torch.float32), b.to(torch.float32), fan_in_fan_out=fan_in_fan_out)
     return Adapter(shard=shard, sha256=digest, scaling=scaling, modules=factors)
+
+
+def delta_shape(f: LoraFactors | DenseDelta) -> tuple[int, ...]:
+    """The shape of the weight delta a module adds, in the base weight's layout."""
+    if isinstance(f, DenseDelta):
+        return tuple(f.delta.shape)
+    shape = (f.b.shape[0], f.a.shape[1])
+    return shape[::-1] if f.fan_in_fan_out else shape
+
+
+def check_fits_base(adapter: Adapter, shapes: dict[str, tuple[int, ...]], where: Path) -> Adapter:
+    """Refuse an adapter made for another model: a module the base lacks, or a delta of another
+    shape (named here, before a merge starts, rather than as a tensor error half way)."""
+    for name, f in adapter.modules.items():
+        if name not in shapes:
+            raise SiftError(f"adapter {where} changes {name}, which the base model does not have: it was made for another model")
+        if delta_shape(f) != tuple(shapes[name]):
+            raise SiftError(f"adapter {where}: {name} has a delta of shape {delta_shape(f)}, the base weight is "
+                            f"{tuple(shapes[name])}: it was made for another model")
+    return adapter
 
 
 _BLOCK_ELEMENTS = 131072  # float64 elements per row block of fixed_point_delta: 1 MiB, cache-sized

@@ -133,13 +133,13 @@ def train_shards_cmd(
     created = None
     with ws.lock(exclusive=alone, wait=max(wait, 600.0) if world > 1 else wait, command="train-shards"):
         if not ws.exists():
-            cfg = load_config(config) if config else SiftConfig()
-            for (section, key), value in overrides.items():
-                if value is not None:
-                    setattr(getattr(cfg, section), key, float(value) if key in ("lr", "alpha") else value)
-            if cfg.train.method == "sift-masks" and cfg.merge.method == "mean":
-                cfg.merge.method = "sift-masks"  # serve what the method is for, unless told otherwise
             try:
+                cfg = load_config(config) if config else SiftConfig()
+                for (section, key), value in overrides.items():
+                    if value is not None:
+                        setattr(getattr(cfg, section), key, float(value) if key in ("lr", "alpha") else value)
+                if cfg.train.method == "sift-masks" and cfg.merge.method == "mean":
+                    cfg.merge.method = "sift-masks"  # serve what the method is for, unless told otherwise
                 cfg.validate()
                 created = create_workspace(ws, data, cfg)  # type: ignore[arg-type]
             except BaseException:

@@ -215,7 +215,22 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SiftError(f"config: {section}.{key} must be a number")
         return float(value)
+    if key == "target_modules":
+        if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            raise SiftError(f"config: {section}.{key} must be a string or a list of strings")
+        return value
+    if isinstance(default, str) or (default is None and key in _OPTIONAL_STRINGS):
+        if not isinstance(value, str):
+            raise SiftError(f"config: {section}.{key} must be a string")
+        return value
+    if default is None:  # an optional number (merge.scale, merge.density)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SiftError(f"config: {section}.{key} must be a number")
+        return float(value)
     return value
+
+
+_OPTIONAL_STRINGS = {"group_by", "revision"}
 
 
 def load_config(path: Path) -> SiftConfig:

@@ -50,7 +50,9 @@ def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
     Files go through `datasets` with a throw-away cache, so no copy of the rows is left behind in
     ~/.cache (a later forget could not reach it there)."""
     if source == "-":
-        return parse_jsonl_text(sys.stdin.read(), "<stdin>")
+        stream = getattr(sys.stdin, "buffer", None)
+        text = _utf8_text(stream.read(), "<stdin>") if stream is not None else sys.stdin.read()
+        return parse_jsonl_text(text, "<stdin>")
     path = Path(source)
     if path.suffix.lower() in _FORMATS or path.exists():
         if not path.exists():
@@ -64,9 +66,39 @@ def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
             raise SiftError(f"data file {source} is empty")
         if fmt == "json":
             # our own parser: it names the bad line, where datasets' errors do not
-            return parse_jsonl_text(path.read_text(encoding="utf-8"), source)
+            return parse_jsonl_text(_utf8_text(path.read_bytes(), source), source)
+        if fmt == "csv":
+            _check_csv(path, source)
         return _load_with_datasets(fmt, str(path), "train", source)
     return _load_with_datasets(source, None, split, source)
+
+
+def _check_csv(path: Path, name: str) -> None:
+    """Name the first malformed line of a CSV file (an open quote, a row with more or fewer
+    fields than the header) before `datasets` reads it: its own errors name no line."""
+    import csv
+
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, strict=True)
+        try:
+            header = next(reader, None)
+            if not header:
+                raise SiftError(f"{name}:1: no header line")
+            for record in reader:
+                if record and len(record) != len(header):
+                    raise SiftError(f"{name}:{reader.line_num}: {len(record)} field(s), the header has {len(header)}")
+        except csv.Error as exc:
+            raise SiftError(f"{name}:{reader.line_num}: not valid CSV ({exc})") from None
+        except UnicodeDecodeError:
+            raise SiftError(f"{name}: not UTF-8 text") from None
+
+
+def _utf8_text(data: bytes, name: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise SiftError(f"{name}:{line}: not UTF-8 text (byte {data[exc.start]:#04x})") from None
 
 
 def parse_jsonl_text(text: str, name: str) -> list[dict[str, Any]]:

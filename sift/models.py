@@ -258,6 +258,22 @@ class LazyBase:
         elif cached != self.expected:
             raise SiftError(f"base model {self.name!r} is not the one this workspace was made with (its weights differ)")
 
+    def weight_shapes(self, on_disk: bool = True) -> dict[str, tuple[int, ...]]:
+        """Every base weight's shape, read from the safetensors headers when they are on disk
+        (no model load), else (or with on_disk False) from the loaded model: adapters are
+        checked against them."""
+        if self._base is None and on_disk:
+            folder = base_weight_folder(self.name, self.revision)
+            if folder is not None:
+                from sift.merge.stream import TensorFile
+
+                shapes: dict[str, tuple[int, ...]] = {}
+                for f in sorted(folder.glob("*.safetensors")):
+                    with TensorFile(f) as tf:
+                        shapes.update({n: e.shape for n, e in tf.entries.items()})
+                return shapes
+        return {n: tuple(t.shape) for n, t in self.get().model.state_dict().items()}
+
     def tokenizer(self) -> Any:
         return self._base.tokenizer if self._base is not None else load_tokenizer(self.name, self.revision)
 

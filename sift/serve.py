@@ -7,14 +7,15 @@ bytes of a from-scratch merge; `merge_workspace(full=True)` takes the from-scrat
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from sift.adapters import Adapter, fixed_point_delta, load_adapter
+from sift.adapters import Adapter, check_fits_base, fixed_point_delta, load_adapter
 from sift.errors import SiftError
 from sift.merge import IncrementalMethod, MergeMethod, MergeState, RecomputedMethod, get_method
 from sift.merge.state import STATE_DIR, SumsReader, SumsWriter, served_value
@@ -89,7 +90,11 @@ def merge_workspace(
         raise SiftError(f"merge method {m.name!r} needs shards trained with `train-shards --method {m.needs_training}`; "
                         f"this workspace trains {cfg.train.method}")
     params = method_params(view, m)
-    members = current_adapters(view)
+    try:
+        members = current_adapters(view)
+    except SiftError:  # stale adapters: say so, unless the real cause is another base model
+        (base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)).check()
+        raise
     n = len(members)
     previous = served_info(ws)
     record = {
@@ -100,18 +105,28 @@ def merge_workspace(
     if (
         not full and removed is None and previous is not None
         and all(previous.get(k) == v for k, v in record.items())
+        and _served_whole(ws, previous)
     ):
         return {"merged": False, "reason": "up to date", "method": m.name, "members": n, "served_sha256": previous["served_sha256"]}
 
     base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
     base.check()
+    shapes = base.weight_shapes(on_disk=True)
+
+    def load(shard: int) -> Adapter:
+        nonlocal shapes
+        adapter = load_adapter(ws.adapter_dir(shard), shard)
+        if any(name not in shapes for name in adapter.modules):  # the files may name weights otherwise
+            shapes = base.weight_shapes(on_disk=False)
+        return check_fits_base(adapter, shapes, ws.adapter_dir(shard))
+
     if isinstance(m, IncrementalMethod):
-        plan = _plan_sums(ws, view, members, full, removed)
+        plan = _plan_sums(ws, view, members, full, removed, load)
         served_sha, streamed = write_incremental(ws.merged_dir, base, m, plan, members, params, record)
         mode = plan.mode
     elif isinstance(m, RecomputedMethod):
         mode = "recomputed"
-        adapters = [load_adapter(ws.adapter_dir(s), s) for s in sorted(members)]
+        adapters = [load(s) for s in sorted(members)]
         touched = sorted({name for a in adapters for name in a.modules})
         files = BaseFiles.open(base_weight_folder(cfg.model.name, cfg.model.revision), set(touched))
         streamed = files is not None
@@ -134,6 +149,19 @@ def merge_workspace(
         "seconds": round(time.perf_counter() - started, 3),
     }
     return out | m.served_record(n, params)
+
+
+def _served_whole(ws: Workspace, record: dict[str, Any]) -> bool:
+    """The served weights still hash to their record (one read of the folder); a damaged or
+    truncated file makes `sift merge` write the folder again instead of calling it up to date."""
+    try:
+        overall, _ = served_hashes(ws.merged_dir)
+    except Exception:  # noqa: BLE001 - unreadable is not whole
+        overall = None
+    if overall == record.get("served_sha256"):
+        return True
+    print(f"sift: the served model in {ws.merged_dir} does not match its record (damaged); writing it again", file=sys.stderr)
+    return False
 
 
 @dataclass
@@ -189,24 +217,29 @@ class SumsPlan:
             self.old.close()
 
 
-def _plan_sums(ws: Workspace, view: WorkspaceView, members: dict[int, str], full: bool, removed: list[Adapter] | None) -> SumsPlan:
+def _plan_sums(ws: Workspace, view: WorkspaceView, members: dict[int, str], full: bool, removed: list[Adapter] | None,
+               load: Callable[[int], Adapter]) -> SumsPlan:
     """Saved sums minus `removed` plus the adapters they lack when what remains of them is a
     subset of `members`; otherwise a fresh sum over `members`, in memory."""
     cfg, state = view.cfg, view.state
     bits, fingerprint = cfg.merge.fixed_point_bits, state.base_model_fingerprint
     reader = None if full else SumsReader.open(ws.merged_dir / STATE_DIR)
+    if reader is not None and not reader.intact():  # damaged: a sum from scratch is always right
+        print(f"sift: the saved merge sums in {ws.merged_dir / STATE_DIR} are damaged; merging from scratch", file=sys.stderr)
+        reader.close()
+        reader = None
     if reader is not None:
         remaining = dict(reader.members)
         usable = reader.bits == bits and reader.base_fingerprint == fingerprint
         for a in removed or []:
             usable = usable and remaining.pop(a.shard, None) == a.sha256
         if usable and all(members.get(s) == h for s, h in remaining.items()):
-            add = [load_adapter(ws.adapter_dir(s), s) for s in sorted(set(members) - set(remaining))]
+            add = [load(s) for s in sorted(set(members) - set(remaining))]
             return SumsPlan("incremental", reader, list(removed or []), add, bits, fingerprint)
         reader.close()
     acc = MergeState(bits=bits, base_fingerprint=fingerprint)
     for shard in sorted(members):
-        acc.add(load_adapter(ws.adapter_dir(shard), shard))
+        acc.add(load(shard))
     return SumsPlan("from-scratch", acc, [], [], bits, fingerprint)
 
 

@@ -22,7 +22,7 @@ import torch
 
 from safetensors.torch import load_file, save_file
 
-from sift.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META, check_mergeable_targets
+from sift.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META, adapter_intact, check_mergeable_targets
 from sift.config import SiftConfig
 from sift.data import Row, shard_content_hash
 from sift.determinism import derive_seed, enable_determinism
@@ -407,7 +407,10 @@ def _train_one(ws: Workspace, view: WorkspaceView, base: LazyBase, cfg: SiftConf
         status[shard] = "empty"
         return None
     assert plan.content_hash is not None
-    if plan.status == "current":
+    if plan.status == "current" and not adapter_intact(adir):
+        if not quiet:
+            print(f"shard {shard:>3}: its adapter file does not match its recorded hash (damaged); retraining", file=sys.stderr, flush=True)
+    elif plan.status == "current":
         if not routers_current(adir, router_settings(cfg, state.base_model_fingerprint, plan.content_hash)):
             build_routers(base.get(), plan.rows, cfg, adir, plan.content_hash)
         status[shard] = "unchanged"

@@ -148,6 +148,19 @@ class Workspace:
                 if p.name.endswith(".old"):
                     recover_dir(p.with_name(p.name[: -len(".old")]))
 
+    def check_contained(self) -> None:
+        """Refuse a workspace holding a symbolic link that leads outside it: every command writes
+        only inside the workspace, and a link would carry a write (or a deleted row) elsewhere."""
+        root = self.root.resolve()
+        for folder, subfolders, files in os.walk(self.root):
+            for name in subfolders + files:
+                path = Path(folder) / name
+                if path.is_symlink():
+                    target = path.resolve()
+                    if target != root and root not in target.parents:
+                        raise SiftError(f"workspace {self.root}: {path.relative_to(self.root)} links outside the workspace "
+                                        f"(to {target}); sift writes only inside it: replace the link with the real file or folder")
+
     # -- lock ---------------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, exclusive: bool = True, wait: float = 0.0, command: str = "") -> Iterator[None]:
@@ -167,6 +180,7 @@ class Workspace:
                         holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another sift command"
                         raise WorkspaceBusy(f"workspace {self.root} is in use by {holder}; retry later or pass --wait SECONDS") from None
                     time.sleep(0.2)
+            self.check_contained()
             if exclusive:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"pid {os.getpid()} ({command or 'sift'})".encode(), 0)

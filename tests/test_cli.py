@@ -4,9 +4,7 @@ import json
 import os
 import subprocess
 import sys
-import time
 
-import pytest
 
 from conftest import snapshot
 

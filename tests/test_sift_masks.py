@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 from sift.adapters import load_adapter
 from sift.config import SiftConfig
 from sift.forget import forget
-from sift.merge import get_method
 from sift.models import load_base_model
 from sift.serve import load_merge_state, merge_workspace, served_hashes
 from sift.serving.answer import WorkspaceServer

@@ -21,10 +21,8 @@ re-merging), for a baseline its unlearning epochs, for a reference its full trai
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -109,11 +107,11 @@ def _build(root: Path, rows: list[dict[str, Any]], cfg: Any, merge: bool, quiet:
 
 
 def _adapter_target(label: str, base: Any, adapter_dir: Path, cost: dict[str, float]) -> Any:
-    from peft import PeftModel
+    from sift.adapters import open_peft_adapter
 
     from sift.evaluation.targets import ModelTarget
 
-    model = PeftModel.from_pretrained(copy.deepcopy(base.model), str(adapter_dir)).eval()
+    model = open_peft_adapter(base.model, adapter_dir).eval()
     return ModelTarget(label, "adapter", model, base.tokenizer, cost)
 
 

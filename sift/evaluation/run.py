@@ -15,7 +15,6 @@ retain logs do): forget_quality and privleak read `per_row.forget_truth_ratio` a
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass

@@ -23,7 +23,6 @@ model was tuned on; the challenge used test accuracy), each averaged over the N 
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Callable
 
@@ -92,7 +91,7 @@ def score_sets(unlearned: list[dict[str, Any]], references: list[dict[str, Any]]
 def challenge_scores(rows: list[dict[str, Any]], remaining: list[dict[str, Any]], forget: list[dict[str, Any]],
                      retain: list[dict[str, Any]], general: list[dict[str, Any]], mono: Any, s: Any, folder: Path,
                      base: Any, progress: Callable[[str], None]) -> dict[str, Any]:
-    from peft import PeftModel
+    from sift.adapters import open_peft_adapter
 
     from sift.evaluation.compare import _build, _config
     from sift.forget import forget as do_forget
@@ -104,7 +103,7 @@ def challenge_scores(rows: list[dict[str, Any]], remaining: list[dict[str, Any]]
     forget_ids = sorted(r["id"] for r in forget)
 
     def adapter_stats(adapter_dir: Path) -> dict[str, Any]:
-        model = PeftModel.from_pretrained(copy.deepcopy(b.model), str(adapter_dir)).eval()
+        model = open_peft_adapter(b.model, adapter_dir).eval()
         return model_stats(model, b.tokenizer, forget, retain, general, bs)
 
     refs: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}

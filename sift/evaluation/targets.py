@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -81,7 +80,7 @@ def open_target(spec: str, merged: bool = False, router: str | None = None, fall
     if merged or router or fallback:
         raise SiftError("--merged, --router and --fallback apply to a workspace only")
     if path.is_dir() and (path / "adapter_config.json").exists():
-        from peft import PeftModel
+        from sift.adapters import open_peft_adapter
 
         from sift.unlearn.run import UNLEARN_META
 
@@ -97,7 +96,7 @@ def open_target(spec: str, merged: bool = False, router: str | None = None, fall
         if not name:
             raise SiftError(f"{spec}: the adapter names no base model; pass --model")
         base = load_base_model(name)
-        model = PeftModel.from_pretrained(copy.deepcopy(base.model), str(path)).eval()
+        model = open_peft_adapter(base.model, path).eval()
         target = ModelTarget(spec, "adapter", model, base.tokenizer, cost)
         target.approximate = meta.exists()
         return target

@@ -116,6 +116,7 @@ class SumsReader:
         self.base_fingerprint: str = meta["base_fingerprint"]
         self.members: dict[int, str] = {int(k): v for k, v in meta["members"].items()}
         self._shapes: dict[str, list[int]] | None = meta.get("shapes") if meta.get("encoding") == PACKED else None
+        self._stored_sha256: dict[str, str] = dict(meta.get("stored_sha256") or {})
         if meta.get("encoding", "int64") not in (PACKED, "int64"):
             raise SiftError(f"{folder}: unknown merge-state encoding {meta.get('encoding')!r}")
 
@@ -136,6 +137,20 @@ class SumsReader:
 
     def names(self) -> list[str]:
         return sorted(self._file.entries)
+
+    def intact(self) -> bool:
+        """True when the file is whole: as long as its header says, and (sums written since the
+        hashes were recorded) every stored tensor hashes to its record. One read of the file;
+        a damaged sum is never taken for a whole one."""
+        f = self._file
+        size = f.path.stat().st_size
+        if size != f.data_start + max((e.end for e in f.entries.values()), default=0):
+            return False
+        if self._stored_sha256:
+            if set(self._stored_sha256) != set(f.entries):
+                return False
+            return all(f.sha256(n) == self._stored_sha256[n] for n in f.names())
+        return True
 
     def get(self, name: str) -> torch.Tensor:
         t = self._file.get(name)
@@ -160,11 +175,12 @@ class SumsWriter:
         self.folder, self.shapes = folder, shapes
         plan = [(n, "U8", (math.prod(shapes[n]), 8)) for n in names]
         self._out = StreamWriter(folder / _ACC, plan, {"sift": "merge sums, packed int64"})
+        self._stored: dict[str, str] = {}
 
     def write(self, name: str, total: torch.Tensor) -> None:
         if tuple(total.shape) != tuple(self.shapes[name]) or total.dtype != torch.int64:
             raise RuntimeError(f"SumsWriter: {name} is not the planned int64 tensor")
-        self._out.write(name, pack_int64(total))
+        self._stored[name] = self._out.write(name, pack_int64(total))
 
     def finish(self, bits: int, base_fingerprint: str, members: dict[int, str]) -> None:
         self._out.close()
@@ -174,6 +190,7 @@ class SumsWriter:
             "members": {str(k): v for k, v in sorted(members.items())},
             "encoding": PACKED,
             "shapes": {n: list(s) for n, s in sorted(self.shapes.items())},
+            "stored_sha256": dict(sorted(self._stored.items())),  # of each packed tensor, checked before use
         }
         (self.folder / _META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 

@@ -18,8 +18,12 @@ def load_served(folder: Path) -> tuple[Any, Any]:
 
     if not any(folder.glob("*.safetensors")):
         raise SiftError(f"{folder} holds no served model; run `sift merge`")
-    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
+    except Exception as exc:  # a truncated or damaged file: one line, and the way out
+        raise SiftError(f"the served model in {folder} cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                        f"`sift merge` writes it again") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model.eval(), tok
@@ -27,9 +31,9 @@ def load_served(folder: Path) -> tuple[Any, Any]:
 
 def load_routed(base_model: Any, adapter_dir: Path) -> Any:
     """Base + one shard's adapter, through peft's own loader (the base is copied, not changed)."""
-    from peft import PeftModel
+    from sift.adapters import open_peft_adapter
 
-    return PeftModel.from_pretrained(copy.deepcopy(base_model), str(adapter_dir)).eval()
+    return open_peft_adapter(base_model, adapter_dir).eval()
 
 
 class ShardAdapters:
@@ -42,12 +46,13 @@ class ShardAdapters:
         self._loaded: set[int] = set()
 
     def model_for(self, shard: int, adapter_dir: Path) -> Any:
-        from peft import PeftModel
+        from sift.adapters import open_peft_adapter, require_safetensors_adapter
 
         name = f"shard-{shard:04d}"
         if self._model is None:
-            self._model = PeftModel.from_pretrained(copy.deepcopy(self._base_model), str(adapter_dir), adapter_name=name)
+            self._model = open_peft_adapter(self._base_model, adapter_dir, adapter_name=name)
         elif shard not in self._loaded:
+            require_safetensors_adapter(adapter_dir)
             self._model.load_adapter(str(adapter_dir), adapter_name=name)
         self._loaded.add(shard)
         self._model.set_adapter(name)

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from sift.adapters import Adapter, DenseDelta, check_recorded_hash
+from sift.adapters import Adapter, DenseDelta, check_recorded_hash, not_safetensors
 from sift.errors import SiftError
 from sift.fsio import atomic_write_bytes
 from sift.hashing import tensors_sha256
@@ -65,6 +65,9 @@ def load_masks(adapter_dir: Path) -> dict[str, torch.Tensor]:
 def load_dense_adapter(adapter_dir: Path, shard: int) -> Adapter:
     """The shard's dense deltas, checked against the hash its sift-meta.json records."""
     path = adapter_dir / DELTA_FILE
+    problem = not_safetensors(path)
+    if problem:
+        raise SiftError(f"SIFT-Masks shard {path} {problem}")
     try:
         tensors = load_file(str(path))
     except Exception as exc:

@@ -10,7 +10,6 @@ workspace's served model, shards or ledger, so it cannot be mistaken for an exac
 from __future__ import annotations
 
 import copy
-import json
 import math
 import sys
 import time
@@ -140,8 +139,7 @@ def unlearn(ws: Workspace, ids: list[str], out: Path, settings: UnlearnSettings,
 
     `on_epoch(epoch, model, tokenizer, cost)` is called after every epoch (sift compare evaluates
     there; it must not change the model); the time it takes is left out of the recorded cost."""
-    from peft import PeftModel
-
+    from sift.adapters import open_peft_adapter
     from sift.train import tokenize_rows
 
     started = time.perf_counter()
@@ -171,7 +169,7 @@ def unlearn(ws: Workspace, ids: list[str], out: Path, settings: UnlearnSettings,
     ex_f = tokenize_rows(b, forget_rows, cfg.train.max_length)
     ex_r = tokenize_rows(b, retain_rows, cfg.train.max_length)
     pad = b.tokenizer.pad_token_id
-    model = PeftModel.from_pretrained(copy.deepcopy(b.model), str(source), is_trainable=True).eval()  # no dropout
+    model = open_peft_adapter(b.model, Path(source), is_trainable=True).eval()  # no dropout
     lm = model.base_model.model
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in model.parameters())
