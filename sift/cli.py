@@ -553,6 +553,48 @@ def compare_cmd(
 
 @app.command()
 @_command
+def audit(
+    workspace: Ws,
+    data: Annotated[Optional[str], typer.Option(help="Your copy of the original rows (.jsonl/.csv/.parquet): the forgotten rows' text and tokens are taken from it. Without it only ids are searched.")] = None,
+    ids: Annotated[Optional[str], typer.Option("--ids", help="Look for these forgotten ids only (comma-separated, or '-' for one per line on stdin); default: every id the ledger lists.")] = None,
+    ids_file: Annotated[Optional[str], typer.Option(help="File with one id per line.")] = None,
+    caches: Annotated[bool, typer.Option("--caches/--no-caches", help="Also search sift's, datasets' and the hub's cache folders (their weight files left out).")] = True,
+    as_json: AsJson = False,
+    wait: Wait = 0.0,
+) -> None:
+    """Search every file of the workspace (rows, manifest, adapters, slice checkpoints, router
+    files, merge sums, logs, staging leftovers) and your cache folders for the forgotten rows:
+    their ids, their training text and their token ids (int64, int32, JSON). Also checks the
+    ledger's hash chain, that no forget is half done and that no given id is still held.
+    Exit 0 when clean, 1 on any finding (printed with the file and the row's id)."""
+    from sift.audit import audit as do_audit
+    from sift.data import parse_ids
+    from sift.workspace import Workspace
+
+    ws = Workspace(workspace)
+    ws.require()
+    id_list = parse_ids(ids, ids_file) if (ids is not None or ids_file is not None) else None
+    if data is None and not id_list:
+        raise SiftError("give --data (your copy of the rows, to search for their text and tokens) or --ids (ids only)")
+    with ws.lock(exclusive=False, wait=wait, command="audit"):
+        report = do_audit(ws, data=data, ids=id_list, caches=caches).as_dict()
+
+    def human(r: dict[str, Any]) -> str:
+        head = (f"{'clean' if r['clean'] else 'FOUND'}: {r['rows_searched']} forgotten row(s), {r['needles']} patterns, "
+                f"{r['files_searched']} files ({r['bytes_searched'] / 1e6:.1f} MB) in {r['seconds']:.1f}s")
+        lines = [head] + [f"  problem: {p}" for p in r["problems"]]
+        lines += [f"  {f['file']}: row {f['row']!r} ({f['kind']}) at byte {f['offset']}" for f in r["findings"][:50]]
+        if len(r["findings"]) > 50:
+            lines.append(f"  ... and {len(r['findings']) - 50} more (--json lists all)")
+        return "\n".join(lines)
+
+    _emit(report, as_json, human)
+    if not report["clean"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_command
 def verify(
     workspace: Ws,
     tmp_dir: Annotated[Optional[str], typer.Option(help="Where to rebuild (default: the system temp folder).")] = None,
