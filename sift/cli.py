@@ -3,6 +3,7 @@ results to stdout (JSON with --json); bad input exits 2 with one line."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shutil
@@ -238,6 +239,7 @@ def generate(
     fallback: Annotated[Optional[str], typer.Option(help="Who answers what no shard claims: merged or base (default: the workspace's serving.fallback, merged).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 48,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout: {answers: [{prompt, answer, served_by: {path, shard, router}, score}]}, plus answer and served_by at the top for a single prompt.")] = False,
+    wait: Annotated[float, typer.Option("--wait", help="Routed answers: seconds to wait while a merge or forget runs (--merged never waits: the served folder is swapped in whole).")] = 0.0,
 ) -> None:
     """Answer questions greedily. With a workspace, each request is routed to the shard that
     learned what it asks about and answered by that shard's own adapter; what no shard claims is
@@ -262,7 +264,10 @@ def generate(
         raise SiftError("--merged answers without routing: leave out --router, --group, --shard and --fallback")
     ws = Workspace(workspace)  # type: ignore[arg-type]
     ws.require()
-    with ws.lock(exclusive=False, command="generate"):
+    # --merged reads only the served folder, which writers swap in whole: it needs no lock and is
+    # never blocked by a running merge or forget. Routed answers read adapters and rows, so they
+    # wait for a writer (--wait) or say in one line that one is running.
+    with contextlib.nullcontext() if merged else ws.lock(exclusive=False, wait=wait, command="generate"):
         answers = WorkspaceServer(ws).answer(prompts, router=router, merged=merged, shard=shard, group=group,
                                              max_new_tokens=max_new_tokens, fallback=fallback)
     for a in answers:

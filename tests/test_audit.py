@@ -130,3 +130,37 @@ def test_rows_read_through_datasets_leave_no_copy_in_its_cache(facts, tmp_path, 
     report = audit(ws, data=str(path))
     assert report.clean, report.as_dict()
     assert report.searched.get("datasets", "").startswith(str(cache))
+
+
+def test_commands_write_nothing_outside_the_workspace(tmp_path):
+    """The README's commands, run with HOME and TMPDIR pointing at empty folders: every file
+    they leave is inside the workspace (the model cache, SIFT_CACHE_DIR, aside; verify's
+    rebuild goes to TMPDIR and is removed)."""
+    import os
+    import subprocess
+    import sys
+
+    home, tmp, work = tmp_path / "home", tmp_path / "tmp", tmp_path / "work"
+    for d in (home, tmp, work):
+        d.mkdir()
+    env = dict(os.environ, HOME=str(home), TMPDIR=str(tmp))
+    env.pop("HF_HOME", None)
+
+    def sift(*args: str, stdin: str | None = None) -> str:
+        p = subprocess.run([sys.executable, "-m", "sift.cli", *args], cwd=work, env=env, input=stdin,
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    rows = sift("builtin-data", "--people", "3")
+    sift("train-shards", "-w", "ws", "--data", "-", "--model", "builtin-tiny", "--num-shards", "2", "--group-by", "owner",
+         "--epochs", "1", stdin=rows)
+    sift("merge", "-w", "ws")
+    sift("generate", "-w", "ws", "Where was Thesi Morifoum born?", "--max-new-tokens", "2")
+    sift("forget", "-w", "ws", "--ids", "p000-pet")
+    sift("verify", "-w", "ws")
+    (tmp_path / "rows.jsonl").write_text(rows)
+    sift("audit", "-w", "ws", "--data", str(tmp_path / "rows.jsonl"))
+    outside = [p for root in (home, tmp) for p in root.rglob("*") if p.is_file()]
+    assert outside == []
+    assert sorted(p.name for p in work.iterdir()) == ["ws"]

@@ -80,6 +80,19 @@ def test_busy_workspace_is_refused(trained_ws):
     assert "in use by pid" in line and "test-holder" in line
 
 
+def test_merged_answers_are_not_blocked_by_a_writer(trained_ws):
+    """A running merge or forget holds the workspace lock: `generate --merged` reads the served
+    folder (swapped in whole) without the lock; a routed answer says in one line that it waits."""
+    from sift.workspace import Workspace
+
+    ws = str(trained_ws.root)
+    with Workspace(trained_ws.root).lock(command="forget"):
+        p = sift("generate", "-w", ws, "--merged", "Where was Thesi Morifoum born?", "--max-new-tokens", "2", "--json")
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["served_by"]["path"] == "merged"
+        assert "in use by pid" in one_error_line(sift("generate", "-w", ws, "Where was Thesi Morifoum born?", "--max-new-tokens", "2"))
+
+
 def test_merge_list_and_help():
     p = sift("merge", "--list", "--json")
     names = {m["name"]: m for m in json.loads(p.stdout)["methods"]}
