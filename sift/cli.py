@@ -355,7 +355,7 @@ def forget(
 @_command
 def unlearn(
     workspace: Ws,
-    method: Annotated[str, typer.Option("--method", help="ga | graddiff | npo | simnpo | ngdiff (see the README for each loss).")],
+    method: Annotated[str, typer.Option("--method", help="ga | graddiff | npo | simnpo | ngdiff | l1sparse (see the README for each loss).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the unlearned adapter (peft format + sift-unlearn.json), outside the workspace.")],
     ids: Annotated[Optional[str], typer.Option("--ids", help="Comma-separated ids of the rows to unlearn, or '-' for one per line on stdin.")] = None,
     ids_file: Annotated[Optional[str], typer.Option(help="File with one id per line.")] = None,
@@ -368,6 +368,12 @@ def unlearn(
     retain_weight: Annotated[Optional[float], typer.Option(help="graddiff, simnpo: weight of the retain NLL (default 1); npo: 0 (plain NPO), > 0 adds the retain term.")] = None,
     gen_every: Annotated[int, typer.Option(help="ngdiff: refit GeN's learning rate every this many steps.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of the forget order and the retain batches.")] = 0,
+    mask: Annotated[Optional[str], typer.Option(help="Move only the top --mask-ratio of the weights by this score: wagle (weight attribution, Jia et al. NeurIPS 2024), magnitude or random (its controls).")] = None,
+    mask_ratio: Annotated[Optional[float], typer.Option(help="Fraction of the weights that --mask lets move (default 0.8).")] = None,
+    sam: Annotated[Optional[float], typer.Option("--sam", help="Sharpness-aware unlearning: smooth the forget loss over an L2 ball of radius RHO (e.g. 0.01; Fan et al. 2025).")] = None,
+    l1: Annotated[Optional[float], typer.Option(help="Add gamma_e * ||theta||_1, gamma decaying linearly over the epochs (l1sparse: default 1e-4).")] = None,
+    prune: Annotated[Optional[float], typer.Option(help="Prune first: zero this fraction of the adapter's weights by magnitude and keep them zero (Jia et al. NeurIPS 2023).")] = None,
+    coreset: Annotated[Optional[float], typer.Option(help="Unlearn with a random FRACTION of the forget rows only (the coreset effect); evaluate on all of them.")] = None,
     as_json: AsJson = False,
     wait: Wait = 0.0,
 ) -> None:
@@ -382,7 +388,8 @@ def unlearn(
     ws = Workspace(workspace)
     ws.require()
     settings = UnlearnSettings(method=method, epochs=epochs, lr=lr, batch_size=batch_size, beta=beta, gamma=gamma,
-                               forget_weight=forget_weight, retain_weight=retain_weight, gen_every=gen_every, seed=seed)
+                               forget_weight=forget_weight, retain_weight=retain_weight, gen_every=gen_every, seed=seed,
+                               mask=mask, mask_ratio=mask_ratio, sam_rho=sam, l1=l1, prune=prune, coreset=coreset)
     settings.resolved()  # refuse bad values before reading ids or loading anything
     id_list = parse_ids(ids, ids_file)
     with ws.lock(wait=wait, command="unlearn"):  # it may train and cache the monolithic adapter

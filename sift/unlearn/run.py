@@ -28,7 +28,10 @@ from sift.hashing import sha256_hex
 from sift.loop import Example, batches
 from sift.models import LazyBase
 from sift.snapshot import WorkspaceView
+from sift.unlearn.masks import MASKS, WAGLE_GAMMA, apply_masks, magnitude_scores, mask_fraction, random_scores, top_fraction, wagle_scores
 from sift.unlearn.ngdiff import EPS, GenSchedule, ngdiff_direction, parabola_step
+from sift.unlearn.smoothing import sam_forget_backward
+from sift.unlearn.sparsity import L1_DEFAULT, l1_penalty, l1_weight, prune_by_magnitude
 from sift.unlearn.objectives import answer_logprobs, ga_loss, graddiff_loss, npo_loss, simnpo_loss, token_nll
 from sift.workspace import Workspace
 
@@ -41,7 +44,9 @@ METHOD_DEFAULTS: dict[str, dict[str, float | None]] = {
     "npo": {"beta": 0.1, "gamma": None, "forget_weight": None, "retain_weight": 0.0},  # > 0: NPO + retain NLL
     "simnpo": {"beta": 4.5, "gamma": 0.0, "forget_weight": 0.125, "retain_weight": 1.0},
     "ngdiff": {"beta": None, "gamma": None, "forget_weight": None, "retain_weight": None},
+    "l1sparse": {"beta": None, "gamma": None, "forget_weight": None, "retain_weight": 1.0},  # FT on retain + l1
 }
+ADAMW_METHODS = ("ga", "graddiff", "npo", "simnpo", "l1sparse")
 
 
 @dataclass
@@ -60,6 +65,13 @@ class UnlearnSettings:
     gen_every: int = 10
     max_grad_norm: float = 1.0
     seed: int = 0
+    mask: str | None = None  # wagle | magnitude | random: only the top mask_ratio of weights move
+    mask_ratio: float | None = None  # default 0.8 with a mask
+    mask_gamma: float = WAGLE_GAMMA  # WAGLE's diagonal-Hessian scalar
+    sam_rho: float | None = None  # sharpness-aware: smooth the forget loss over an L2 ball of this radius
+    l1: float | None = None  # l1-sparse: gamma of the linearly decaying l1 penalty (l1sparse: default 1e-4)
+    prune: float | None = None  # prune first: zero this fraction of the LoRA weights by magnitude, keep them zero
+    coreset: float | None = None  # unlearn with this random fraction of the forget rows (evaluate on all)
 
     def resolved(self) -> UnlearnSettings:
         """Check every value and fill the method's defaults; one clear error for a bad one."""
@@ -70,6 +82,30 @@ class UnlearnSettings:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise SiftError(f"lr must be a positive number, got {self.lr}")
         out = copy.copy(self)
+        extras = {"--mask": self.mask, "--sam": self.sam_rho, "--l1": self.l1 if self.method != "l1sparse" else None, "--prune": self.prune}
+        if self.method not in ADAMW_METHODS and any(v is not None for v in extras.values()):
+            raise SiftError(f"{', '.join(k for k, v in extras.items() if v is not None)} apply to {', '.join(ADAMW_METHODS)}, not {self.method}")
+        if self.mask is not None and self.mask not in MASKS:
+            raise SiftError(f"unknown --mask {self.mask!r}: use one of {', '.join(MASKS)}")
+        if self.mask_ratio is not None and self.mask is None:
+            raise SiftError("--mask-ratio needs --mask")
+        out.mask_ratio = (0.8 if self.mask_ratio is None else float(self.mask_ratio)) if self.mask else None
+        if out.mask_ratio is not None and not 0.0 < out.mask_ratio <= 1.0:
+            raise SiftError(f"--mask-ratio must lie in (0, 1], got {self.mask_ratio}")
+        if not (self.mask_gamma > 0 and math.isfinite(self.mask_gamma)):
+            raise SiftError(f"--mask-gamma must be a positive number, got {self.mask_gamma}")
+        if self.sam_rho is not None and not (self.sam_rho > 0 and math.isfinite(self.sam_rho)):
+            raise SiftError(f"--sam must be a positive radius, got {self.sam_rho}")
+        if self.sam_rho is not None and self.method == "l1sparse":
+            raise SiftError("--sam smooths a forget loss; l1sparse has none (it fine-tunes on the retain rows)")
+        if self.method == "l1sparse" and self.l1 is None:
+            out.l1 = L1_DEFAULT
+        if out.l1 is not None and not (out.l1 >= 0 and math.isfinite(out.l1)):
+            raise SiftError(f"--l1 must be >= 0 and finite, got {self.l1}")
+        if self.prune is not None and not 0.0 <= self.prune < 1.0:
+            raise SiftError(f"--prune must lie in [0, 1), got {self.prune}")
+        if self.coreset is not None and not 0.0 < self.coreset <= 1.0:
+            raise SiftError(f"--coreset must lie in (0, 1], got {self.coreset}")
         for key, default in METHOD_DEFAULTS[self.method].items():
             given = getattr(self, key)
             if default is None:
@@ -166,7 +202,8 @@ def unlearn(ws: Workspace, ids: list[str], out: Path, settings: UnlearnSettings,
     source = monolithic_adapter(ws, view, rows, base, quiet)
     b = base.get()
     enable_determinism()
-    ex_f = tokenize_rows(b, forget_rows, cfg.train.max_length)
+    unlearned_rows = forget_rows if s.coreset is None else coreset_rows(forget_rows, s.coreset, s.seed)
+    ex_f = tokenize_rows(b, unlearned_rows, cfg.train.max_length)
     ex_r = tokenize_rows(b, retain_rows, cfg.train.max_length)
     pad = b.tokenizer.pad_token_id
     model = open_peft_adapter(b.model, Path(source), is_trainable=True).eval()  # no dropout
@@ -177,6 +214,7 @@ def unlearn(ws: Workspace, ids: list[str], out: Path, settings: UnlearnSettings,
     order_gen = torch.Generator().manual_seed(seed)
     retain = _retain_stream(len(ex_r), s.batch_size, derive_seed("unlearn-retain", s.seed)) if ex_r else None
     count = Counter()
+    masks = _weight_masks(s, lm, params, ex_f, ex_r, pad, count)
 
     ref: torch.Tensor | None = None
     if s.method == "npo":  # pi_ref: the model before unlearning, scored once per forget row
@@ -203,16 +241,25 @@ def unlearn(ws: Workspace, ids: list[str], out: Path, settings: UnlearnSettings,
                 loss_val, nll_f, nll_r = _ngdiff_step(lm, params, fb, rb, gen, step, count)
             else:
                 assert optimizer is not None
-                lp_f, len_f = answer_logprobs(lm, fb)
-                nll_f_t = token_nll(lp_f, len_f)
-                nll_r_t = None
-                if rb is not None:
-                    lp_r, len_r = answer_logprobs(lm, rb)
-                    nll_r_t = token_nll(lp_r, len_r)
-                loss = _objective(s, lp_f, len_f, nll_f_t, nll_r_t, None if ref is None else ref[idx])
-                loss.backward()
+                l1 = None if s.l1 is None else l1_weight(s.l1, epoch, s.epochs)
+                if s.sam_rho is None:
+                    lp_f, len_f = answer_logprobs(lm, fb)
+                    nll_f_t = token_nll(lp_f, len_f)
+                    nll_r_t = None
+                    if rb is not None:
+                        lp_r, len_r = answer_logprobs(lm, rb)
+                        nll_r_t = token_nll(lp_r, len_r)
+                    loss = _objective(s, lp_f, len_f, nll_f_t, nll_r_t, None if ref is None else ref[idx])
+                    if l1 is not None:
+                        loss = loss + l1 * l1_penalty(params)
+                    loss.backward()
+                else:
+                    loss, nll_f_t, nll_r_t = _sam_step(s, lm, params, fb, rb, None if ref is None else ref[idx], l1)
+                    count.trained_tokens += int(fb[1].sum())  # the third pass, at theta + delta
                 if s.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+                if masks is not None:
+                    apply_masks(params, masks)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 loss_val, nll_f = float(loss.detach()), float(nll_f_t.detach())
@@ -253,6 +300,8 @@ def unlearn(ws: Workspace, ids: list[str], out: Path, settings: UnlearnSettings,
         "method": s.method,
         "settings": {k: v for k, v in asdict(s).items() if v is not None},
         "forget_rows": len(forget_rows),
+        "unlearned_rows": len(unlearned_rows),  # fewer than forget_rows with --coreset
+        "unlearned_set_sha256": sha256_hex("\n".join(r.id for r in unlearned_rows).encode()),
         "retain_rows": len(retain_rows),
         "forget_set_sha256": sha256_hex("\n".join(r.id for r in forget_rows).encode()),
         "source_adapter": str(source),
@@ -264,6 +313,8 @@ def unlearn(ws: Workspace, ids: list[str], out: Path, settings: UnlearnSettings,
         "flops_estimate": 6 * n_params * count.trained_tokens + 2 * n_params * count.forward_tokens,
         "history": count.history,
     }
+    if masks is not None:
+        record["mask"] = {"kind": s.mask, "prune": s.prune, "fraction_updated": round(mask_fraction(masks), 6)}
     if gen is not None:
         record["gen"] = {"final_eta": gen.eta, "accepted_fits": gen.accepted, "failed_fits": gen.failed, "every": gen.every, "eps": EPS}
     atomic_write_json(staged / UNLEARN_META, record)
@@ -285,7 +336,98 @@ def _objective(s: UnlearnSettings, lp_f: torch.Tensor, len_f: torch.Tensor, nll_
     if s.method == "simnpo":
         assert s.beta is not None
         return (s.forget_weight or 0.0) * simnpo_loss(lp_f, len_f, s.beta, s.gamma or 0.0) + retain_term
+    if s.method == "l1sparse":  # fine-tuning on the retain rows; its l1 term is added by the caller
+        assert nll_r is not None
+        return (s.retain_weight or 0.0) * nll_r
     raise AssertionError(s.method)  # pragma: no cover
+
+
+def _forget_term(s: UnlearnSettings, lp_f: torch.Tensor, len_f: torch.Tensor, nll_f: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
+    """The part of _objective that depends on the forget rows (what sharpness-aware unlearning smooths)."""
+    if s.method == "ga":
+        return ga_loss(nll_f)
+    if s.method == "graddiff":
+        return -(s.forget_weight or 0.0) * nll_f
+    if s.method == "npo":
+        assert ref is not None and s.beta is not None
+        return npo_loss(lp_f, ref, s.beta)
+    if s.method == "simnpo":
+        assert s.beta is not None
+        return (s.forget_weight or 0.0) * simnpo_loss(lp_f, len_f, s.beta, s.gamma or 0.0)
+    raise AssertionError(s.method)  # pragma: no cover
+
+
+def _sam_step(s: UnlearnSettings, lm: Any, params: list[torch.nn.Parameter], fb: Any, rb: Any, ref: torch.Tensor | None,
+              l1: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of  l_f(theta + delta*) + w_R l_r(theta) [+ l1]  into p.grad (sift.unlearn.smoothing);
+    returns (loss at theta, forget NLL, retain NLL) for the log."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def forget_loss() -> torch.Tensor:
+        lp_f, len_f = answer_logprobs(lm, fb)
+        nll = token_nll(lp_f, len_f)
+        seen.setdefault("nll_f", nll.detach())
+        return _forget_term(s, lp_f, len_f, nll, ref)
+
+    forget_value = sam_forget_backward(params, forget_loss, s.sam_rho or 0.0)
+    rest: torch.Tensor | None = None
+    nll_r = None
+    if rb is not None and s.retain_weight:
+        lp_r, len_r = answer_logprobs(lm, rb)
+        nll_r = token_nll(lp_r, len_r)
+        rest = s.retain_weight * nll_r
+    if l1 is not None:
+        rest = l1 * l1_penalty(params) if rest is None else rest + l1 * l1_penalty(params)
+    if rest is not None:
+        rest.backward()
+    total = torch.tensor(forget_value) + (0.0 if rest is None else rest.detach())
+    return total, seen["nll_f"], None if nll_r is None else nll_r.detach()
+
+
+def coreset_rows(rows: list[Row], fraction: float, seed: int) -> list[Row]:
+    """A random `fraction` of the forget rows (at least one), drawn from the seed alone (Pal et
+    al., "LLM Unlearning Reveals a Stronger-Than-Expected Coreset Effect in Current Benchmarks":
+    unlearning with a random 5 % of a benchmark's forget set keeps most of the effect)."""
+    n = max(1, math.ceil(fraction * len(rows)))
+    salt = f"coreset|{seed}|".encode()
+    return sorted(sorted(rows, key=lambda r: sha256_hex(salt + r.id.encode()))[:n], key=lambda r: r.id)
+
+
+def _summed_grads(lm: Any, params: list[torch.nn.Parameter], examples: list[Example], idx_batches: list[list[int]], pad: int) -> list[torch.Tensor]:
+    """Sum over the batches of the gradient of each batch's token NLL (one pass, as WAGLE takes it)."""
+    total = [torch.zeros_like(p) for p in params]
+    for idx in idx_batches:
+        grads = _grads(token_nll(*answer_logprobs(lm, _batch(examples, idx, pad))), params)
+        for t, g in zip(total, grads):
+            t.add_(g)
+    return total
+
+
+def _weight_masks(s: UnlearnSettings, lm: Any, params: list[torch.nn.Parameter], ex_f: list[Example], ex_r: list[Example],
+                  pad: int, count: Counter) -> list[torch.Tensor] | None:
+    """The weights unlearning may move: pruned ones never (--prune), and only the top --mask-ratio
+    of --mask's scores. WAGLE's gradients are taken in one pass over the forget rows, each batch
+    paired with a batch of retain rows (a seeded draw), at the weights unlearning starts from."""
+    masks = prune_by_magnitude(params, s.prune) if s.prune else None
+    if s.mask is None:
+        return masks
+    assert s.mask_ratio is not None
+    if s.mask == "wagle":
+        if not ex_r:
+            raise SiftError("--mask wagle needs retain rows (its score weighs the retain gradient)")
+        f_batches = [list(range(i, min(i + s.batch_size, len(ex_f)))) for i in range(0, len(ex_f), s.batch_size)]
+        perm = torch.randperm(len(ex_r), generator=torch.Generator().manual_seed(derive_seed("wagle-retain", s.seed))).tolist()
+        r_batches = [[perm[(i * s.batch_size + j) % len(perm)] for j in range(s.batch_size)] for i in range(len(f_batches))]
+        g_f = _summed_grads(lm, params, ex_f, f_batches, pad)
+        g_r = _summed_grads(lm, params, ex_r, r_batches, pad)
+        count.trained_tokens += sum(len(ex_f[i][0]) for b in f_batches for i in b) + sum(len(ex_r[i][0]) for b in r_batches for i in b)
+        scores = wagle_scores(params, g_f, g_r, s.mask_gamma)
+    elif s.mask == "magnitude":
+        scores = magnitude_scores(params)
+    else:
+        scores = random_scores(params, derive_seed("random-mask", s.seed))
+    chosen = top_fraction(scores, s.mask_ratio)
+    return chosen if masks is None else [a & b for a, b in zip(masks, chosen)]
 
 
 def _grads(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
