@@ -538,6 +538,12 @@ def compare_cmd(
     max_new_tokens: Annotated[int, typer.Option(help="Greedy answer length limit for ROUGE and recall (open-unlearning: 200; the builtin answers are one sentence of under 30 tokens, so 48 keeps the run short).")] = 48,
     sharded_original: Annotated[bool, typer.Option("--sharded-original", help="Also evaluate the sharded workspace before the forget (the monolithic original is always evaluated).")] = False,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass in evaluation.")] = 16,
+    variant: Annotated[Optional[list[str]], typer.Option("--variant", help="Another approximate run, 'method:key=value,...' (keys sam, mask, mask_ratio, l1, prune, coreset, beta, gamma, forget_weight, retain_weight), e.g. 'npo:sam=0.01', 'graddiff:mask=wagle,mask_ratio=0.8', 'l1sparse'. Repeat for more.")] = None,
+    relearn: Annotated[bool, typer.Option("--relearn", help="Relearning attack on the originals, references, exact path and each approximate run's last epoch: a fresh LoRA fine-tuned on half the forget rows, recall measured on the other half.")] = False,
+    relearn_epochs: Annotated[int, typer.Option(help="Relearning attack: passes over its half of the forget rows.")] = 2,
+    relearn_lr: Annotated[float, typer.Option(help="Relearning attack: AdamW learning rate.")] = 1e-4,
+    forget_set: Annotated[str, typer.Option(help="ids (--forget-ids), random or worst-case: choose --size rows (worst-case: the bi-level search of Fan et al., ECCV 2024, on the monolithic model).")] = "ids",
+    size: Annotated[Optional[int], typer.Option(help="Rows to forget with --forget-set random|worst-case.")] = None,
     as_json: AsJson = False,
 ) -> None:
     """Exact forgetting beside every approximate baseline, against retrained references; writes a report.
@@ -548,18 +554,22 @@ def compare_cmd(
     for every metric."""
     from sift.data import parse_ids
     from sift.evaluation.compare import CompareSettings, compare, report_markdown
+    from sift.evaluation.relearn import RelearnSettings
     from sift.evaluation.run import EvalSettings, read_rows
 
     settings = CompareSettings(
         model=model, num_shards=num_shards, group_by=None if group_by in (None, "none") else group_by, epochs=epochs,
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()), unlearn_epochs=unlearn_epochs, unlearn_lr=unlearn_lr,
-        seeds=seeds, sharded_original=sharded_original, eval=EvalSettings(batch_size=batch_size, max_new_tokens=max_new_tokens, retain_sample=retain_sample, general_sample=general_sample))
+        seeds=seeds, sharded_original=sharded_original, eval=EvalSettings(batch_size=batch_size, max_new_tokens=max_new_tokens, retain_sample=retain_sample, general_sample=general_sample),
+        variants=tuple(variant or ()), relearn=relearn, relearn_settings=RelearnSettings(epochs=relearn_epochs, lr=relearn_lr),
+        forget_set=forget_set, size=size)
     settings.check()
     if holdout is None:
         raise SiftError("membership inference needs --holdout (rows of people never trained on; "
                         "`sift builtin-data --split holdout --people 2 > holdout.jsonl` for the builtin data)")
     rows, held = read_rows(data), read_rows(holdout)
-    result = compare(rows, parse_ids(forget_ids, forget_ids_file), held, out, settings)
+    given = parse_ids(forget_ids, forget_ids_file) if (forget_ids is not None or forget_ids_file is not None) else []
+    result = compare(rows, given, held, out, settings)
     _emit(result, as_json, lambda r: report_markdown(r) + f"\nreport written to {out}/ (table.md, results.json, tradeoff.png, cost.png) in {r['seconds']:.0f}s")
 
 

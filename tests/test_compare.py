@@ -102,3 +102,40 @@ def test_compare_checks_row_fields_before_training(tmp_path):
     with pytest.raises(SiftError, match="paraphrased_completion"):
         compare(rows, ["p000-pet"], make_rows(people=1, seed=0, split="holdout"), tmp_path / "r", settings(), progress=lambda m: None)
     assert not (tmp_path / "r").exists()
+
+
+def test_compare_with_variants_relearning_and_a_worst_case_forget_set(tmp_path):
+    from sift.evaluation.relearn import RelearnSettings
+
+    rows = make_rows(people=3, seed=0)
+    out = tmp_path / "report"
+    s = settings(methods=("ga",), sharded_original=False, variants=("npo:sam=0.01", "graddiff:mask=wagle,mask_ratio=0.5"),
+                 relearn=True, relearn_settings=RelearnSettings(epochs=1, lr=1e-3, max_new_tokens=4),
+                 forget_set="worst-case", size=4, worst_case={"iterations": 2, "unlearn_steps": 1})
+    result = compare(rows, [], make_rows(people=1, seed=0, split="holdout"), out, s, progress=lambda m: None,
+                     general=general_eval_rows()[:3])
+    chosen = result["forget_set"]
+    assert chosen["kind"] == "worst-case" and len(chosen["ids"]) == 4 and len(chosen["objective_history"]) == 2
+    assert result["data"]["forget"] == 4
+    by = {e["name"]: e for e in result["entries"]}
+    for want in ("npo:sam=0.01 (epoch 2)", "graddiff:mask=wagle,mask_ratio=0.5 (epoch 2)", "ga (epoch 2)"):
+        assert want in by, want
+    for attacked in ("original: monolithic (before unlearning)", "reference: monolithic retrain", "exact: sift forget, merged",
+                     "reference: sharded rebuild, merged", "ga (epoch 2)", "npo:sam=0.01 (epoch 2)"):
+        assert "relearn_contains" in by[attacked]["metrics"], attacked
+    assert "relearn_contains" not in by["ga (epoch 1)"]["metrics"]
+    # identical bytes: the exact path regains under the attack exactly what its rebuild regains
+    assert by["exact: sift forget, merged"]["relearn"] == by["reference: sharded rebuild, merged"]["relearn"]
+    assert "relearn_contains" in (out / "table.md").read_text()
+
+
+def test_compare_refuses_bad_variants_and_forget_sets(tmp_path):
+    rows = write_rows(tmp_path / "rows.jsonl", make_rows(people=2, seed=0))
+    held = write_rows(tmp_path / "held.jsonl", make_rows(people=1, seed=0, split="holdout"))
+    common = ["compare", "--data", str(rows), "--out", str(tmp_path / "r"), "--model", "builtin-tiny", "--holdout", str(held)]
+    assert "is not key=value" in one_error_line(sift(*common, "--forget-ids", "p000-pet", "--variant", "npo:rho=0.1"))
+    assert "apply to" in one_error_line(sift(*common, "--forget-ids", "p000-pet", "--variant", "ngdiff:sam=0.1"))
+    assert "needs --size" in one_error_line(sift(*common, "--forget-set", "random"))
+    assert "leave out --forget-ids" in one_error_line(sift(*common, "--forget-set", "random", "--size", "3", "--forget-ids", "p000-pet"))
+    assert "give --forget-ids" in one_error_line(sift(*common))
+    assert not (tmp_path / "r").exists()

@@ -33,9 +33,12 @@ from sift.errors import SiftError
 from sift.evaluation.run import EvalSettings, against_reference, check_rows, evaluate, metric_table, sample_general, split_rows
 
 METHODS = ("ga", "graddiff", "npo", "simnpo", "ngdiff")
+VARIANT_KEYS = {"sam": "sam_rho", "mask": "mask", "mask_ratio": "mask_ratio", "l1": "l1", "prune": "prune", "coreset": "coreset",
+                "beta": "beta", "gamma": "gamma", "forget_weight": "forget_weight", "retain_weight": "retain_weight"}
+FORGET_SETS = ("ids", "random", "worst-case")
 TABLE_METRICS = ["forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_exact",
                  "retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_exact", "wf_Q_A_Prob_normalised", "wf_correct", "mia_min_k", "privleak",
-                 "seconds", "flops"]
+                 "relearn_contains", "relearn_regained", "seconds", "flops"]
 
 
 @dataclass
@@ -49,6 +52,12 @@ class CompareSettings:
     unlearn_lr: float = 1e-4
     seeds: int = 0  # > 0: the challenge's forgetting score with this many models per side
     sharded_original: bool = False  # also evaluate the sharded workspace before the forget
+    variants: tuple[str, ...] = ()  # more approximate runs, "method:key=value,...", e.g. "npo:sam=0.01", "graddiff:mask=wagle"
+    relearn: bool = False  # run the relearning attack on the originals, references, exact path and each run's last epoch
+    relearn_settings: Any = None  # sift.evaluation.relearn.RelearnSettings (None: its defaults)
+    forget_set: str = "ids"  # ids (given) | random | worst-case (chosen among the rows, --size of them)
+    size: int | None = None
+    worst_case: Any = None  # sift.evaluation.worstcase.WorstCaseSettings overrides (None: defaults)
     eval: EvalSettings = field(default_factory=lambda: EvalSettings(max_new_tokens=48, retain_sample=15, general_sample=15))
 
     def check(self) -> None:
@@ -63,7 +72,36 @@ class CompareSettings:
             raise SiftError("--seeds must be 0 (off) or at least 3 (the challenge's bins need ceil(ln(N - 1)) > 0)")
         for m in self.methods:
             UnlearnSettings(method=m, epochs=self.unlearn_epochs, lr=self.unlearn_lr).resolved()
+        for v in self.variants:
+            variant_settings(v, self.unlearn_epochs, self.unlearn_lr)
+        if self.forget_set not in FORGET_SETS:
+            raise SiftError(f"--forget-set must be one of {', '.join(FORGET_SETS)}; got {self.forget_set!r}")
+        if self.forget_set != "ids" and (self.size is None or self.size < 1):
+            raise SiftError(f"--forget-set {self.forget_set} needs --size K (how many rows to forget)")
+        if self.relearn_settings is not None:
+            self.relearn_settings.check()
         self.eval.check()
+
+
+def variant_settings(spec: str, epochs: int, lr: float) -> Any:
+    """UnlearnSettings from "method:key=value,...": keys sam, mask, mask_ratio, l1, prune, coreset,
+    beta, gamma, forget_weight, retain_weight."""
+    from sift.unlearn.run import UnlearnSettings
+
+    method, _, rest = spec.partition(":")
+    kwargs: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or key.strip() not in VARIANT_KEYS:
+            raise SiftError(f"variant {spec!r}: '{part}' is not key=value with a key among {', '.join(VARIANT_KEYS)}")
+        field_name = VARIANT_KEYS[key.strip()]
+        try:
+            kwargs[field_name] = value.strip() if field_name == "mask" else float(value)
+        except ValueError:
+            raise SiftError(f"variant {spec!r}: {key} needs a number, got {value!r}") from None
+    settings = UnlearnSettings(method=method.strip(), epochs=epochs, lr=lr, **kwargs)
+    settings.resolved()
+    return settings
 
 
 def _log(msg: str) -> None:
@@ -133,14 +171,34 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
     overlap = {r["id"] for r in holdout} & {r["id"] for r in rows}
     if overlap:
         raise SiftError(f"{len(overlap)} held-out id(s) are also in the data (e.g. {sorted(overlap)[0]!r}); held-out rows must be unseen")
+    from sift.evaluation.worstcase import random_forget_set
+
+    if s.forget_set == "ids":
+        if not forget_ids:
+            raise SiftError("give --forget-ids (or --forget-set random|worst-case --size K)")
+    elif forget_ids:
+        raise SiftError(f"--forget-set {s.forget_set} chooses the forget rows itself; leave out --forget-ids")
+    else:
+        forget_ids = random_forget_set(rows, s.size or 0)  # a stand-in for the checks below; replaced by the search
     forget_rows, retain_rows = split_rows(rows, forget_ids, s.eval.retain_sample)
     general = sample_general(general_eval_rows() if general is None else general, s.eval.general_sample)
     check_rows(forget_rows, retain_rows, general, holdout)  # before any training
-    forget_set = {r["id"] for r in forget_rows}
-    remaining = [r for r in rows if r["id"] not in forget_set]
     work = out / "work"
     started = time.perf_counter()
     entries: list[dict[str, Any]] = []
+    relearned: dict[str, dict[str, Any]] = {}
+    selection: dict[str, Any] | None = {"kind": s.forget_set, "size": len(forget_ids)} if s.forget_set != "ids" else None
+
+    def attack(model: Any, tok: Any, name: str) -> None:
+        """The relearning attack on one model (s.relearn), kept for the entry named `name`."""
+        if not s.relearn:
+            return
+        from sift.evaluation.relearn import relearn_attack
+
+        t = time.perf_counter()
+        relearned[name] = relearn_attack(model, tok, forget_rows, s.relearn_settings)
+        progress(f"relearning attack on {name}: contains {relearned[name]['before']['contains']:.2f} -> "
+                 f"{relearned[name]['after']['contains']:.2f} in {time.perf_counter() - t:.0f}s")
 
     def run_eval(target: Any) -> dict[str, Any]:
         t = time.perf_counter()
@@ -164,15 +222,39 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
 
     progress("training the monolithic model (all rows, one adapter)")
     mono, mono_cost = _build(work / "monolithic", rows, _config(s, 1), merge=False)
-    mono_before = run_eval(_adapter_target("monolithic, before unlearning", base_model, mono.adapter_dir(0), mono_cost))
+    if s.forget_set == "worst-case":
+        from sift.adapters import open_peft_adapter
+        from sift.evaluation.worstcase import WorstCaseSettings, worst_case_forget_set
+
+        wc = WorstCaseSettings(size=s.size or 0, **(s.worst_case or {}))
+        progress(f"searching the worst-case forget set of {wc.size} rows ({wc.iterations} upper steps x {wc.unlearn_steps} signSGD steps)")
+        t = time.perf_counter()
+        found = worst_case_forget_set(open_peft_adapter(base_model.model, mono.adapter_dir(0), is_trainable=True),
+                                      base_model.tokenizer, rows, wc)
+        forget_ids = found["ids"]
+        selection.update(ids=forget_ids, objective_history=found["objective_history"],  # type: ignore[union-attr]
+                         chosen_mean_loss=found["chosen_mean_loss"], seconds=round(time.perf_counter() - t, 1), settings=found["settings"])
+        forget_rows, retain_rows = split_rows(rows, forget_ids, s.eval.retain_sample)
+        check_rows(forget_rows, retain_rows, general, holdout)
+    elif selection is not None:
+        selection["ids"] = forget_ids
+    forget_set = {r["id"] for r in forget_rows}
+    remaining = [r for r in rows if r["id"] not in forget_set]
+    mono_target = _adapter_target("monolithic, before unlearning", base_model, mono.adapter_dir(0), mono_cost)
+    mono_before = run_eval(mono_target)
+    attack(mono_target.model, base_model.tokenizer, "original: monolithic (before unlearning)")
 
     progress("training the references without the forget rows: monolithic retrain, sharded rebuild")
     mono_ref_ws, mono_ref_cost = _build(work / "reference-monolithic", remaining, _config(s, 1), merge=False)
-    mono_ref = run_eval(_adapter_target("reference: monolithic retrain", base_model, mono_ref_ws.adapter_dir(0), mono_ref_cost))
+    mono_ref_target = _adapter_target("reference: monolithic retrain", base_model, mono_ref_ws.adapter_dir(0), mono_ref_cost)
+    mono_ref = run_eval(mono_ref_target)
+    attack(mono_ref_target.model, base_model.tokenizer, "reference: monolithic retrain")
     shard_ref_ws, shard_ref_cost = _build(work / "reference-sharded", remaining, _config(s, s.num_shards), merge=True)
     ref_server = WorkspaceServer(shard_ref_ws, base=base)
     shard_ref = run_eval(WorkspaceTarget("reference: sharded rebuild (routed)", ref_server, cost=shard_ref_cost))
     shard_ref_merged = run_eval(WorkspaceTarget("reference: sharded rebuild (merged)", ref_server, merged=True, cost=shard_ref_cost))
+    if s.relearn:  # what answers a forgotten owner's questions once no shard claims them: the merged model
+        attack(*ref_server.merged_model()[:2], "reference: sharded rebuild, merged")
 
     add(mono_before, "original: monolithic (before unlearning)", "original", mono_ref)
     if sharded_before is not None:
@@ -191,11 +273,15 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
     exact_routed = run_eval(WorkspaceTarget("exact: sift forget (routed)", exact_server, cost=exact_cost))
     add(exact_routed, "exact: sift forget, routed", "exact", shard_ref, identical_to_reference=identical)
     exact_merged = run_eval(WorkspaceTarget("exact: sift forget (merged)", exact_server, merged=True, cost=exact_cost))
+    if s.relearn:
+        attack(*exact_server.merged_model()[:2], "exact: sift forget, merged")
     add(exact_merged, "exact: sift forget, merged", "exact", shard_ref_merged, identical_to_reference=identical)
     del server, ref_server, exact_server  # each holds model copies; the baselines need the memory
     gc.collect()
 
-    for method in s.methods:
+    runs = [(m, UnlearnSettings(method=m, epochs=s.unlearn_epochs, lr=s.unlearn_lr)) for m in s.methods]
+    runs += [(v, variant_settings(v, s.unlearn_epochs, s.unlearn_lr)) for v in s.variants]
+    for i, (method, settings) in enumerate(runs):
         progress(f"approximate: {method}, {s.unlearn_epochs} epoch(s), evaluated after each")
         path: list[dict[str, Any]] = []
 
@@ -204,10 +290,13 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
 
             res = run_eval(ModelTarget(f"{method} epoch {epoch}", "adapter", model, tok, dict(cost)))
             res["approximate"] = True
-            path.append(add(res, f"{method} (epoch {epoch})", "approximate", mono_ref, method=method, epoch=epoch))
+            name = f"{method} (epoch {epoch})"
+            path.append(add(res, name, "approximate", mono_ref, method=method, epoch=epoch))
+            if epoch == s.unlearn_epochs:
+                attack(model, tok, name)
 
-        settings = UnlearnSettings(method=method, epochs=s.unlearn_epochs, lr=s.unlearn_lr)
-        unlearn(mono, sorted(forget_set), work / "unlearned" / method, settings, base=base, quiet=True, on_epoch=hook)
+        unlearn(mono, sorted(forget_set), work / "unlearned" / f"{i:02d}-{method.replace(':', '-').replace(',', '-').replace('=', '')}",
+                settings, base=base, quiet=True, on_epoch=hook)
 
     challenge = None
     if s.seeds:
@@ -215,8 +304,15 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
 
         challenge = challenge_scores(rows, remaining, forget_rows, retain_rows, general, mono, s, work / "seeds", base, progress)
 
+    for e in entries:  # the attack's outcome beside each attacked model's other metrics
+        r = relearned.get(e["name"])
+        if r is not None:
+            e["metrics"]["relearn_contains"] = r["after"]["contains"]
+            e["metrics"]["relearn_regained"] = r["regained_contains"]
+            e["relearn"] = r
     result = {
         "settings": {**asdict(s), "eval": asdict(s.eval)},
+        "forget_set": selection,
         "data": {"rows": len(rows), "forget": len(forget_rows), "retain_scored": len(retain_rows), "holdout": len(holdout),
                  "general": len(general)},
         "exact_identical_to_sharded_rebuild": identical,
