@@ -131,10 +131,15 @@ def recover_dir(final: Path) -> None:
 
 
 def remove_tree(path: Path) -> None:
+    """Delete a file or folder, durably: the parent folder is fsynced, so a deletion a forget
+    reported (a dropped adapter, the unlearn cache) does not come back after a power loss."""
     if path.is_dir():
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+    else:
+        return
+    _fsync_dir(path.parent)
 
 
 def clean_staging(parent: Path) -> None:
