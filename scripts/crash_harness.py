@@ -141,7 +141,8 @@ def startup_seconds() -> float:
     return time.perf_counter() - t
 
 
-def run_scenario(sc: Scenario, data: Path, kills: int, rng: random.Random, work: Path, startup: float, log=print) -> Outcome:
+def run_scenario(sc: Scenario, data: Path, kills: int, rng: random.Random, work: Path, startup: float, log=print,
+                 keep: Path | None = None) -> Outcome:
     out = Outcome(sc.name)
     start = work / f"{sc.name}-start" / "ws"
     start.parent.mkdir(parents=True)
@@ -163,8 +164,10 @@ def run_scenario(sc: Scenario, data: Path, kills: int, rng: random.Random, work:
         trial = work / f"{sc.name}-kill-{i:02d}" / "ws"
         _copy(start, trial)
         delay = rng.uniform(low, out.reference_seconds)
-        proc = subprocess.Popen(_sift(sc.args, trial, data), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        err_path = trial.parent / "first-run.stderr"
+        with err_path.open("w") as err:
+            proc = subprocess.Popen(_sift(sc.args, trial, data), stdout=subprocess.DEVNULL, stderr=err,
+                                    start_new_session=True)
         try:
             proc.wait(timeout=delay)
             out.finished_first += 1
@@ -174,6 +177,7 @@ def run_scenario(sc: Scenario, data: Path, kills: int, rng: random.Random, work:
             proc.wait()
             out.kills += 1
             what = "killed"
+        first_err = err_path.read_text(errors="replace")
         after_kill = fingerprint(trial)
         if after_kill not in (begin, expected):
             out.mid_work += 1
@@ -187,11 +191,30 @@ def run_scenario(sc: Scenario, data: Path, kills: int, rng: random.Random, work:
             got = fingerprint(trial)
             if got != expected:
                 diff = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
-                out.mismatches.append(f"kill {i} at {delay:.2f}s: {len(diff)} file(s) differ, e.g. {diff[:3]}")
+                detail = "; ".join(_json_diff(trial / k, ref / k) for k in diff if k.endswith(".json"))
+                out.mismatches.append(f"kill {i} at {delay:.2f}s: {len(diff)} file(s) differ: {diff} {detail} "
+                                      f"[first run's stderr: {first_err.strip()[-400:]}]")
+                if keep is not None:  # keep the evidence: the trial and the reference, side by side
+                    dest = keep / f"{sc.name}-kill-{i:02d}"
+                    shutil.copytree(trial, dest / "trial", symlinks=True)
+                    shutil.copytree(ref, dest / "reference", symlinks=True)
+                    (dest / "first-run.txt").write_text(first_err)
         log(f"{sc.name}: kill {i + 1}/{kills} at {delay:.2f}s of {out.reference_seconds:.2f}s: {what}; "
             f"{'OK' if out.ok else 'FAIL'}")
         shutil.rmtree(trial.parent)
     return out
+
+
+def _json_diff(a: Path, b: Path) -> str:
+    """Which top-level fields of two JSON records differ (clock fields left out)."""
+    try:
+        x, y = _normalise(json.loads(a.read_text())), _normalise(json.loads(b.read_text()))
+    except (OSError, ValueError):
+        return f"{a.name}: unreadable"
+    if not (isinstance(x, dict) and isinstance(y, dict)):
+        return f"{a.name}: differs"
+    keys = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
+    return f"{a.parent.name}/{a.name}: " + ", ".join(f"{k} {str(x.get(k))[:60]} vs {str(y.get(k))[:60]}" for k in keys)
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -228,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--commands", default="train-shards,merge,forget")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--keep-failures", type=Path, default=None, help="copy each mismatching trial and the reference here")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     wanted = args.commands.split(",")
@@ -237,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         make_rows(data, args.people)
         startup = startup_seconds()
         print(f"startup (imports) {startup:.2f}s; kills drawn between {startup * 0.8:.2f}s and each reference run's end", flush=True)
-        outcomes = [run_scenario(sc, data, args.kills, rng, work, startup, log=lambda m: print(m, flush=True))
+        outcomes = [run_scenario(sc, data, args.kills, rng, work, startup, log=lambda m: print(m, flush=True), keep=args.keep_failures)
                     for sc in scenarios(args.model, args.num_shards, args.epochs, args.slices, "p000-pet,p001-pet,p002-birthplace")
                     if sc.name in wanted]
     print()

@@ -75,8 +75,15 @@ def resume_pending_forget(ws: Workspace, base: LazyBase | None = None, quiet: bo
     if not ws.journal_path.exists():
         return None
     journal = json.loads(ws.journal_path.read_text())
-    if any(e.get("forget_id") == journal["forget_id"] for e in ws.read_ledger()):
-        ws.journal_path.unlink()  # it had finished; only the journal's removal was lost
+    entries = ws.read_ledger()
+    if any(e.get("forget_id") == journal["forget_id"] for e in entries):
+        # It had finished; what a crash can have cut off is the ledger anchor's update (state.json)
+        # and the journal's removal: both are done now.
+        state = ws.load_state()
+        if state.ledger_entries != len(entries):
+            state.ledger_entries, state.ledger_head = len(entries), entries[-1]["entry_sha256"]
+            ws.save_state(state)
+        ws.journal_path.unlink()
         return None
     if not quiet:
         print(f"sift: completing an interrupted forget ({len(journal['id_hashes'])} ids)", file=sys.stderr)
