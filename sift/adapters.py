@@ -96,7 +96,7 @@ def require_safetensors_adapter(folder: Path) -> None:
         raise SiftError(f"adapter {folder} has no {ADAPTER_WEIGHTS} (safetensors is the only accepted format)")
     problem = not_safetensors(weights)
     if problem:
-        raise SiftError(f"{weights} {problem}")
+        raise SiftError(f"adapter {weights} {problem}")
 
 
 def open_peft_adapter(base_model: Any, folder: Path, **kwargs: Any) -> Any:
@@ -150,12 +150,8 @@ def load_adapter(adapter_dir: Path, shard: int) -> Adapter:
 
     if (adapter_dir / DELTA_FILE).exists():
         return load_dense_adapter(adapter_dir, shard)
+    require_safetensors_adapter(adapter_dir)
     weights = adapter_dir / ADAPTER_WEIGHTS
-    if not weights.exists():
-        raise SiftError(f"adapter {adapter_dir} has no {ADAPTER_WEIGHTS} (safetensors is the only accepted format)")
-    problem = not_safetensors(weights)
-    if problem:
-        raise SiftError(f"adapter {weights} {problem}")
     try:
         cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
         tensors = load_file(str(weights))

@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TypeVar
 
 import torch
 
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+T = TypeVar("T")
+
+
+def hash_order(items: Iterable[T], key: Callable[[T], str], salt: str = "") -> list[T]:
+    """`items` ordered by sha256(salt + key(item)): a seeded, reproducible shuffle that depends on
+    the keys alone, not on the order they come in (take a prefix for a random subset)."""
+    return sorted(items, key=lambda item: sha256_hex((salt + key(item)).encode()))
 
 
 def shard_of(key: str, num_shards: int) -> int:

@@ -29,7 +29,7 @@ import torch
 from sift.determinism import derive_seed, enable_determinism
 from sift.errors import SiftError
 from sift.evaluate import fact_recall
-from sift.hashing import sha256_hex
+from sift.hashing import hash_order
 from sift.loop import LoopSettings, run_loop
 from sift.models import example_ids
 from sift.serving.generate import greedy_answers
@@ -58,8 +58,7 @@ def split_forget(rows: list[dict[str, Any]], fraction: float, seed: int) -> tupl
     """(relearn part, held-out part): the same split for every model attacked with one seed."""
     if len(rows) < 2:
         raise SiftError("the relearning attack needs at least 2 forget rows (some to relearn, some to ask)")
-    salt = f"relearn|{seed}|".encode()
-    ordered = sorted(rows, key=lambda r: sha256_hex(salt + str(r["id"]).encode()))
+    ordered = hash_order(rows, key=lambda r: str(r["id"]), salt=f"relearn|{seed}|")
     n = min(len(rows) - 1, max(1, round(fraction * len(rows))))
     return sorted(ordered[:n], key=lambda r: r["id"]), sorted(ordered[n:], key=lambda r: r["id"])
 

@@ -14,7 +14,6 @@ retain logs do): forget_quality and privleak read `per_row.forget_truth_ratio` a
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ from sift.evaluate import fact_recall, general_recall
 from sift.evaluation import metrics as M
 from sift.evaluation.likelihood import AnswerScore, rouge_l_recall, score_answers
 from sift.evaluation.targets import Target
+from sift.hashing import hash_order
 from sift.serving.generate import greedy_answers
 
 SETS = ("forget", "retain", "wf", "holdout")
@@ -72,7 +72,7 @@ def _hashed_sample(rows: list[dict[str, Any]], n: int | None) -> list[dict[str, 
     """The n rows whose ids hash lowest: the same choice for the same ids, in any order."""
     if n is None or n >= len(rows):
         return sorted(rows, key=lambda r: r["id"])
-    chosen = sorted(rows, key=lambda r: hashlib.sha256(r["id"].encode()).hexdigest())[:n]
+    chosen = hash_order(rows, key=lambda r: r["id"])[:n]
     return sorted(chosen, key=lambda r: r["id"])
 
 

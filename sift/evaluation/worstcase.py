@@ -147,9 +147,8 @@ def worst_case_forget_set(model: Any, tok: Any, rows: list[dict[str, Any]], s: W
 
 def random_forget_set(rows: list[dict[str, Any]], size: int, seed: int = 0) -> list[str]:
     """K rows drawn from the seed alone (the control beside the worst-case set)."""
-    from sift.hashing import sha256_hex
+    from sift.hashing import hash_order
 
     if not 1 <= size < len(rows):
         raise SiftError(f"--size must lie in 1..{len(rows) - 1} (the data holds {len(rows)} rows), got {size}")
-    salt = f"random-forget|{seed}|".encode()
-    return sorted(sorted((r["id"] for r in rows), key=lambda i: sha256_hex(salt + str(i).encode()))[:size])
+    return sorted(hash_order((r["id"] for r in rows), key=str, salt=f"random-forget|{seed}|")[:size])

@@ -24,7 +24,7 @@ from sift.data import Row, shard_content_hash
 from sift.determinism import derive_seed, enable_determinism
 from sift.errors import SiftError
 from sift.fsio import atomic_write_json, replace_dir, staging_dir
-from sift.hashing import sha256_hex
+from sift.hashing import hash_order, sha256_hex
 from sift.loop import Example, batches
 from sift.models import LazyBase
 from sift.snapshot import WorkspaceView
@@ -32,7 +32,7 @@ from sift.unlearn.masks import MASKS, WAGLE_GAMMA, apply_masks, magnitude_scores
 from sift.unlearn.ngdiff import EPS, GenSchedule, ngdiff_direction, parabola_step
 from sift.unlearn.smoothing import sam_forget_backward
 from sift.unlearn.sparsity import L1_DEFAULT, l1_penalty, l1_weight, prune_by_magnitude
-from sift.unlearn.objectives import answer_logprobs, ga_loss, graddiff_loss, npo_loss, simnpo_loss, token_nll
+from sift.unlearn.objectives import answer_logprobs, ga_loss, npo_loss, simnpo_loss, token_nll
 from sift.workspace import Workspace
 
 UNLEARN_META = "sift-unlearn.json"
@@ -324,26 +324,21 @@ def unlearn(ws: Workspace, ids: list[str], out: Path, settings: UnlearnSettings,
 
 def _objective(s: UnlearnSettings, lp_f: torch.Tensor, len_f: torch.Tensor, nll_f: torch.Tensor,
                nll_r: torch.Tensor | None, ref: torch.Tensor | None) -> torch.Tensor:
-    retain_term = (s.retain_weight or 0.0) * nll_r if nll_r is not None else 0.0
-    if s.method == "ga":
-        return ga_loss(nll_f)
-    if s.method == "graddiff":
-        assert nll_r is not None
-        return graddiff_loss(nll_f, nll_r, s.forget_weight or 0.0, s.retain_weight or 0.0)
-    if s.method == "npo":
-        assert ref is not None and s.beta is not None
-        return npo_loss(lp_f, ref, s.beta) + retain_term
-    if s.method == "simnpo":
-        assert s.beta is not None
-        return (s.forget_weight or 0.0) * simnpo_loss(lp_f, len_f, s.beta, s.gamma or 0.0) + retain_term
+    """The method's loss: its forget term (_forget_term) plus w_R NLL_retain where it has one."""
     if s.method == "l1sparse":  # fine-tuning on the retain rows; its l1 term is added by the caller
         assert nll_r is not None
         return (s.retain_weight or 0.0) * nll_r
-    raise AssertionError(s.method)  # pragma: no cover
+    forget = _forget_term(s, lp_f, len_f, nll_f, ref)
+    if s.method == "ga":
+        return forget
+    if s.method == "graddiff":
+        assert nll_r is not None
+    return forget + ((s.retain_weight or 0.0) * nll_r if nll_r is not None else 0.0)
 
 
 def _forget_term(s: UnlearnSettings, lp_f: torch.Tensor, len_f: torch.Tensor, nll_f: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
-    """The part of _objective that depends on the forget rows (what sharpness-aware unlearning smooths)."""
+    """The part of the loss that depends on the forget rows (what sharpness-aware unlearning smooths);
+    graddiff's is objectives.graddiff_loss's first term."""
     if s.method == "ga":
         return ga_loss(nll_f)
     if s.method == "graddiff":
@@ -389,8 +384,7 @@ def coreset_rows(rows: list[Row], fraction: float, seed: int) -> list[Row]:
     al., "LLM Unlearning Reveals a Stronger-Than-Expected Coreset Effect in Current Benchmarks":
     unlearning with a random 5 % of a benchmark's forget set keeps most of the effect)."""
     n = max(1, math.ceil(fraction * len(rows)))
-    salt = f"coreset|{seed}|".encode()
-    return sorted(sorted(rows, key=lambda r: sha256_hex(salt + r.id.encode()))[:n], key=lambda r: r.id)
+    return sorted(hash_order(rows, key=lambda r: r.id, salt=f"coreset|{seed}|")[:n], key=lambda r: r.id)
 
 
 def _summed_grads(lm: Any, params: list[torch.nn.Parameter], examples: list[Example], idx_batches: list[list[int]], pad: int) -> list[torch.Tensor]:
