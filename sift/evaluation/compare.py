@@ -38,7 +38,7 @@ VARIANT_KEYS = {"sam": "sam_rho", "mask": "mask", "mask_ratio": "mask_ratio", "l
 FORGET_SETS = ("ids", "random", "worst-case")
 TABLE_METRICS = ["forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_exact",
                  "retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_exact", "wf_Q_A_Prob_normalised", "wf_correct", "mia_min_k", "privleak",
-                 "relearn_contains", "relearn_regained", "seconds", "flops"]
+                 "relearn_contains", "relearn_regained", "relearn_nll", "seconds", "flops"]
 
 
 @dataclass
@@ -309,6 +309,7 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
         if r is not None:
             e["metrics"]["relearn_contains"] = r["after"]["contains"]
             e["metrics"]["relearn_regained"] = r["regained_contains"]
+            e["metrics"]["relearn_nll"] = r["after"]["answer_nll"]
             e["relearn"] = r
     result = {
         "settings": {**asdict(s), "eval": asdict(s.eval)},

@@ -50,6 +50,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("privleak", "closer to 0", "((1 - AUC) - (1 - AUC_ref)) / (1 - AUC_ref) * 100 on mia_min_k; AUC_ref of the retain reference"),
     Metric("relearn_contains", "closer to the reference", "relearning attack: share of the held-out forget questions whose greedy answer contains the fact after a fresh LoRA is fine-tuned on the other forget rows (sift.evaluation.relearn)"),
     Metric("relearn_regained", "closer to the reference", "relearning attack: relearn_contains minus the same share before the attack"),
+    Metric("relearn_nll", "closer to the reference", "relearning attack: mean answer NLL of the held-out forget questions after it (lower: more came back); before it in results.json"),
     Metric("seconds", "lower", "wall time to produce the model (training or unlearning), seconds"),
     Metric("flops", "lower", "training FLOPs estimate: 6 N per token trained + 2 N per token only scored, N = model parameters"),
 )}
