@@ -13,6 +13,8 @@ included, must match.
 
     python scripts/crash_harness.py                        # embedded default: builtin model, 20 kills each
     python scripts/crash_harness.py --model builtin-tiny --kills 3   # what the default test run does
+    python scripts/crash_harness.py --model builtin-tiny --slices 2 --commands forget --kills 0 --repeats 40
+                                    # no kills: is the command itself bit-stable between processes?
 
 Prints a table (kills landed, kills that left a half-done workspace, reruns that matched) and
 exits 1 on any mismatch. One command at a time: the kills need the cores to themselves to land
@@ -110,10 +112,12 @@ class Outcome:
     rerun_failures: list[str] = field(default_factory=list)
     mismatches: list[str] = field(default_factory=list)
     reference_seconds: float = 0.0
+    repeats: int = 0  # uninterrupted runs from the same start, compared like the reruns
+    repeat_mismatches: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.reader_findings or self.rerun_failures or self.mismatches)
+        return not (self.reader_findings or self.rerun_failures or self.mismatches or self.repeat_mismatches)
 
 
 def _sift(args: list[str], ws: Path, data: Path) -> list[str]:
@@ -142,7 +146,7 @@ def startup_seconds() -> float:
 
 
 def run_scenario(sc: Scenario, data: Path, kills: int, rng: random.Random, work: Path, startup: float, log=print,
-                 keep: Path | None = None) -> Outcome:
+                 keep: Path | None = None, repeats: int = 0) -> Outcome:
     out = Outcome(sc.name)
     start = work / f"{sc.name}-start" / "ws"
     start.parent.mkdir(parents=True)
@@ -202,6 +206,24 @@ def run_scenario(sc: Scenario, data: Path, kills: int, rng: random.Random, work:
         log(f"{sc.name}: kill {i + 1}/{kills} at {delay:.2f}s of {out.reference_seconds:.2f}s: {what}; "
             f"{'OK' if out.ok else 'FAIL'}")
         shutil.rmtree(trial.parent)
+    # Without any kill: does the command write the same bytes every time it runs in a fresh
+    # process? A kill trial that ends in other bytes means little unless the answer is yes.
+    for i in range(repeats):
+        trial = work / f"{sc.name}-repeat-{i:02d}" / "ws"
+        _copy(start, trial)
+        p = _run(sc.args, trial, data)
+        out.repeats += 1
+        if p.returncode != 0:
+            out.rerun_failures.append(f"repeat {i}: exit {p.returncode}: {p.stderr.strip()[-300:]}")
+        elif (got := fingerprint(trial)) != expected:
+            diff = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+            out.repeat_mismatches.append(f"repeat {i}: {len(diff)} file(s) differ: {diff}")
+            if keep is not None:
+                dest = keep / f"{sc.name}-repeat-{i:02d}"
+                shutil.copytree(trial, dest / "trial", symlinks=True)
+                shutil.copytree(ref, dest / "reference", symlinks=True)
+        log(f"{sc.name}: uninterrupted repeat {i + 1}/{repeats}: {'OK' if out.ok else 'FAIL'}")
+        shutil.rmtree(trial.parent)
     return out
 
 
@@ -232,11 +254,11 @@ def make_rows(path: Path, people: int) -> None:
 
 
 def table(outcomes: list[Outcome]) -> str:
-    lines = ["| command | reference s | kills landed | finished before the kill | kills mid-work | reader saw half a model | reruns failed | reruns differing |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| command | reference s | kills landed | finished before the kill | kills mid-work | reader saw half a model | reruns failed | reruns differing | uninterrupted repeats (differing) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for o in outcomes:
         lines.append(f"| {o.command} | {o.reference_seconds:.1f} | {o.kills} | {o.finished_first} | {o.mid_work} | "
-                     f"{len(o.reader_findings)} | {len(o.rerun_failures)} | {len(o.mismatches)} |")
+                     f"{len(o.reader_findings)} | {len(o.rerun_failures)} | {len(o.mismatches)} | {o.repeats} ({len(o.repeat_mismatches)}) |")
     return "\n".join(lines)
 
 
@@ -251,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--commands", default="train-shards,merge,forget")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--repeats", type=int, default=0, help="also run each command this many times uninterrupted from the same start; all must equal the reference")
     ap.add_argument("--keep-failures", type=Path, default=None, help="copy each mismatching trial and the reference here")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
@@ -261,13 +284,13 @@ def main(argv: list[str] | None = None) -> int:
         make_rows(data, args.people)
         startup = startup_seconds()
         print(f"startup (imports) {startup:.2f}s; kills drawn between {startup * 0.8:.2f}s and each reference run's end", flush=True)
-        outcomes = [run_scenario(sc, data, args.kills, rng, work, startup, log=lambda m: print(m, flush=True), keep=args.keep_failures)
+        outcomes = [run_scenario(sc, data, args.kills, rng, work, startup, log=lambda m: print(m, flush=True), keep=args.keep_failures, repeats=args.repeats)
                     for sc in scenarios(args.model, args.num_shards, args.epochs, args.slices, "p000-pet,p001-pet,p002-birthplace")
                     if sc.name in wanted]
     print()
     print(table(outcomes))
     for o in outcomes:
-        for line in o.reader_findings + o.rerun_failures + o.mismatches:
+        for line in o.reader_findings + o.rerun_failures + o.mismatches + o.repeat_mismatches:
             print(f"{o.command}: {line}")
     if args.json_out:
         args.json_out.write_text(json.dumps({"settings": vars(args) | {"json_out": str(args.json_out)},
