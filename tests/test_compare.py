@@ -121,12 +121,16 @@ def test_compare_with_variants_relearning_and_a_worst_case_forget_set(tmp_path):
     for want in ("npo:sam=0.01 (epoch 2)", "graddiff:mask=wagle,mask_ratio=0.5 (epoch 2)", "ga (epoch 2)"):
         assert want in by, want
     for attacked in ("original: monolithic (before unlearning)", "reference: monolithic retrain", "exact: sift forget, merged",
-                     "reference: sharded rebuild, merged", "ga (epoch 2)", "npo:sam=0.01 (epoch 2)"):
+                     "reference: sharded rebuild, merged", "exact: sift forget, routed", "reference: sharded rebuild, routed",
+                     "ga (epoch 2)", "npo:sam=0.01 (epoch 2)"):
         assert "relearn_contains" in by[attacked]["metrics"], attacked
         assert by[attacked]["metrics"]["relearn_nll"] == by[attacked]["relearn"]["after"]["answer_nll"]
     assert "relearn_contains" not in by["ga (epoch 1)"]["metrics"]
     # identical bytes: the exact path regains under the attack exactly what its rebuild regains
     assert by["exact: sift forget, merged"]["relearn"] == by["reference: sharded rebuild, merged"]["relearn"]
+    routed = by["exact: sift forget, routed"]["relearn"]
+    assert routed == by["reference: sharded rebuild, routed"]["relearn"]
+    assert sorted(i for g in routed["served_by"] for i in g["held_rows"]) == routed["held_rows"]
     assert "relearn_contains" in (out / "table.md").read_text()
 
 

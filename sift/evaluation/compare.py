@@ -189,14 +189,16 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
     relearned: dict[str, dict[str, Any]] = {}
     selection: dict[str, Any] | None = {"kind": s.forget_set, "size": len(forget_ids)} if s.forget_set != "ids" else None
 
-    def attack(model: Any, tok: Any, name: str) -> None:
-        """The relearning attack on one model (s.relearn), kept for the entry named `name`."""
+    def attack(model: Any, tok: Any, name: str, server: Any = None) -> None:
+        """The relearning attack on one model (s.relearn), kept for the entry named `name`; with
+        `server`, on the routed workspace (each held-out question's serving model attacked)."""
         if not s.relearn:
             return
-        from sift.evaluation.relearn import relearn_attack
+        from sift.evaluation.relearn import relearn_attack, relearn_attack_routed
 
         t = time.perf_counter()
-        relearned[name] = relearn_attack(model, tok, forget_rows, s.relearn_settings)
+        relearned[name] = (relearn_attack_routed(server, forget_rows, s.relearn_settings) if server is not None
+                           else relearn_attack(model, tok, forget_rows, s.relearn_settings))
         progress(f"relearning attack on {name}: contains {relearned[name]['before']['contains']:.2f} -> "
                  f"{relearned[name]['after']['contains']:.2f} in {time.perf_counter() - t:.0f}s")
 
@@ -253,7 +255,8 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
     ref_server = WorkspaceServer(shard_ref_ws, base=base)
     shard_ref = run_eval(WorkspaceTarget("reference: sharded rebuild (routed)", ref_server, cost=shard_ref_cost))
     shard_ref_merged = run_eval(WorkspaceTarget("reference: sharded rebuild (merged)", ref_server, merged=True, cost=shard_ref_cost))
-    if s.relearn:  # what answers a forgotten owner's questions once no shard claims them: the merged model
+    if s.relearn:  # the routed workspace (what serves), and its merged model on its own
+        attack(None, None, "reference: sharded rebuild, routed", server=ref_server)
         attack(*ref_server.merged_model()[:2], "reference: sharded rebuild, merged")
 
     add(mono_before, "original: monolithic (before unlearning)", "original", mono_ref)
@@ -271,6 +274,7 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
     identical = served_hashes(sharded.merged_dir)[0] == served_hashes(shard_ref_ws.merged_dir)[0]
     exact_server = WorkspaceServer(sharded, base=base)
     exact_routed = run_eval(WorkspaceTarget("exact: sift forget (routed)", exact_server, cost=exact_cost))
+    attack(None, None, "exact: sift forget, routed", server=exact_server)
     add(exact_routed, "exact: sift forget, routed", "exact", shard_ref, identical_to_reference=identical)
     exact_merged = run_eval(WorkspaceTarget("exact: sift forget (merged)", exact_server, merged=True, cost=exact_cost))
     if s.relearn:

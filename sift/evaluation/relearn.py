@@ -89,11 +89,45 @@ def plain_model(model: Any) -> Any:
 def relearn_attack(model: Any, tok: Any, forget: list[dict[str, Any]], settings: RelearnSettings | None = None) -> dict[str, Any]:
     """Attack a copy of `model` (left unchanged); returns the split, and recall and NLL on the
     held-out forget rows before and after relearning."""
-    from peft import LoraConfig, get_peft_model
-
     s = settings or RelearnSettings()
     s.check()
     relearn, held = split_forget(forget, s.fraction, s.seed)
+    before, after, steps = _attack(model, tok, relearn, held, s)
+    return _record(s, relearn, held, steps, before, after)
+
+
+def relearn_attack_routed(server: Any, forget: list[dict[str, Any]], settings: RelearnSettings | None = None) -> dict[str, Any]:
+    """The attack on a routed workspace (a sift.serving.answer.WorkspaceServer): each held-out
+    question goes to the model that serves it (its shard's adapter, or the merged model when no
+    shard claims it), and the attacker fine-tunes that model on the whole relearn half, as one
+    who can reach the serving weights would. Recall and NLL are pooled over the held-out rows,
+    so the record reads as `relearn_attack`'s; `served_by` lists each attacked model."""
+    s = settings or RelearnSettings()
+    s.check()
+    relearn, held = split_forget(forget, s.fraction, s.seed)
+    pooled: dict[str, dict[str, float]] = {"before": {}, "after": {}}
+    served_by, steps = [], 0
+    for model, tok, path, shard, idx in server.models_for([r["prompt"] for r in held]):
+        rows = [held[i] for i in idx]
+        before, after, n = _attack(model, tok, relearn, rows, s)
+        steps += n
+        for key, got in (("before", before), ("after", after)):
+            for metric, value in got.items():
+                pooled[key][metric] = pooled[key].get(metric, 0.0) + value * len(rows)
+        served_by.append({"path": path, "shard": shard, "held_rows": [r["id"] for r in rows]})
+    for key in pooled:
+        pooled[key] = {m: round(v / len(held), 6) for m, v in pooled[key].items()}
+    return {**_record(s, relearn, held, steps, pooled["before"], pooled["after"]), "served_by": served_by}
+
+
+def _attack(model: Any, tok: Any, relearn: list[dict[str, Any]], held: list[dict[str, Any]],
+            s: RelearnSettings) -> tuple[dict[str, float], dict[str, float], int]:
+    """(before, after, steps): a fresh seeded LoRA on a copy of `model`, trained on `relearn`,
+    `held` measured before and after."""
+    from peft import LoraConfig, get_peft_model
+
+    from sift.train import completion_loss
+
     enable_determinism()
     victim = plain_model(model)
     before = _measure(victim, tok, held, s.max_new_tokens)
@@ -102,19 +136,21 @@ def relearn_attack(model: Any, tok: Any, forget: list[dict[str, Any]], settings:
                                                  bias="none", task_type="CAUSAL_LM"))
     params = [p for p in attacked.parameters() if p.requires_grad]
     examples = [example_ids(tok, r["prompt"], r["completion"], None) for r in relearn]
-    from sift.train import completion_loss
-
     attacked.train()
     result = run_loop(attacked.base_model.model, params, examples, tok.pad_token_id,
                       LoopSettings(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr), derive_seed("relearn-order", s.seed),
                       loss_fn=lambda m, b: completion_loss(m, *b))
     attacked.eval()
-    after = _measure(attacked, tok, held, s.max_new_tokens)
+    return before, _measure(attacked, tok, held, s.max_new_tokens), result.steps
+
+
+def _record(s: RelearnSettings, relearn: list[dict[str, Any]], held: list[dict[str, Any]], steps: int,
+            before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
     return {
         "settings": asdict(s),
         "relearn_rows": [r["id"] for r in relearn],
         "held_rows": [r["id"] for r in held],
-        "steps": result.steps,
+        "steps": steps,
         "before": before,
         "after": after,
         "regained_contains": round(after["contains"] - before["contains"], 6),
