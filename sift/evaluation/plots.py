@@ -54,7 +54,7 @@ def tradeoff_plot(result: dict[str, Any], path: Path) -> None:
                    label=f"{method} (approximate), epochs 1-{path_entries[-1]['epoch']}")
         ax.annotate(str(path_entries[-1]["epoch"]), (xs[-1], ys[-1]), textcoords="offset points", xytext=(5, 3), fontsize=7, color=color)
     ax.set_yscale("log")
-    ax.set_xlabel("model utility (harmonic mean of retain and general-knowledge Prob, ROUGE, truth ratio; higher is better)")
+    ax.set_xlabel("model utility (higher is better)\nharmonic mean of retain and general-knowledge Prob, ROUGE, truth ratio")
     ax.set_ylabel("forget quality (KS p-value against the retrained reference; higher is better)")
     ax.set_title("Exact forgetting vs approximate unlearning (marker area grows with wall seconds)", fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
@@ -63,7 +63,7 @@ def tradeoff_plot(result: dict[str, Any], path: Path) -> None:
         if hasattr(handle, "set_sizes"):
             handle.set_sizes([40])
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -95,5 +95,5 @@ def cost_plot(result: dict[str, Any], path: Path) -> None:
     axes[1].set_yticklabels([])
     fig.suptitle("Cost of producing each model (exact forget, approximate unlearning, full retrains)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
