@@ -539,7 +539,7 @@ def compare_cmd(
     sharded_original: Annotated[bool, typer.Option("--sharded-original", help="Also evaluate the sharded workspace before the forget (the monolithic original is always evaluated).")] = False,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass in evaluation.")] = 16,
     variant: Annotated[Optional[list[str]], typer.Option("--variant", help="Another approximate run, 'method:key=value,...' (keys sam, mask, mask_ratio, l1, prune, coreset, beta, gamma, forget_weight, retain_weight), e.g. 'npo:sam=0.01', 'graddiff:mask=wagle,mask_ratio=0.8', 'l1sparse'. Repeat for more.")] = None,
-    relearn: Annotated[bool, typer.Option("--relearn", help="Relearning attack on the originals, references, exact path and each approximate run's last epoch: a fresh LoRA fine-tuned on half the forget rows, recall measured on the other half.")] = False,
+    relearn: Annotated[bool, typer.Option("--relearn", help="Relearning attack on the originals, references, exact path (routed: each question's serving model; and merged) and each approximate run's last epoch: a fresh LoRA fine-tuned on half the forget rows, recall measured on the other half.")] = False,
     relearn_epochs: Annotated[int, typer.Option(help="Relearning attack: passes over its half of the forget rows.")] = 5,
     relearn_lr: Annotated[float, typer.Option(help="Relearning attack: AdamW learning rate (1e-3: the LoRA fine-tuning's own).")] = 1e-3,
     forget_set: Annotated[str, typer.Option(help="ids (--forget-ids), random or worst-case: choose --size rows (worst-case: the bi-level search of Fan et al., ECCV 2024, on the monolithic model).")] = "ids",
