@@ -192,17 +192,9 @@ def run_scenario(sc: Scenario, data: Path, kills: int, rng: random.Random, work:
         if p.returncode != 0:
             out.rerun_failures.append(f"kill {i} at {delay:.2f}s: rerun exit {p.returncode}: {p.stderr.strip()[-300:]}")
         else:
-            got = fingerprint(trial)
-            if got != expected:
-                diff = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
-                detail = "; ".join(_json_diff(trial / k, ref / k) for k in diff if k.endswith(".json"))
-                out.mismatches.append(f"kill {i} at {delay:.2f}s: {len(diff)} file(s) differ: {diff} {detail} "
-                                      f"[first run's stderr: {first_err.strip()[-400:]}]")
-                if keep is not None:  # keep the evidence: the trial and the reference, side by side
-                    dest = keep / f"{sc.name}-kill-{i:02d}"
-                    shutil.copytree(trial, dest / "trial", symlinks=True)
-                    shutil.copytree(ref, dest / "reference", symlinks=True)
-                    (dest / "first-run.txt").write_text(first_err)
+            differs = _differs(trial, ref, expected, keep / f"{sc.name}-kill-{i:02d}" if keep else None, first_err)
+            if differs:
+                out.mismatches.append(f"kill {i} at {delay:.2f}s: {differs} [first run's stderr: {first_err.strip()[-400:]}]")
         log(f"{sc.name}: kill {i + 1}/{kills} at {delay:.2f}s of {out.reference_seconds:.2f}s: {what}; "
             f"{'OK' if out.ok else 'FAIL'}")
         shutil.rmtree(trial.parent)
@@ -215,16 +207,27 @@ def run_scenario(sc: Scenario, data: Path, kills: int, rng: random.Random, work:
         out.repeats += 1
         if p.returncode != 0:
             out.rerun_failures.append(f"repeat {i}: exit {p.returncode}: {p.stderr.strip()[-300:]}")
-        elif (got := fingerprint(trial)) != expected:
-            diff = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
-            out.repeat_mismatches.append(f"repeat {i}: {len(diff)} file(s) differ: {diff}")
-            if keep is not None:
-                dest = keep / f"{sc.name}-repeat-{i:02d}"
-                shutil.copytree(trial, dest / "trial", symlinks=True)
-                shutil.copytree(ref, dest / "reference", symlinks=True)
+        elif differs := _differs(trial, ref, expected, keep / f"{sc.name}-repeat-{i:02d}" if keep else None):
+            out.repeat_mismatches.append(f"repeat {i}: {differs}")
         log(f"{sc.name}: uninterrupted repeat {i + 1}/{repeats}: {'OK' if out.ok else 'FAIL'}")
         shutil.rmtree(trial.parent)
     return out
+
+
+def _differs(trial: Path, ref: Path, expected: dict[str, str], keep: Path | None, first_err: str | None = None) -> str:
+    """'' when the trial's files equal the reference's; else which files differ (and the JSON
+    fields that do), the trial and the reference copied side by side to `keep`."""
+    got = fingerprint(trial)
+    if got == expected:
+        return ""
+    diff = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+    detail = "; ".join(_json_diff(trial / k, ref / k) for k in diff if k.endswith(".json"))
+    if keep is not None:  # keep the evidence
+        shutil.copytree(trial, keep / "trial", symlinks=True)
+        shutil.copytree(ref, keep / "reference", symlinks=True)
+        if first_err is not None:
+            (keep / "first-run.txt").write_text(first_err)
+    return f"{len(diff)} file(s) differ: {diff} {detail}"
 
 
 def _json_diff(a: Path, b: Path) -> str:
