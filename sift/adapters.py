@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from sift.config import MAX_MERGE_MEMBERS
 from sift.errors import SiftError
 from sift.hashing import tensors_sha256
 
@@ -237,9 +238,17 @@ def fixed_point_delta(f: LoraFactors | DenseDelta, scaling: float, bits: int) ->
     return q.t().contiguous() if f.fan_in_fan_out else q
 
 
+def check_sum_headroom(members: int) -> None:
+    """Refuse a sum of more adapters than int64 holds exactly: every term is below 2**53 (see
+    _to_grid), so MAX_MERGE_MEMBERS of them cannot overflow; torch's int64 addition would wrap
+    without a word."""
+    if members > MAX_MERGE_MEMBERS:
+        raise SiftError(f"a merge of {members} adapters exceeds the {MAX_MERGE_MEMBERS} that the exact int64 sums hold")
+
+
 def _to_grid(acc: torch.Tensor, bits: int) -> torch.Tensor:
     """Rounded float64 grid values as int64, refusing any the accumulator could not sum exactly."""
-    limit = 2.0**53  # keeps each term exact as float64 and a sum of 1024 adapters inside int64
+    limit = 2.0**53  # each term exact as float64; MAX_MERGE_MEMBERS of them fit in int64
     peak = acc.abs().max().item() if acc.numel() else 0.0
     if not math.isfinite(peak) or peak >= limit:
         raise SiftError(f"an adapter delta is too large for the merge accumulator (|delta| = {peak / 2.0**bits:.3g}); lower merge.fixed_point_bits")

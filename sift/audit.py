@@ -194,7 +194,7 @@ class AuditReport:
 def audit(ws: Workspace, data: str | None = None, ids: list[str] | None = None, caches: bool = True) -> AuditReport:
     """Search the workspace (every file, hidden and staging ones too) and, with `caches`, the
     user's cache folders (weight files there left out) for the forgotten rows."""
-    from sift.data import load_records, parse_rows, read_manifest, read_workspace_rows
+    from sift.data import key_columns, load_records, parse_rows, read_manifest, read_workspace_rows
     from sift.models import example_ids, load_tokenizer
 
     started = time.perf_counter()
@@ -219,7 +219,7 @@ def audit(ws: Workspace, data: str | None = None, ids: list[str] | None = None, 
 
     needles: list[Needle] = []
     if data is not None:
-        rows = parse_rows(load_records(data), cfg.data, source=data)
+        rows = parse_rows(load_records(data, key_columns=key_columns(cfg.data)), cfg.data, source=data)
         wanted = set(ids) if ids else None
         deleted = [r for r in rows if keyed_id_hash(salt, r.id) in forgotten and (wanted is None or r.id in wanted)]
         if deleted:

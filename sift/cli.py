@@ -103,7 +103,7 @@ def train_shards_cmd(
 
     Shards whose rows and config are unchanged are skipped, so rerunning after an interruption
     only trains what is missing."""
-    from sift.config import SiftConfig, load_config
+    from sift.config import SiftConfig, apply_overrides, load_config
     from sift.create import check_same_data, create_workspace
     from sift.forget import resume_pending_forget
     from sift.snapshot import WorkspaceView
@@ -135,10 +135,7 @@ def train_shards_cmd(
     with ws.lock(exclusive=alone, wait=max(wait, 600.0) if world > 1 else wait, command="train-shards"):
         if not ws.exists():
             try:
-                cfg = load_config(config) if config else SiftConfig()
-                for (section, key), value in overrides.items():
-                    if value is not None:
-                        setattr(getattr(cfg, section), key, float(value) if key in ("lr", "alpha") else value)
+                cfg = apply_overrides(load_config(config) if config else SiftConfig(), overrides)
                 if cfg.train.method == "sift-masks" and cfg.merge.method == "mean":
                     cfg.merge.method = "sift-masks"  # serve what the method is for, unless told otherwise
                 cfg.validate()

@@ -17,6 +17,10 @@ from typing import Any
 from sift.errors import SiftError
 from sift.hashing import sha256_hex
 
+# Fixed-point merge terms stay below 2**53 (sift.adapters._to_grid), so an int64 sum holds at most
+# 2**(63 - 53) of them without overflow; a workspace may not have more shards than that.
+MAX_MERGE_MEMBERS = 2 ** (63 - 53)
+
 
 @dataclass
 class DataConfig:
@@ -119,6 +123,9 @@ class SiftConfig:
     def validate(self) -> None:
         if self.shards.num_shards < 1:
             raise SiftError(f"num_shards must be at least 1, got {self.shards.num_shards}")
+        if self.shards.num_shards > MAX_MERGE_MEMBERS:
+            raise SiftError(f"num_shards must be at most {MAX_MERGE_MEMBERS}, got {self.shards.num_shards}: "
+                            f"the exact merge's int64 sums hold {MAX_MERGE_MEMBERS} adapters")
         t = self.train
         if t.epochs < 1 or t.batch_size < 1 or t.max_length < 8:
             raise SiftError("train: epochs and batch_size must be >= 1 and max_length >= 8")
@@ -231,6 +238,18 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
 
 
 _OPTIONAL_STRINGS = {"group_by", "revision"}
+
+
+def apply_overrides(cfg: SiftConfig, overrides: dict[tuple[str, str], Any]) -> SiftConfig:
+    """Set (section, key) -> value on `cfg` (None: leave as is) through the same type checks a
+    sift.toml gets, then validate: a flag is one more way to write the config, not a bypass."""
+    for (section, key), value in overrides.items():
+        if value is None:
+            continue
+        target = getattr(cfg, section)
+        setattr(target, key, _coerce(section, key, value, getattr(target, key)))
+    cfg.validate()
+    return cfg
 
 
 def load_config(path: Path) -> SiftConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sift.config import SiftConfig
-from sift.data import Row, assign_shards, load_records, parse_rows, read_workspace_rows, write_workspace_rows
+from sift.data import Row, assign_shards, key_columns, load_records, parse_rows, read_workspace_rows, write_workspace_rows
 from sift.errors import SiftError
 from sift.hashing import keyed_id_hash
 from sift.models import load_base_model, resolve_model
@@ -27,7 +27,7 @@ def create_workspace(ws: Workspace, source: str, cfg: SiftConfig) -> dict[str, A
         import torch
 
         cfg.train.threads = torch.get_num_threads()
-    rows = parse_rows(load_records(source), cfg.data, source=source)
+    rows = parse_rows(load_records(source, key_columns=key_columns(cfg.data)), cfg.data, source=source)
     fingerprint = base_fingerprint(cfg)
     if cfg.train.method == "sift-masks":  # refuse targets the model lacks before anything is written
         from sift.siftmasks.tune import target_weights
@@ -45,7 +45,7 @@ def create_workspace(ws: Workspace, source: str, cfg: SiftConfig) -> dict[str, A
 def check_same_data(ws: Workspace, source: str, cfg: SiftConfig) -> None:
     """A rerun of train-shards with --data must name the rows the workspace holds: anything else
     would silently mix data sets or bring forgotten rows back."""
-    rows = parse_rows(load_records(source), cfg.data, source=source)
+    rows = parse_rows(load_records(source, key_columns=key_columns(cfg.data)), cfg.data, source=source)
     held = {r.id: r for shard_rows in read_workspace_rows(ws, cfg.data, cfg.shards.num_shards).values() for r in shard_rows}
     given = {r.id: r for r in rows}
     salt = bytes.fromhex(ws.load_state().ledger_salt)

@@ -10,6 +10,7 @@ import json
 import math
 import sys
 import tempfile
+import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -40,15 +41,24 @@ class Row:
         return sha256_hex(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode())
 
 
+def normalize_text(text: str) -> str:
+    """Case-folded, accents stripped, every non-alphanumeric run a single space: how a group
+    value named by a user (or a request) is matched against the rows' group values."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    plain = "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+    return " ".join("".join(c if c.isalnum() else " " for c in plain).split())
+
+
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
+def load_records(source: str, split: str = "train", key_columns: Iterable[str] = ()) -> list[dict[str, Any]]:
     """Read JSONL/CSV/Parquet (by suffix), `-` for JSONL on stdin, or a Hugging Face dataset name.
 
     Files go through `datasets` with a throw-away cache, so no copy of the rows is left behind in
-    ~/.cache (a later forget could not reach it there)."""
+    ~/.cache (a later forget could not reach it there). `key_columns` (the id and group columns)
+    are read from CSV as the text they hold: type inference would turn the id `007` into 7."""
     if source == "-":
         stream = getattr(sys.stdin, "buffer", None)
         text = _utf8_text(stream.read(), "<stdin>") if stream is not None else sys.stdin.read()
@@ -67,9 +77,11 @@ def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
         if fmt == "json":
             # our own parser: it names the bad line, where datasets' errors do not
             return parse_jsonl_text(_utf8_text(path.read_bytes(), source), source)
+        options: dict[str, Any] = {}
         if fmt == "csv":
             _check_csv(path, source)
-        return _load_with_datasets(fmt, str(path), "train", source)
+            options["converters"] = {column: _csv_text for column in key_columns}
+        return _load_with_datasets(fmt, str(path), "train", source, options)
     return _load_with_datasets(source, None, split, source)
 
 
@@ -91,6 +103,11 @@ def _check_csv(path: Path, name: str) -> None:
             raise SiftError(f"{name}:{reader.line_num}: not valid CSV ({exc})") from None
         except UnicodeDecodeError:
             raise SiftError(f"{name}: not UTF-8 text") from None
+
+
+def _csv_text(value: str) -> str | None:
+    """A CSV field kept as written (an empty field is a missing value, as pandas reads it)."""
+    return value if value != "" else None
 
 
 def _utf8_text(data: bytes, name: str) -> str:
@@ -118,14 +135,16 @@ def parse_jsonl_text(text: str, name: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _load_with_datasets(builder: str, data_file: str | None, split: str, name: str) -> list[dict[str, Any]]:
+def _load_with_datasets(
+    builder: str, data_file: str | None, split: str, name: str, options: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     import datasets
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory(prefix="sift-datasets-") as cache:
         try:
-            kwargs: dict[str, Any] = {"split": split, "cache_dir": cache, "keep_in_memory": True}
+            kwargs: dict[str, Any] = {"split": split, "cache_dir": cache, "keep_in_memory": True, **(options or {})}
             if data_file is not None:
                 kwargs["data_files"] = data_file
             ds = datasets.load_dataset(builder, **kwargs)
@@ -135,6 +154,11 @@ def _load_with_datasets(builder: str, data_file: str | None, split: str, name: s
     if not rows:
         raise SiftError(f"{name} holds no rows")
     return rows
+
+
+def key_columns(cfg: DataConfig) -> list[str]:
+    """The columns that name a row or its owner: read as strings from every format."""
+    return [cfg.id_column] + ([cfg.group_by] if cfg.group_by else [])
 
 
 def parse_rows(records: Iterable[dict[str, Any]], cfg: DataConfig, source: str = "data") -> list[Row]:

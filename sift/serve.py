@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from sift.adapters import Adapter, check_fits_base, fixed_point_delta, load_adapter
+from sift.adapters import Adapter, check_fits_base, check_sum_headroom, fixed_point_delta, load_adapter
 from sift.errors import SiftError
 from sift.merge import IncrementalMethod, MergeMethod, MergeState, RecomputedMethod, get_method
 from sift.merge.state import STATE_DIR, SumsReader, SumsWriter, served_value
@@ -132,9 +132,9 @@ def merge_workspace(
         streamed = files is not None
         if files is not None:
             try:
-                weights = m.merge(adapters, files, params, cfg.merge.fixed_point_bits)  # type: ignore[arg-type]
-                served_sha = write_served_stream(ws.merged_dir, files, base.tokenizer(), lambda name, w0: weights[name],
-                                                 touched, record)
+                bits = cfg.merge.fixed_point_bits  # one weight merged, written and dropped at a time
+                served_sha = write_served_stream(ws.merged_dir, files, base.tokenizer(),
+                                                 lambda name, w0: m.merge_weight(adapters, name, w0, params, bits), touched, record)
             finally:
                 files.close()
         else:
@@ -235,6 +235,7 @@ def _plan_sums(ws: Workspace, view: WorkspaceView, members: dict[int, str], full
             usable = usable and remaining.pop(a.shard, None) == a.sha256
         if usable and all(members.get(s) == h for s, h in remaining.items()):
             add = [load(s) for s in sorted(set(members) - set(remaining))]
+            check_sum_headroom(len(remaining) + len(add))
             return SumsPlan("incremental", reader, list(removed or []), add, bits, fingerprint)
         reader.close()
     acc = MergeState(bits=bits, base_fingerprint=fingerprint)

@@ -13,7 +13,8 @@ from typing import Literal
 
 from sift.adapters import adapter_is_current, read_meta
 from sift.config import SiftConfig
-from sift.data import Row, read_workspace_rows, shard_content_hash
+from sift.data import Row, normalize_text, read_workspace_rows, shard_content_hash
+from sift.errors import SiftError
 from sift.workspace import Workspace, WorkspaceState
 
 ShardStatus = Literal["current", "stale", "empty", "dropped"]
@@ -80,3 +81,17 @@ class WorkspaceView:
     def served_shards(self) -> list[int]:
         """Shards whose adapters the served model must hold: non-empty and not dropped."""
         return [s for s in sorted(self.rows) if s not in self.state.dropped_shards]
+
+    def shard_of_group(self, group: str) -> int:
+        """The shard holding the rows of `group`, matched as the keys router matches (case,
+        accents and punctuation ignored). A group the workspace does not hold is an error: a
+        hash of a typo would name an unrelated shard."""
+        if self.cfg.data.group_by is None:
+            raise SiftError("--group needs a workspace made with --group-by (its rows have no group values); use --shard")
+        wanted = normalize_text(group)
+        found = sorted({s for s, rows in self.rows.items() for r in rows if normalize_text(r.group) == wanted})
+        if not found:
+            raise SiftError(f"unknown group {group!r}: no row of this workspace has {self.cfg.data.group_by} = {group!r}")
+        if len(found) > 1:  # two spellings that normalise alike but hash apart
+            raise SiftError(f"group {group!r} matches rows in shards {found}; give --shard")
+        return found[0]

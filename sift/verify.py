@@ -104,8 +104,9 @@ def verify(ws: Workspace, tmp_dir: str | None = None, base: LazyBase | None = No
         file_diff = sorted(n for n in set(mine) | set(theirs) if mine.get(n) != theirs.get(n))
     names = sorted(set(served_per) | set(rebuilt_per))
     mismatched = [n for n in names if served_per.get(n) != rebuilt_per.get(n)]
+    record_matches = info.get("served_sha256") == served_overall  # a stale served.json is no proof
     identical = (served_overall == rebuilt_overall and not mismatched and not adapter_diff and not router_diff
-                 and sums_match and not file_diff)
+                 and sums_match and not file_diff and record_matches)
     return {
         "identical": identical,
         "served_sha256": served_overall,
@@ -119,7 +120,7 @@ def verify(ws: Workspace, tmp_dir: str | None = None, base: LazyBase | None = No
         "merge_sums_match": sums_match,
         "served_files_compared": len(set(mine) | set(theirs)),
         "mismatched_served_files": file_diff,
-        "served_record_matches_files": info.get("served_sha256") == served_overall,
+        "served_record_matches_files": record_matches,
         "method": info["method"],
         "rows": sum(len(r) for r in view.rows.values()),
         "seconds": round(time.perf_counter() - started, 3),

@@ -54,3 +54,14 @@ def test_fallback_base_answers_the_unclaimed_with_the_untrained_base(trained_ws,
     assert [a.path for a in got] == ["routed", "base"]
     assert "--fallback must be merged or base" in one_error_line(sift("generate", "-w", str(trained_ws.root), q, "--fallback", "zero"))
     assert "leave out" in one_error_line(sift("generate", "-w", str(trained_ws.root), q, "--merged", "--fallback", "base"))
+
+
+def test_generate_group_must_name_a_group_the_workspace_holds(trained_ws, facts):
+    """--group hashed any string to a shard: a typo was answered by an unrelated shard's adapter."""
+    manifest = read_manifest(trained_ws)
+    owner = facts[0]["owner"]
+    p = sift("generate", "-w", str(trained_ws.root), "x", "--group", owner.upper() + "!", "--max-new-tokens", "1", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["served_by"] == {"path": "shard", "shard": manifest[facts[0]["id"]], "router": None}
+    line = one_error_line(sift("generate", "-w", str(trained_ws.root), "x", "--group", owner + "x"))
+    assert line.startswith("sift: error: unknown group") and owner + "x" in line

@@ -31,3 +31,35 @@ def test_training_hash_covers_training_not_merging():
     assert a.training_hash() == b.training_hash()
     b.train.lr = 5e-4
     assert a.training_hash() != b.training_hash()
+
+
+def test_flags_go_through_the_config_type_checks():
+    """CLI overrides were set with setattr, so a value of the wrong type skipped the checks a
+    sift.toml gets."""
+    from sift.config import SiftConfig, apply_overrides
+
+    with pytest.raises(SiftError, match="train.epochs must be an integer"):
+        apply_overrides(SiftConfig(), {("train", "epochs"): "3"})
+    with pytest.raises(SiftError, match="lora.alpha must be a number"):
+        apply_overrides(SiftConfig(), {("lora", "alpha"): "big"})
+    cfg = apply_overrides(SiftConfig(), {("lora", "alpha"): 8, ("train", "lr"): 1e-3, ("data", "group_by"): None})
+    assert cfg.lora.alpha == 8.0 and isinstance(cfg.lora.alpha, float) and cfg.train.lr == 1e-3
+    with pytest.raises(SiftError, match="num_shards must be at least 1"):
+        apply_overrides(SiftConfig(), {("shards", "num_shards"): 0})
+
+
+def test_num_shards_is_bounded_by_the_merge_sums_headroom():
+    """int64 sums of fixed-point terms below 2**53 hold 1024 adapters; more would wrap silently."""
+    from sift.adapters import check_sum_headroom
+    from sift.config import MAX_MERGE_MEMBERS, SiftConfig
+
+    assert MAX_MERGE_MEMBERS == 1024 and (2**53 - 1) * MAX_MERGE_MEMBERS <= 2**63 - 1
+    cfg = SiftConfig()
+    cfg.shards.num_shards = MAX_MERGE_MEMBERS
+    cfg.validate()
+    cfg.shards.num_shards = MAX_MERGE_MEMBERS + 1
+    with pytest.raises(SiftError, match="at most 1024"):
+        cfg.validate()
+    check_sum_headroom(MAX_MERGE_MEMBERS)
+    with pytest.raises(SiftError, match="exceeds the 1024"):
+        check_sum_headroom(MAX_MERGE_MEMBERS + 1)

@@ -110,3 +110,40 @@ def test_builtin_facts_are_deterministic_and_complete():
     for r in a:
         assert r["answer"] in r["completion"] and len(r["perturbed_completions"]) == 3
         assert all(r["answer"] not in p for p in r["perturbed_completions"])
+
+
+def test_csv_ids_and_groups_keep_their_leading_zeros(tmp_path):
+    """Type inference read the CSV id 007 as the integer 7, so `forget --ids 007` found no row."""
+    from sift.data import key_columns
+
+    csv = tmp_path / "rows.csv"
+    csv.write_text("id,owner,prompt,completion,n\n007,0042,q1,a1,5\n010,0042,q2,a2,6\n")
+    cfg = DataConfig(group_by="owner")
+    rows = parse_rows(load_records(str(csv), key_columns=key_columns(cfg)), cfg, source="rows")
+    assert [(r.id, r.group) for r in rows] == [("007", "0042"), ("010", "0042")]
+    assert rows[0].record["n"] == 5  # other columns keep their types
+    import datasets
+
+    pq = tmp_path / "rows.parquet"
+    datasets.Dataset.from_list([{"id": "007", "owner": "0042", "text": "hello"}]).to_parquet(str(pq))
+    assert [(r.id, r.group) for r in parse_rows(load_records(str(pq), key_columns=key_columns(cfg)), cfg)] == [("007", "0042")]
+
+
+def test_a_csv_workspace_holds_the_ids_as_written(tmp_path):
+    from conftest import tiny_config
+
+    from sift.create import create_workspace
+    from sift.data import read_manifest
+    from sift.workspace import Workspace
+
+    csv = tmp_path / "rows.csv"
+    csv.write_text("id,owner,prompt,completion\n007,ann,q1,a1\n010,bob,q2,a2\n")
+    ws = Workspace(tmp_path / "ws")
+    create_workspace(ws, str(csv), tiny_config(num_shards=2))
+    assert sorted(read_manifest(ws)) == ["007", "010"]
+
+
+def test_normalize_text_matches_case_accents_and_punctuation():
+    from sift.data import normalize_text
+
+    assert normalize_text("  Thési  MORIFOUM!") == normalize_text("thesi morifoum") == "thesi morifoum"

@@ -208,3 +208,29 @@ def test_a_truncated_ledger_is_reported(trained_ws, facts):
     trained_ws.ledger_path.unlink()
     with pytest.raises(SiftError, match="truncated"):
         trained_ws.read_ledger()
+
+
+def test_verify_is_not_identical_with_a_stale_served_record(trained_ws):
+    """verify reported served_record_matches_files false and identical true: a served.json that
+    no longer names the served bytes passed as proven."""
+    import json
+
+    from sift.merge.state import STATE_DIR
+
+    path = trained_ws.merged_dir / STATE_DIR / "served.json"
+    record = json.loads(path.read_text())
+    record["served_sha256"] = "0" * 64
+    path.write_text(json.dumps(record))
+    result = verify(trained_ws, quiet=True)
+    assert result["mismatched_tensors"] == [] and not result["served_record_matches_files"]
+    assert not result["identical"]
+
+
+def test_merge_sums_refuse_more_adapters_than_int64_holds():
+    from types import SimpleNamespace
+
+    from sift.merge.state import MergeState
+
+    state = MergeState(bits=40, base_fingerprint="f", members={k: "x" for k in range(1024)})
+    with pytest.raises(SiftError, match="exceeds the 1024"):
+        state.add(SimpleNamespace(shard=5000))  # type: ignore[arg-type]

@@ -349,3 +349,22 @@ def test_cli_serve_starts_answers_and_stops(trained_template, tmp_path, facts):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
+
+
+def test_an_internal_error_is_logged_and_the_client_gets_a_generic_500(trained_template, tmp_path, monkeypatch, caplog):
+    """The 500 answer echoed `internal error: {type}: {message}` to the client."""
+    from fastapi.testclient import TestClient
+
+    def broken():
+        raise RuntimeError("secret internal detail")
+
+    app = create_app(copy_ws(trained_template, tmp_path), log=False)
+    monkeypatch.setattr(app.state.generations, "current", broken)
+    client = TestClient(app, raise_server_exceptions=False)
+    with caplog.at_level("ERROR", logger="sift"):
+        r = client.post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 1})
+    assert r.status_code == 500, r.text
+    body = r.json()["error"]
+    assert body["type"] == "server_error" and body["message"] == "internal server error"
+    assert "secret" not in r.text and "RuntimeError" not in r.text
+    assert any("secret internal detail" in str(rec.exc_info[1]) for rec in caplog.records if rec.exc_info)

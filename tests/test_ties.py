@@ -100,3 +100,34 @@ def test_cli_ties_and_its_errors(trained_ws):
     assert "need --method" in one_error_line(sift("merge", "-w", str(trained_ws.root), "--density", "0.5"))
     listing = sift("merge", "--list").stdout
     assert "ties" in listing and "incremental=no" in listing
+
+
+def test_the_ties_merge_streams_one_weight_at_a_time(tmp_path, facts, monkeypatch):
+    """TIES built every merged weight in memory before writing any, although the merge streams:
+    the driver now calls merge_weight per weight and never the all-in-memory merge."""
+    from conftest import build_workspace, tiny_config
+
+    from sift.merge.ties import TiesMethod
+    from sift.serve import merge_workspace, served_hashes
+
+    ws = build_workspace(tmp_path / "ws", facts, tiny_config(), merge=None)
+    seen: list[str] = []
+    original = TiesMethod.merge_weight
+
+    def spy(self, adapters, name, w0, params, bits=40):
+        seen.append(name)
+        return original(self, adapters, name, w0, params, bits)
+
+    def refuse(*a, **k):
+        raise AssertionError("the streamed merge must not build all weights at once")
+
+    monkeypatch.setattr(TiesMethod, "merge_weight", spy)
+    monkeypatch.setattr(TiesMethod, "merge", refuse)
+    out = merge_workspace(ws, method="ties")
+    assert out["streamed"] and len(seen) == len(set(seen)) > 0
+    monkeypatch.undo()
+    import sift.serve as serve_mod
+
+    monkeypatch.setattr(serve_mod, "base_weight_folder", lambda *a, **k: None)  # the in-memory path
+    loaded = merge_workspace(ws, method="ties", full=True)
+    assert not loaded["streamed"] and loaded["served_sha256"] == out["served_sha256"] == served_hashes(ws.merged_dir)[0]

@@ -24,6 +24,7 @@ with an OpenAI-style 400 error.
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import threading
@@ -46,6 +47,8 @@ from sift.models import prompt_ids
 from sift.serving.answer import Answer
 from sift.serving.route import check_router
 from sift.workspace import Workspace
+
+logger = logging.getLogger("sift.serve")
 
 MERGED_ID = "merged"
 _SHARD_ID = re.compile(r"shard-(\d{4,})")
@@ -179,7 +182,9 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error")
+        # the traceback goes to the server's log; a client learns nothing of the internals
+        logger.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal server error", type_="server_error")
 
     def current() -> Generation:
         try:

@@ -85,12 +85,25 @@ class IncrementalMethod(MergeMethod):
 
 
 class RecomputedMethod(MergeMethod):
-    """A merge that needs every adapter at once (not a sum): recomputed after each forget."""
+    """A merge that needs every adapter at once (not a sum): recomputed after each forget.
+
+    It is defined one weight at a time (`merge_weight`), so the driver can stream: read one base
+    weight, merge it, write it, drop it; memory holds one weight's S deltas, never the model."""
 
     incremental = False
 
     @abstractmethod
-    def merge(self, adapters: list[Adapter], base_state: dict[str, torch.Tensor], params: dict[str, float], bits: int) -> dict[str, torch.Tensor]:
-        """Merged values of every weight the adapters touch; must not depend on list order.
+    def merge_weight(self, adapters: list[Adapter], name: str, w0: torch.Tensor, params: dict[str, float], bits: int) -> torch.Tensor:
+        """The merged value of base weight `name` (value `w0`); must not depend on list order.
         `bits`: the workspace's fixed-point resolution (merge.fixed_point_bits), for methods that
         compute on the exact integer deltas."""
+
+    def merge(self, adapters: list[Adapter], base_state: Any, params: dict[str, float], bits: int) -> dict[str, torch.Tensor]:
+        """Merged values of every weight the adapters touch, all in memory (tests and small models;
+        the driver streams through `merge_weight` where the base's files allow)."""
+        out: dict[str, torch.Tensor] = {}
+        for name in sorted({n for a in adapters for n in a.modules}):
+            if name not in base_state:
+                raise SiftError(f"the base model has no weight {name}: adapters and base do not match")
+            out[name] = self.merge_weight(adapters, name, base_state[name], params, bits)
+        return out

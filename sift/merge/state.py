@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sift.adapters import Adapter, fixed_point_delta
+from sift.adapters import Adapter, check_sum_headroom, fixed_point_delta
 from sift.errors import SiftError
 from sift.hashing import combine_hashes, tensor_sha256
 from sift.merge.stream import StreamWriter, TensorFile, pack_int64, unpack_int64
@@ -53,6 +53,7 @@ class MergeState:
     def add(self, adapter: Adapter) -> None:
         if adapter.shard in self.members:
             raise SiftError(f"shard {adapter.shard} is already in the merge")
+        check_sum_headroom(len(self.members) + 1)
         self._apply(adapter, +1)
         self.members[adapter.shard] = adapter.sha256
 

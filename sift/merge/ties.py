@@ -65,27 +65,18 @@ class TiesMethod(RecomputedMethod):
         Param("scale", 1.0, "lambda: served = base + scale * disjoint mean"),
     )
 
-    def merge(self, adapters: list[Adapter], base_state: dict[str, torch.Tensor], params: dict[str, float], bits: int = DEFAULT_BITS) -> dict[str, torch.Tensor]:
+    def merge_weight(self, adapters: list[Adapter], name: str, w0: torch.Tensor, params: dict[str, float], bits: int = DEFAULT_BITS) -> torch.Tensor:
         density, scale = params["density"], params["scale"]
-        ordered = sorted(adapters, key=lambda a: a.shard)  # integer sums make order moot; sorted anyway
-        names = sorted({n for a in ordered for n in a.modules})
-        factor = 2.0 ** (-bits)
-        out: dict[str, torch.Tensor] = {}
-        for name in names:
-            if name not in base_state:
-                raise SiftError(f"the base model has no weight {name}: adapters and base do not match")
-            w0 = base_state[name]
-            trimmed = []
-            for a in ordered:
-                if name in a.modules:
-                    q = fixed_point_delta(a.modules[name], a.scaling, bits)
-                    if q.shape != w0.shape:
-                        raise SiftError(f"adapter of shard {a.shard}: {name} has shape {tuple(q.shape)}, the base weight {tuple(w0.shape)}")
-                    trimmed.append(trim_top_k(q, density))
-            total, count = ties_integer(torch.stack(trimmed))
-            mean = total.to(torch.float64) / count.clamp(min=1).to(torch.float64)
-            out[name] = (w0.to(torch.float64) + mean * (scale * factor)).to(w0.dtype)
-        return out
+        trimmed = []
+        for a in sorted(adapters, key=lambda a: a.shard):  # integer sums make order moot; sorted anyway
+            if name in a.modules:
+                q = fixed_point_delta(a.modules[name], a.scaling, bits)
+                if q.shape != w0.shape:
+                    raise SiftError(f"adapter of shard {a.shard}: {name} has shape {tuple(q.shape)}, the base weight {tuple(w0.shape)}")
+                trimmed.append(trim_top_k(q, density))
+        total, count = ties_integer(torch.stack(trimmed))
+        mean = total.to(torch.float64) / count.clamp(min=1).to(torch.float64)
+        return (w0.to(torch.float64) + mean * (scale * 2.0 ** (-bits))).to(w0.dtype)
 
 
 TIES = TiesMethod()

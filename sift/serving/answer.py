@@ -16,7 +16,6 @@ from typing import Any
 
 from sift.config import FALLBACKS
 from sift.errors import SiftError
-from sift.hashing import shard_of
 from sift.models import LazyBase
 from sift.serving.folder import load_merge_state, served_info
 from sift.serving.generate import greedy_answers
@@ -119,7 +118,7 @@ class WorkspaceServer:
         if shard is not None or group is not None:
             if shard is not None and group is not None:
                 raise SiftError("give --shard or --group, not both")
-            k = shard if shard is not None else shard_of(group, self.view.num_shards)  # type: ignore[arg-type]
+            k = shard if shard is not None else self.view.shard_of_group(group)  # type: ignore[arg-type]
             if not 0 <= k < self.view.num_shards:
                 raise SiftError(f"shard {k} is out of range 0-{self.view.num_shards - 1}")
             if k not in self.serving_shards():

@@ -22,7 +22,6 @@ A request no router claims is answered by the merged model, and the answer says 
 from __future__ import annotations
 
 import json
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from sift.config import ROUTERS, SiftConfig
-from sift.data import Row
+from sift.data import Row, normalize_text  # normalize_text: re-exported for older imports
 from sift.errors import SiftError
 from sift.fsio import atomic_write_bytes
 from sift.hashing import sha256_hex
@@ -50,13 +49,6 @@ class Decision:
     router: str
     score: float | None
     detail: str | None = None  # the matched key, for `keys`
-
-
-def normalize_text(text: str) -> str:
-    """Case-folded, accents stripped, every non-alphanumeric run a single space."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    plain = "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
-    return " ".join("".join(c if c.isalnum() else " " for c in plain).split())
 
 
 def router_settings(cfg: SiftConfig, base_fingerprint: str, content_hash: str) -> str:
