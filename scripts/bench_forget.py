@@ -54,13 +54,13 @@ def first_owner(rows: list[dict], shards: int) -> str:
 def run(people: int, shards: int, slices: int, owner: str, workdir: Path, quiet: bool, second: str) -> dict:
     from sift.builtin.facts import make_rows
     from sift.config import SiftConfig
-    from sift.create import create_workspace
-    from sift.forget import forget
+    from sift.exact.forget import forget
+    from sift.exact.verify import verify
     from sift.hashing import shard_of
-    from sift.serve import merge_workspace
+    from sift.merge.driver import merge_workspace
     from sift.train import slice_of, train_shards
-    from sift.verify import verify
     from sift.workspace import Workspace
+    from sift.workspace.create import create_workspace
 
     rows = make_rows(people=people, seed=0)
     data = workdir / "rows.jsonl"
@@ -88,13 +88,23 @@ def run(people: int, shards: int, slices: int, owner: str, workdir: Path, quiet:
     forget2_s = time.perf_counter() - t
     shard = shard_of(owner, shards)
     return {
-        "second_owner": second, "second_slice": slice_of(second, slices) if slices > 1 else 0, "forget2_s": forget2_s,
+        "second_owner": second,
+        "second_slice": slice_of(second, slices) if slices > 1 else 0,
+        "forget2_s": forget2_s,
         "second_retrained": cert2["shards_retrained"],
-        "owner": owner, "shard": shard, "rows_forgotten": len(ids), "slice": slice_of(owner, slices) if slices > 1 else 0,
+        "owner": owner,
+        "shard": shard,
+        "rows_forgotten": len(ids),
+        "slice": slice_of(owner, slices) if slices > 1 else 0,
         "shard_rows_left": sum(1 for r in rows if shard_of(r["owner"], shards) == shard and r["owner"] != owner),
-        "non_empty_shards": len(per_shard), "build_s": build_s, "forget_s": forget_s, "rebuild_s": rebuild_s,
-        "identical": check["identical"], "merge_mode": (cert.get("merge") or {}).get("mode"),
-        "retrained": cert["shards_retrained"], "emptied": cert["shards_emptied"],
+        "non_empty_shards": len(per_shard),
+        "build_s": build_s,
+        "forget_s": forget_s,
+        "rebuild_s": rebuild_s,
+        "identical": check["identical"],
+        "merge_mode": (cert.get("merge") or {}).get("mode"),
+        "retrained": cert["shards_retrained"],
+        "emptied": cert["shards_emptied"],
     }
 
 
@@ -132,34 +142,51 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
     S = args.shards
     result = {
-        "num_shards": S, "people": args.people, "slices": args.slices, "owner": plain["owner"],
-        "forget_s": round(plain["forget_s"], 2), "rebuild_s": round(plain["rebuild_s"], 2),
+        "num_shards": S,
+        "people": args.people,
+        "slices": args.slices,
+        "owner": plain["owner"],
+        "forget_s": round(plain["forget_s"], 2),
+        "rebuild_s": round(plain["rebuild_s"], 2),
         "forget_over_rebuild": round(plain["forget_s"] / plain["rebuild_s"], 4),
-        "forget_s_slices": round(sliced["forget_s"], 2), "rebuild_s_slices": round(sliced["rebuild_s"], 2),
+        "forget_s_slices": round(sliced["forget_s"], 2),
+        "rebuild_s_slices": round(sliced["rebuild_s"], 2),
         "forget_over_rebuild_slices": round(sliced["forget_s"] / sliced["rebuild_s"], 4),
         "target_forget_over_rebuild": round(1.2 / S, 4),
-        "second_owner": second, "second_slice": sliced["second_slice"],
-        "forget2_s": round(plain["forget2_s"], 2), "forget2_s_slices": round(sliced["forget2_s"], 2),
+        "second_owner": second,
+        "second_slice": sliced["second_slice"],
+        "forget2_s": round(plain["forget2_s"], 2),
+        "forget2_s_slices": round(sliced["forget2_s"], 2),
         "forget2_over_rebuild": round(plain["forget2_s"] / plain["rebuild_s"], 4),
         "forget2_over_rebuild_slices": round(sliced["forget2_s"] / sliced["rebuild_s"], 4),
         "identical": plain["identical"] and sliced["identical"],
-        "plain": plain, "sliced": sliced, "machine": f"{os.cpu_count()} CPU cores",
+        "plain": plain,
+        "sliced": sliced,
+        "machine": f"{os.cpu_count()} CPU cores",
     }
     if args.json:
         print(json.dumps(result))
         return
-    print(f"one-owner forget vs from-scratch rebuild: builtin model, {args.people} people, S = {S} by owner "
-          f"({plain['non_empty_shards']} non-empty), {result['machine']}")
-    print(f"forgot {plain['owner']}: {plain['rows_forgotten']} rows of shard {plain['shard']}, which keeps "
-          f"{plain['shard_rows_left']} rows; in the sliced run the owner's rows are in slice {sliced['slice']} of {args.slices}")
+    print(
+        f"one-owner forget vs from-scratch rebuild: builtin model, {args.people} people, S = {S} by owner "
+        f"({plain['non_empty_shards']} non-empty), {result['machine']}"
+    )
+    print(
+        f"forgot {plain['owner']}: {plain['rows_forgotten']} rows of shard {plain['shard']}, which keeps "
+        f"{plain['shard_rows_left']} rows; in the sliced run the owner's rows are in slice {sliced['slice']} of {args.slices}"
+    )
     print("| run | forget s | rebuild s | forget / rebuild | target 1.2/S | identical |")
     print("|---|---|---|---|---|---|")
     for name, r in (("no slices", plain), (f"R = {args.slices} slices", sliced)):
-        print(f"| {name} | {r['forget_s']:.1f} | {r['rebuild_s']:.1f} | {r['forget_s'] / r['rebuild_s']:.4f} | "
-              f"{1.2 / S:.4f} | {r['identical']} |")
+        print(
+            f"| {name} | {r['forget_s']:.1f} | {r['rebuild_s']:.1f} | {r['forget_s'] / r['rebuild_s']:.4f} | "
+            f"{1.2 / S:.4f} | {r['identical']} |"
+        )
     print(f"then forgot {second} (slice {sliced['second_slice']} of {args.slices}, shard {shard_of_name(second, S)}):")
     for name, r in (("no slices", plain), (f"R = {args.slices} slices", sliced)):
-        print(f"| {name} | {r['forget2_s']:.1f} | {r['rebuild_s']:.1f} | {r['forget2_s'] / r['rebuild_s']:.4f} | {1.2 / S:.4f} | |")
+        print(
+            f"| {name} | {r['forget2_s']:.1f} | {r['rebuild_s']:.1f} | {r['forget2_s'] / r['rebuild_s']:.4f} | {1.2 / S:.4f} | |"
+        )
 
 
 if __name__ == "__main__":

@@ -60,8 +60,12 @@ def make_adapters(workdir: Path, n: int) -> tuple[float, float]:
         return json.loads(done.read_text())["adapter_mb"], base_mb
     cfg = SiftConfig().lora
     base = load_base_model("builtin")
-    peft_model = get_peft_model(base.model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, target_modules=cfg.target_modules,
-                                                       bias="none", task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        base.model,
+        LoraConfig(
+            r=cfg.r, lora_alpha=cfg.alpha, target_modules=cfg.target_modules, bias="none", task_type="CAUSAL_LM"
+        ),
+    )
     template = adir / "template"
     peft_model.save_pretrained(str(template), safe_serialization=True)
     shapes = {k: tuple(v.shape) for k, v in peft_model.state_dict().items() if "lora_" in k}
@@ -76,7 +80,11 @@ def make_adapters(workdir: Path, n: int) -> tuple[float, float]:
         g = torch.Generator().manual_seed(1000 + i)
         tensors = {}
         for k in keys:
-            shape = next(v for sk, v in shapes.items() if sk.replace(".default", "").endswith(k.replace("base_model.model.", "", 1)))
+            shape = next(
+                v
+                for sk, v in shapes.items()
+                if sk.replace(".default", "").endswith(k.replace("base_model.model.", "", 1))
+            )
             scale = 0.02 if "lora_A" in k else 0.002
             tensors[k] = (torch.randn(shape, generator=g) * scale).contiguous()
         save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -101,8 +109,8 @@ def _sift_merge(workdir: Path, shards: list[int], out: Path, old: Path | None, d
     minus `drop`."""
     from sift.adapters import load_adapter
     from sift.merge import MergeState, get_method
+    from sift.merge.driver import SumsPlan, write_incremental
     from sift.merge.state import STATE_DIR, SumsReader
-    from sift.serve import SumsPlan, write_incremental
 
     m = get_method("mean")
     bits = 40
@@ -121,7 +129,11 @@ def _sift_merge(workdir: Path, shards: list[int], out: Path, old: Path | None, d
         leaving = [load_adapter(adir / f"shard-{s:04d}", s) for s in drop]
         members = {s: h for s, h in reader.members.items() if s not in drop}
         plan = SumsPlan("incremental", reader, leaving, [], bits, base.expected)
-    record = {"method": "mean", "members": {str(k): v for k, v in sorted(members.items())}, "base_fingerprint": base.expected}
+    record = {
+        "method": "mean",
+        "members": {str(k): v for k, v in sorted(members.items())},
+        "base_fingerprint": base.expected,
+    }
     digest, streamed = write_incremental(out, base, m, plan, members, {}, record)
     assert streamed, "the builtin base should stream"
     return digest
@@ -170,18 +182,37 @@ def stage(args: argparse.Namespace) -> None:
         _peft_merge(workdir, list(range(1, n)), out)
         digest = ""
     seconds = time.perf_counter() - started
-    print(json.dumps({"stage": args.stage, "seconds": seconds, "peak_rss_mb": rss_mb(), "rss_after_imports_mb": baseline, "digest": digest}))
+    print(
+        json.dumps(
+            {
+                "stage": args.stage,
+                "seconds": seconds,
+                "peak_rss_mb": rss_mb(),
+                "rss_after_imports_mb": baseline,
+                "digest": digest,
+            }
+        )
+    )
 
 
 def run_stage(name: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--stage", name, "--workdir", str(args.workdir), "--num-adapters", str(args.num_adapters)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--stage",
+        name,
+        "--workdir",
+        str(args.workdir),
+        "--num-adapters",
+        str(args.num_adapters),
+    ]
     print(f"bench_merge: stage {name} ...", file=sys.stderr, flush=True)
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def max_diff(a: Path, b: Path) -> float:
-    from sift.merge.stream import TensorFile
+    from sift.tensorio import TensorFile
 
     worst = 0.0
     with TensorFile(a / "model.safetensors") as fa, TensorFile(b / "model.safetensors") as fb:
@@ -250,15 +281,25 @@ def main() -> None:
         print(json.dumps(result))
         return
     n = args.num_adapters
-    print(f"merge of {n} builtin-shaped adapters ({adapter_mb:.1f} MB each; base {base_mb:.0f} MB), {result['machine']}")
-    print(f"| path | seconds | x peft | peak RSS MB |")
-    print(f"|---|---|---|---|")
-    print(f"| (a) sift incremental: drop 1 of {n} | {a['seconds']:.2f} | {a['seconds'] / c['seconds']:.4f} | {a['peak_rss_mb']:.0f} |")
-    print(f"| (b) sift from scratch: {n - 1} adapters | {b['seconds']:.2f} | {b['seconds'] / c['seconds']:.3f} | {b['peak_rss_mb']:.0f} |")
-    print(f"| (c) peft add_weighted_adapter cat + merge_and_unload: {n - 1} | {c['seconds']:.2f} | 1 | {c['peak_rss_mb']:.0f} |")
-    print(f"(a) == (b) bytes: {identical}; peft vs sift largest weight difference {diff:.3g}; "
-          f"peft / incremental = {c['seconds'] / a['seconds']:.1f}x; budget base + 3 adapters = {result['budget_mb']} MB "
-          f"(Python + torch + transformers alone: {a['rss_after_imports_mb']:.0f} MB); merge state {state_mb:.0f} MB vs served {served_mb:.0f} MB")
+    print(
+        f"merge of {n} builtin-shaped adapters ({adapter_mb:.1f} MB each; base {base_mb:.0f} MB), {result['machine']}"
+    )
+    print("| path | seconds | x peft | peak RSS MB |")
+    print("|---|---|---|---|")
+    print(
+        f"| (a) sift incremental: drop 1 of {n} | {a['seconds']:.2f} | {a['seconds'] / c['seconds']:.4f} | {a['peak_rss_mb']:.0f} |"
+    )
+    print(
+        f"| (b) sift from scratch: {n - 1} adapters | {b['seconds']:.2f} | {b['seconds'] / c['seconds']:.3f} | {b['peak_rss_mb']:.0f} |"
+    )
+    print(
+        f"| (c) peft add_weighted_adapter cat + merge_and_unload: {n - 1} | {c['seconds']:.2f} | 1 | {c['peak_rss_mb']:.0f} |"
+    )
+    print(
+        f"(a) == (b) bytes: {identical}; peft vs sift largest weight difference {diff:.3g}; "
+        f"peft / incremental = {c['seconds'] / a['seconds']:.1f}x; budget base + 3 adapters = {result['budget_mb']} MB "
+        f"(Python + torch + transformers alone: {a['rss_after_imports_mb']:.0f} MB); merge state {state_mb:.0f} MB vs served {served_mb:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

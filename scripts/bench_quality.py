@@ -13,7 +13,7 @@ All measured in one run, numbers as they come.
 
 Columns (per path and S):
 - trained / paraphrased: recall of the trained questions and of their paraphrases, exact and
-  contains (sift.evaluate.fact_recall);
+  contains (sift.evaluation.recall.fact_recall);
 - route acc: share of fact questions (trained, paraphrased) sent to the owner's shard;
 - general: share of the general-knowledge questions (sift.builtin.general) answered correctly;
   the untrained base answers all of them, so this is what the path keeps of the base;
@@ -47,18 +47,18 @@ from sift.adapters import weights_file  # noqa: E402
 from sift.builtin.facts import make_rows  # noqa: E402
 from sift.builtin.general import GENERAL_QUESTIONS, general_rows  # noqa: E402
 from sift.config import ROUTERS, SiftConfig  # noqa: E402
-from sift.create import create_workspace  # noqa: E402
-from sift.data import read_manifest  # noqa: E402
 from sift.determinism import quiet_libraries  # noqa: E402
-from sift.evaluate import fact_recall, general_correct, general_recall  # noqa: E402
+from sift.evaluation.recall import fact_recall, general_correct, general_recall  # noqa: E402
 from sift.fsio import atomic_write_bytes  # noqa: E402
+from sift.merge.driver import merge_workspace  # noqa: E402
 from sift.models import LazyBase, load_base_model  # noqa: E402
-from sift.serve import merge_workspace  # noqa: E402
+from sift.routing.routers import EMBED_FILE, KEYS_FILE, ROUTER_META  # noqa: E402
 from sift.serving.answer import WorkspaceServer  # noqa: E402
 from sift.serving.generate import greedy_answers  # noqa: E402
-from sift.serving.route import EMBED_FILE, KEYS_FILE, ROUTER_META  # noqa: E402
 from sift.train import train_shards  # noqa: E402
 from sift.workspace import Workspace  # noqa: E402
+from sift.workspace.create import create_workspace  # noqa: E402
+from sift.workspace.rows import read_manifest  # noqa: E402
 
 ROUTER_FILES = {"keys": KEYS_FILE, "embed": EMBED_FILE}
 
@@ -89,7 +89,7 @@ class AnswerCache:
         """Answer the prompts not cached yet, a batch at a time, saving after each batch."""
         todo = self.missing(S, model, prompts)
         for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
+            chunk = todo[start : start + batch_size]
             t0 = time.perf_counter()
             answers = answer_fn(chunk)
             per = (time.perf_counter() - t0) / len(chunk)
@@ -108,11 +108,14 @@ def make_config(args: argparse.Namespace, S: int) -> SiftConfig:
     return cfg
 
 
-def score(answers: list[str], seconds: list[float], rows: list[dict], general: list[dict], n_facts: int) -> dict[str, Any]:
+def score(
+    answers: list[str], seconds: list[float], rows: list[dict], general: list[dict], n_facts: int
+) -> dict[str, Any]:
     """answers/seconds are laid out as [trained facts, paraphrased facts, general questions]."""
-    t, p, g = answers[:n_facts], answers[n_facts:2 * n_facts], answers[2 * n_facts:]
+    t, p, g = answers[:n_facts], answers[n_facts : 2 * n_facts], answers[2 * n_facts :]
     out: dict[str, Any] = {
-        "trained": fact_recall(t, rows), "paraphrased": fact_recall(p, rows, paraphrased=True),
+        "trained": fact_recall(t, rows),
+        "paraphrased": fact_recall(p, rows, paraphrased=True),
         "general": general_recall(g, general) if general else None,
         "seconds_per_answer": round(sum(seconds) / max(1, len(seconds)), 4),
     }
@@ -135,18 +138,32 @@ def check_general(model_name: str, batch_size: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--people", type=int, default=32)
-    ap.add_argument("--shards", default="4,16,32", help="comma-separated shard counts (the monolithic S = 1 is always run)")
-    ap.add_argument("--scales", default="0.25,0.5,1.0", help="task-arithmetic scales tried; the best on trained questions is reported")
+    ap.add_argument(
+        "--shards", default="4,16,32", help="comma-separated shard counts (the monolithic S = 1 is always run)"
+    )
+    ap.add_argument(
+        "--scales",
+        default="0.25,0.5,1.0",
+        help="task-arithmetic scales tried; the best on trained questions is reported",
+    )
     ap.add_argument("--routers", default=",".join(ROUTERS), help="routers to measure")
     ap.add_argument("--epochs", type=int, default=None, help="override the default training recipe's epochs")
     ap.add_argument("--model", default="builtin")
     ap.add_argument("--batch-size", type=int, default=16, help="questions answered per generate() call")
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--workdir", default=None, help="keep workspaces and the answer cache here (resumable); default: a temp folder")
+    ap.add_argument(
+        "--workdir", default=None, help="keep workspaces and the answer cache here (resumable); default: a temp folder"
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object: a row per (path, S)")
     ap.add_argument("--check-general", action="store_true", help="only ask the base the general questions")
-    ap.add_argument("--methods", default="lora,sift-masks", help="training methods measured: lora (S = 1 and each S), sift-masks (each S)")
-    ap.add_argument("--no-ties", dest="ties", action="store_false", help="skip the TIES merge rows of the LoRA workspaces")
+    ap.add_argument(
+        "--methods",
+        default="lora,sift-masks",
+        help="training methods measured: lora (S = 1 and each S), sift-masks (each S)",
+    )
+    ap.add_argument(
+        "--no-ties", dest="ties", action="store_false", help="skip the TIES merge rows of the LoRA workspaces"
+    )
     args = ap.parse_args()
     quiet_libraries()
     if args.check_general:
@@ -183,11 +200,24 @@ def main() -> None:
         return lambda chunk: greedy_answers(model, tok, chunk, args.max_new_tokens, batch_size=len(chunk))
 
     def save_report() -> dict[str, Any]:
-        machine = {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-                   "torch": __import__("torch").__version__, "threads": __import__("torch").get_num_threads()}
-        report = {"people": args.people, "facts": n, "general_questions": len(general), "model": args.model,
-                  "machine": machine, "results": results}
-        (work / "results.json").write_text(json.dumps(report, indent=2))  # after every S: a cut run keeps what it measured
+        machine = {
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "torch": __import__("torch").__version__,
+            "threads": __import__("torch").get_num_threads(),
+        }
+        report = {
+            "people": args.people,
+            "facts": n,
+            "general_questions": len(general),
+            "model": args.model,
+            "machine": machine,
+            "results": results,
+        }
+        (work / "results.json").write_text(
+            json.dumps(report, indent=2)
+        )  # after every S: a cut run keeps what it measured
         return report
 
     def prepare(S: int, method: str) -> tuple[Workspace, dict[str, Any], list[int], list[int]]:
@@ -210,25 +240,53 @@ def main() -> None:
         owner_shard = [manifest[r["id"]] for r in rows]
         nonempty = sorted(set(owner_shard))
         stored = [weights_file(ws.adapter_dir(s)).stat().st_size for s in nonempty]  # type: ignore[union-attr]
-        common = {"S": S, "method": method, "nonempty_shards": len(nonempty), "train_seconds": train["seconds"],
-                  "train_steps": train["steps"], "stored_bytes_per_shard": round(sum(stored) / len(stored))}
+        common = {
+            "S": S,
+            "method": method,
+            "nonempty_shards": len(nonempty),
+            "train_seconds": train["seconds"],
+            "train_steps": train["steps"],
+            "stored_bytes_per_shard": round(sum(stored) / len(stored)),
+        }
         return ws, common, owner_shard, nonempty
 
-    def shard_rows(S: int, ws: Workspace, server: WorkspaceServer, prefix: str, label: str, fallback: str,
-                   common: dict[str, Any], owner_shard: list[int], nonempty: list[int]) -> None:
+    def shard_rows(
+        S: int,
+        ws: Workspace,
+        server: WorkspaceServer,
+        prefix: str,
+        label: str,
+        fallback: str,
+        common: dict[str, Any],
+        owner_shard: list[int],
+        nonempty: list[int],
+    ) -> None:
         """Rows for answering from one shard: the owner's (oracle), then each router's choice with
         `fallback` (a cached merged model key) answering what it leaves unclaimed."""
+
         def shard_answers(shard: int, prompts: list[str]) -> None:
             def fn(chunk: list[str]) -> list[str]:
-                return [x.answer for x in server.answer(chunk, shard=shard, max_new_tokens=args.max_new_tokens, batch_size=len(chunk))]
+                return [
+                    x.answer
+                    for x in server.answer(
+                        chunk, shard=shard, max_new_tokens=args.max_new_tokens, batch_size=len(chunk)
+                    )
+                ]
+
             cache.fill(S, f"{prefix}shard-{shard}", prompts, fn, args.batch_size)
 
         log(f"S={S}: {label}owner's shard (oracle routing)")
         for shard in nonempty:
             shard_answers(shard, [q for qs in (trained_q, para_q) for q, s in zip(qs, owner_shard) if s == shard])
         got = [cache.get(S, f"{prefix}shard-{s}", q) for q, s in zip(trained_q + para_q, owner_shard + owner_shard)]
-        results.append({"path": f"{label}routed: owner's shard (oracle, group given)", **common,
-                        **score([a for a, _ in got], [t for _, t in got], rows, [], n), "route_accuracy": {"trained": 1.0, "paraphrased": 1.0}})
+        results.append(
+            {
+                "path": f"{label}routed: owner's shard (oracle, group given)",
+                **common,
+                **score([a for a, _ in got], [t for _, t in got], rows, [], n),
+                "route_accuracy": {"trained": 1.0, "paraphrased": 1.0},
+            }
+        )
 
         for name in routers:
             log(f"S={S}: {label}router {name}")
@@ -243,12 +301,28 @@ def main() -> None:
                 a, s_ = cache.get(S, fallback if c is None else f"{prefix}shard-{c}", q)
                 ans.append(a)
                 sec.append(s_ + route_s)
-            acc = {k: sum(c == s for c, s in zip(chosen[i * n:(i + 1) * n], owner_shard)) / n for i, k in enumerate(("trained", "paraphrased"))}
-            sizes = [sum((ws.adapter_dir(s) / f).stat().st_size for f in (ROUTER_FILES[name], ROUTER_META)) for s in nonempty]
-            unclaimed = {k: sum(c is None for c in chosen[i * n:(i + 1) * n]) for i, k in enumerate(("trained", "paraphrased", "general"))}
-            results.append({"path": f"{label}routed: {name} router (no group id)", **common, **score(ans, sec, rows, general, n),
-                            "route_accuracy": acc, "unclaimed": unclaimed, "router_bytes_per_shard": round(sum(sizes) / len(sizes)),
-                            "route_seconds_per_prompt": round(route_s, 4)})
+            acc = {
+                k: sum(c == s for c, s in zip(chosen[i * n : (i + 1) * n], owner_shard)) / n
+                for i, k in enumerate(("trained", "paraphrased"))
+            }
+            sizes = [
+                sum((ws.adapter_dir(s) / f).stat().st_size for f in (ROUTER_FILES[name], ROUTER_META)) for s in nonempty
+            ]
+            unclaimed = {
+                k: sum(c is None for c in chosen[i * n : (i + 1) * n])
+                for i, k in enumerate(("trained", "paraphrased", "general"))
+            }
+            results.append(
+                {
+                    "path": f"{label}routed: {name} router (no group id)",
+                    **common,
+                    **score(ans, sec, rows, general, n),
+                    "route_accuracy": acc,
+                    "unclaimed": unclaimed,
+                    "router_bytes_per_shard": round(sum(sizes) / len(sizes)),
+                    "route_seconds_per_prompt": round(route_s, 4),
+                }
+            )
             # the same routing with the untrained base answering what the router leaves unclaimed
             # (serving.fallback = "base"): the base holds no data, so this is exact too
             if cache.missing(0, "base", all_q) == []:
@@ -257,20 +331,36 @@ def main() -> None:
                     a, s_ = cache.get(0, "base", q) if c is None else cache.get(S, f"{prefix}shard-{c}", q)
                     ans_b.append(a)
                     sec_b.append(s_ + route_s)
-                results.append({"path": f"{label}routed: {name} router, base answers the unclaimed", **common,
-                                **score(ans_b, sec_b, rows, general, n), "route_accuracy": acc, "unclaimed": unclaimed})
+                results.append(
+                    {
+                        "path": f"{label}routed: {name} router, base answers the unclaimed",
+                        **common,
+                        **score(ans_b, sec_b, rows, general, n),
+                        "route_accuracy": acc,
+                        "unclaimed": unclaimed,
+                    }
+                )
             # the merged model on the requests this router leaves unclaimed
             idx_t = [i for i in range(n) if chosen[i] is None]
             idx_p = [i for i in range(n) if chosen[n + i] is None]
             idx_g = [i for i in range(len(general)) if chosen[2 * n + i] is None]
             m = {k: cache.get(S, fallback, q) for k, q in enumerate(all_q)}
-            results.append({
-                "path": f"{label}merged: what the {name} router leaves unclaimed", **common,
-                "trained": fact_recall([m[i][0] for i in idx_t], [rows[i] for i in idx_t]),
-                "paraphrased": fact_recall([m[n + i][0] for i in idx_p], [rows[i] for i in idx_p], paraphrased=True),
-                "general": general_recall([m[2 * n + i][0] for i in idx_g], [general[i] for i in idx_g]),
-                "seconds_per_answer": round(sum(m[i][1] for i in idx_t + [n + j for j in idx_p] + [2 * n + j for j in idx_g]) / max(1, len(idx_t) + len(idx_p) + len(idx_g)), 4),
-            })
+            results.append(
+                {
+                    "path": f"{label}merged: what the {name} router leaves unclaimed",
+                    **common,
+                    "trained": fact_recall([m[i][0] for i in idx_t], [rows[i] for i in idx_t]),
+                    "paraphrased": fact_recall(
+                        [m[n + i][0] for i in idx_p], [rows[i] for i in idx_p], paraphrased=True
+                    ),
+                    "general": general_recall([m[2 * n + i][0] for i in idx_g], [general[i] for i in idx_g]),
+                    "seconds_per_answer": round(
+                        sum(m[i][1] for i in idx_t + [n + j for j in idx_p] + [2 * n + j for j in idx_g])
+                        / max(1, len(idx_t) + len(idx_p) + len(idx_g)),
+                        4,
+                    ),
+                }
+            )
 
     shard_counts = [int(s) for s in args.shards.split(",") if s and int(s) != 1]
     for S in ([1] + shard_counts) if "lora" in methods else []:
@@ -306,7 +396,14 @@ def main() -> None:
             merge_workspace(ws, method="task-arithmetic", scale=scale, base=base)
             model, tok = WorkspaceServer(ws, base=base).merged_model()[:2]
             ans, sec = answer_all(S, f"ta-{scale:g}", all_q, gen(model, tok))
-            results.append({"path": f"merged: task-arithmetic x{scale:g} (best of {args.scales})", **common, "scale": scale, **score(ans, sec, rows, general, n)})
+            results.append(
+                {
+                    "path": f"merged: task-arithmetic x{scale:g} (best of {args.scales})",
+                    **common,
+                    "scale": scale,
+                    **score(ans, sec, rows, general, n),
+                }
+            )
         if args.ties:
             if cache.missing(S, "ties", all_q):
                 t0 = time.perf_counter()
@@ -315,8 +412,19 @@ def main() -> None:
             log(f"S={S}: ties")
             model, tok = WorkspaceServer(ws, base=base).merged_model()[:2]
             ans, sec = answer_all(S, "ties", all_q, gen(model, tok))
-            ties_s = json.loads((work / f"ties-S{S}.json").read_text())["merge_seconds"] if (work / f"ties-S{S}.json").exists() else None
-            results.append({"path": "merged: ties (density 0.2, lambda 1)", **common, "merge_seconds": ties_s, **score(ans, sec, rows, general, n)})
+            ties_s = (
+                json.loads((work / f"ties-S{S}.json").read_text())["merge_seconds"]
+                if (work / f"ties-S{S}.json").exists()
+                else None
+            )
+            results.append(
+                {
+                    "path": "merged: ties (density 0.2, lambda 1)",
+                    **common,
+                    "merge_seconds": ties_s,
+                    **score(ans, sec, rows, general, n),
+                }
+            )
         merge_workspace(ws, method="mean", base=base)  # what the routers fall back to
         shard_rows(S, ws, WorkspaceServer(ws, base=base), "", "", "mean", common, owner_shard, nonempty)
         timings[str(S)] = common["train_seconds"]
@@ -329,7 +437,9 @@ def main() -> None:
         model, tok, _ = server.merged_model()
         log(f"S={S}: sift-masks merged, no mask")
         ans, sec = answer_all(S, "sm-merged", all_q, gen(model, tok))
-        results.append({"path": "sift-masks: merged, no mask (base + sum/T)", **common, **score(ans, sec, rows, general, n)})
+        results.append(
+            {"path": "sift-masks: merged, no mask (base + sum/T)", **common, **score(ans, sec, rows, general, n)}
+        )
         shard_rows(S, ws, server, "sm-", "sift-masks: ", "sm-merged", common, owner_shard, nonempty)
         save_report()
 
@@ -346,15 +456,20 @@ def pct(x: float | None) -> str:
 
 def print_table(report: dict[str, Any]) -> None:
     m = report["machine"]
-    print(f"\nServing quality: {report['people']} people x 10 facts ({report['facts']} trained questions, as many paraphrases), "
-          f"{report['general_questions']} general questions; model {report['model']}; {m['cpus']} CPUs, torch {m['torch']}\n")
-    head = ("| S | shards | path | trained exact | trained contains | para exact | para contains | route acc (tr/para) "
-            "| general | s/answer | route B/shard | stored B/shard | train s |")
+    print(
+        f"\nServing quality: {report['people']} people x 10 facts ({report['facts']} trained questions, as many paraphrases), "
+        f"{report['general_questions']} general questions; model {report['model']}; {m['cpus']} CPUs, torch {m['torch']}\n"
+    )
+    head = (
+        "| S | shards | path | trained exact | trained contains | para exact | para contains | route acc (tr/para) "
+        "| general | s/answer | route B/shard | stored B/shard | train s |"
+    )
     print(head)
     print("|" + "|".join("---" for _ in head.strip("|").split("|")) + "|")
     for r in report["results"]:
         ra = r.get("route_accuracy")
         g = r.get("general")
+
         def cell(d: dict[str, Any], key: str, full: int) -> str:
             if d["n"] == 0:
                 return "– (n=0)"
@@ -362,12 +477,18 @@ def print_table(report: dict[str, Any]) -> None:
 
         facts = report["facts"]
         cells = [
-            str(r["S"]) if r["S"] else "–", str(r.get("nonempty_shards", "–")), r["path"],
-            cell(r["trained"], "exact", facts), cell(r["trained"], "contains", facts),
-            cell(r["paraphrased"], "exact", facts), cell(r["paraphrased"], "contains", facts),
+            str(r["S"]) if r["S"] else "–",
+            str(r.get("nonempty_shards", "–")),
+            r["path"],
+            cell(r["trained"], "exact", facts),
+            cell(r["trained"], "contains", facts),
+            cell(r["paraphrased"], "exact", facts),
+            cell(r["paraphrased"], "contains", facts),
             f"{pct(ra['trained'])} / {pct(ra['paraphrased'])}" if ra else "–",
             cell(g, "correct", report["general_questions"]) if g else "–",
-            f"{r['seconds_per_answer']:.3f}", str(r.get("router_bytes_per_shard", "–")), str(r.get("stored_bytes_per_shard", "–")),
+            f"{r['seconds_per_answer']:.3f}",
+            str(r.get("router_bytes_per_shard", "–")),
+            str(r.get("stored_bytes_per_shard", "–")),
             str(r.get("train_seconds") or "–"),
         ]
         print("| " + " | ".join(cells) + " |")

@@ -57,17 +57,32 @@ def main() -> None:
 
     def lora_model():
         torch.manual_seed(0)
-        return get_peft_model(copy.deepcopy(base.model), LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
-                                                                     target_modules=cfg.lora.target_modules, bias="none", task_type="CAUSAL_LM"))
+        return get_peft_model(
+            copy.deepcopy(base.model),
+            LoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=0.0,
+                target_modules=cfg.lora.target_modules,
+                bias="none",
+                task_type="CAUSAL_LM",
+            ),
+        )
 
     # sift
     model = lora_model()
     model.train()
     params = [q for q in model.parameters() if q.requires_grad]
     started = time.perf_counter()
-    res = run_loop(model.base_model.model, params, examples, base.tokenizer.pad_token_id,
-                   LoopSettings(t.epochs, t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.max_grad_norm), 0,
-                   loss_fn=lambda m, b: completion_loss(m, *b))
+    res = run_loop(
+        model.base_model.model,
+        params,
+        examples,
+        base.tokenizer.pad_token_id,
+        LoopSettings(t.epochs, t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.max_grad_norm),
+        0,
+        loss_fn=lambda m, b: completion_loss(m, *b),
+    )
     sift_s = time.perf_counter() - started
     sift_steps, sift_loss = res.steps, res.final_loss
     del model, params
@@ -76,13 +91,29 @@ def main() -> None:
     model = lora_model()
     data = [{"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)} for ids, labels in examples]
     with tempfile.TemporaryDirectory() as out:
-        targs = TrainingArguments(output_dir=out, per_device_train_batch_size=t.batch_size, num_train_epochs=t.epochs,
-                                  learning_rate=t.lr, lr_scheduler_type="linear", warmup_steps=t.warmup_steps,
-                                  weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, save_strategy="no",
-                                  logging_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
-                                  dataloader_num_workers=0)
-        trainer = Trainer(model=model, args=targs, train_dataset=data,
-                          data_collator=DataCollatorForSeq2Seq(base.tokenizer, padding=True, label_pad_token_id=-100))
+        targs = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=t.batch_size,
+            num_train_epochs=t.epochs,
+            learning_rate=t.lr,
+            lr_scheduler_type="linear",
+            warmup_steps=t.warmup_steps,
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            save_strategy="no",
+            logging_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        trainer = Trainer(
+            model=model,
+            args=targs,
+            train_dataset=data,
+            data_collator=DataCollatorForSeq2Seq(base.tokenizer, padding=True, label_pad_token_id=-100),
+        )
         trainer.remove_callback(PrinterCallback)  # it prints the final log dict on stdout
         started = time.perf_counter()
         out_state = trainer.train()
@@ -90,21 +121,33 @@ def main() -> None:
         hf_steps, hf_loss = trainer.state.global_step, out_state.training_loss
 
     result = {
-        "model": args.model, "rows": len(examples), "epochs": t.epochs, "threads": torch.get_num_threads(),
-        "sift_steps": sift_steps, "sift_s": round(sift_s, 2), "sift_steps_per_s": round(sift_steps / sift_s, 3),
-        "trainer_steps": hf_steps, "trainer_s": round(hf_s, 2), "trainer_steps_per_s": round(hf_steps / hf_s, 3),
+        "model": args.model,
+        "rows": len(examples),
+        "epochs": t.epochs,
+        "threads": torch.get_num_threads(),
+        "sift_steps": sift_steps,
+        "sift_s": round(sift_s, 2),
+        "sift_steps_per_s": round(sift_steps / sift_s, 3),
+        "trainer_steps": hf_steps,
+        "trainer_s": round(hf_s, 2),
+        "trainer_steps_per_s": round(hf_steps / hf_s, 3),
         "sift_over_trainer_speed": round((sift_steps / sift_s) / (hf_steps / hf_s), 3),
-        "sift_final_loss": round(sift_loss, 4), "trainer_mean_loss": round(hf_loss, 4),
+        "sift_final_loss": round(sift_loss, 4),
+        "trainer_mean_loss": round(hf_loss, 4),
         "machine": f"{os.cpu_count()} CPU cores",
     }
     if args.json:
         print(json.dumps(result))
         return
-    print(f"training one shard: {args.model}, {len(examples)} rows, {t.epochs} epochs, batch {t.batch_size}, "
-          f"{result['threads']} threads, {result['machine']}")
+    print(
+        f"training one shard: {args.model}, {len(examples)} rows, {t.epochs} epochs, batch {t.batch_size}, "
+        f"{result['threads']} threads, {result['machine']}"
+    )
     print("| loop | steps | seconds | steps/s | x Trainer |")
     print("|---|---|---|---|---|")
-    print(f"| sift (sift.loop.run_loop) | {sift_steps} | {sift_s:.1f} | {sift_steps / sift_s:.3f} | {result['sift_over_trainer_speed']:.2f} |")
+    print(
+        f"| sift (sift.loop.run_loop) | {sift_steps} | {sift_s:.1f} | {sift_steps / sift_s:.3f} | {result['sift_over_trainer_speed']:.2f} |"
+    )
     print(f"| transformers Trainer + peft | {hf_steps} | {hf_s:.1f} | {hf_steps / hf_s:.3f} | 1.00 |")
 
 

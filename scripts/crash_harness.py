@@ -79,7 +79,7 @@ def fingerprint(root: Path) -> dict[str, str]:
 def served_folder_whole(ws: Path) -> str | None:
     """None when the served folder is absent or whole (its tensors hash to the served record);
     otherwise what a reader would have found wrong."""
-    from sift.serve import served_hashes, served_info
+    from sift.merge.driver import served_hashes, served_info
     from sift.workspace import Workspace
 
     w = Workspace(ws)
@@ -129,8 +129,23 @@ def _run(args: list[str], ws: Path, data: Path) -> subprocess.CompletedProcess:
 
 
 def scenarios(model: str, shards: int, epochs: int, slices: int, forget_ids: str) -> list[Scenario]:
-    train = ["train-shards", "-w", "{ws}", "--data", "{data}", "--model", model, "--num-shards", str(shards),
-             "--group-by", "owner", "--epochs", str(epochs), "--slices", str(slices)]
+    train = [
+        "train-shards",
+        "-w",
+        "{ws}",
+        "--data",
+        "{data}",
+        "--model",
+        model,
+        "--num-shards",
+        str(shards),
+        "--group-by",
+        "owner",
+        "--epochs",
+        str(epochs),
+        "--slices",
+        str(slices),
+    ]
     return [
         Scenario("train-shards", train),
         Scenario("merge", ["merge", "-w", "{ws}"], prepare=[train]),
@@ -145,8 +160,17 @@ def startup_seconds() -> float:
     return time.perf_counter() - t
 
 
-def run_scenario(sc: Scenario, data: Path, kills: int, rng: random.Random, work: Path, startup: float, log=print,
-                 keep: Path | None = None, repeats: int = 0) -> Outcome:
+def run_scenario(
+    sc: Scenario,
+    data: Path,
+    kills: int,
+    rng: random.Random,
+    work: Path,
+    startup: float,
+    log=print,
+    keep: Path | None = None,
+    repeats: int = 0,
+) -> Outcome:
     out = Outcome(sc.name)
     start = work / f"{sc.name}-start" / "ws"
     start.parent.mkdir(parents=True)
@@ -170,8 +194,9 @@ def run_scenario(sc: Scenario, data: Path, kills: int, rng: random.Random, work:
         delay = rng.uniform(low, out.reference_seconds)
         err_path = trial.parent / "first-run.stderr"
         with err_path.open("w") as err:
-            proc = subprocess.Popen(_sift(sc.args, trial, data), stdout=subprocess.DEVNULL, stderr=err,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                _sift(sc.args, trial, data), stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+            )
         try:
             proc.wait(timeout=delay)
             out.finished_first += 1
@@ -194,9 +219,13 @@ def run_scenario(sc: Scenario, data: Path, kills: int, rng: random.Random, work:
         else:
             differs = _differs(trial, ref, expected, keep / f"{sc.name}-kill-{i:02d}" if keep else None, first_err)
             if differs:
-                out.mismatches.append(f"kill {i} at {delay:.2f}s: {differs} [first run's stderr: {first_err.strip()[-400:]}]")
-        log(f"{sc.name}: kill {i + 1}/{kills} at {delay:.2f}s of {out.reference_seconds:.2f}s: {what}; "
-            f"{'OK' if out.ok else 'FAIL'}")
+                out.mismatches.append(
+                    f"kill {i} at {delay:.2f}s: {differs} [first run's stderr: {first_err.strip()[-400:]}]"
+                )
+        log(
+            f"{sc.name}: kill {i + 1}/{kills} at {delay:.2f}s of {out.reference_seconds:.2f}s: {what}; "
+            f"{'OK' if out.ok else 'FAIL'}"
+        )
         shutil.rmtree(trial.parent)
     # Without any kill: does the command write the same bytes every time it runs in a fresh
     # process? A kill trial that ends in other bytes means little unless the answer is yes.
@@ -257,11 +286,15 @@ def make_rows(path: Path, people: int) -> None:
 
 
 def table(outcomes: list[Outcome]) -> str:
-    lines = ["| command | reference s | kills landed | finished before the kill | kills mid-work | reader saw half a model | reruns failed | reruns differing | uninterrupted repeats (differing) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| command | reference s | kills landed | finished before the kill | kills mid-work | reader saw half a model | reruns failed | reruns differing | uninterrupted repeats (differing) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for o in outcomes:
-        lines.append(f"| {o.command} | {o.reference_seconds:.1f} | {o.kills} | {o.finished_first} | {o.mid_work} | "
-                     f"{len(o.reader_findings)} | {len(o.rerun_failures)} | {len(o.mismatches)} | {o.repeats} ({len(o.repeat_mismatches)}) |")
+        lines.append(
+            f"| {o.command} | {o.reference_seconds:.1f} | {o.kills} | {o.finished_first} | {o.mid_work} | "
+            f"{len(o.reader_findings)} | {len(o.rerun_failures)} | {len(o.mismatches)} | {o.repeats} ({len(o.repeat_mismatches)}) |"
+        )
     return "\n".join(lines)
 
 
@@ -276,8 +309,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--commands", default="train-shards,merge,forget")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json-out", type=Path, default=None)
-    ap.add_argument("--repeats", type=int, default=0, help="also run each command this many times uninterrupted from the same start; all must equal the reference")
-    ap.add_argument("--keep-failures", type=Path, default=None, help="copy each mismatching trial and the reference here")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=0,
+        help="also run each command this many times uninterrupted from the same start; all must equal the reference",
+    )
+    ap.add_argument(
+        "--keep-failures", type=Path, default=None, help="copy each mismatching trial and the reference here"
+    )
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     wanted = args.commands.split(",")
@@ -286,18 +326,41 @@ def main(argv: list[str] | None = None) -> int:
         data = work / "rows.jsonl"
         make_rows(data, args.people)
         startup = startup_seconds()
-        print(f"startup (imports) {startup:.2f}s; kills drawn between {startup * 0.8:.2f}s and each reference run's end", flush=True)
-        outcomes = [run_scenario(sc, data, args.kills, rng, work, startup, log=lambda m: print(m, flush=True), keep=args.keep_failures, repeats=args.repeats)
-                    for sc in scenarios(args.model, args.num_shards, args.epochs, args.slices, "p000-pet,p001-pet,p002-birthplace")
-                    if sc.name in wanted]
+        print(
+            f"startup (imports) {startup:.2f}s; kills drawn between {startup * 0.8:.2f}s and each reference run's end",
+            flush=True,
+        )
+        outcomes = [
+            run_scenario(
+                sc,
+                data,
+                args.kills,
+                rng,
+                work,
+                startup,
+                log=lambda m: print(m, flush=True),
+                keep=args.keep_failures,
+                repeats=args.repeats,
+            )
+            for sc in scenarios(
+                args.model, args.num_shards, args.epochs, args.slices, "p000-pet,p001-pet,p002-birthplace"
+            )
+            if sc.name in wanted
+        ]
     print()
     print(table(outcomes))
     for o in outcomes:
         for line in o.reader_findings + o.rerun_failures + o.mismatches + o.repeat_mismatches:
             print(f"{o.command}: {line}")
     if args.json_out:
-        args.json_out.write_text(json.dumps({"settings": vars(args) | {"json_out": str(args.json_out)},
-                                             "outcomes": [o.__dict__ for o in outcomes]}, indent=2, default=str) + "\n")
+        args.json_out.write_text(
+            json.dumps(
+                {"settings": vars(args) | {"json_out": str(args.json_out)}, "outcomes": [o.__dict__ for o in outcomes]},
+                indent=2,
+                default=str,
+            )
+            + "\n"
+        )
     return 0 if all(o.ok for o in outcomes) else 1
 
 

@@ -4,4 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+# the layout cannot rot: lint, format and the import layering (pyproject.toml) before the tests
+.venv/bin/ruff check sift tests scripts
+.venv/bin/ruff format --check -q sift tests scripts
+.venv/bin/lint-imports --no-cache > /dev/null || .venv/bin/lint-imports --no-cache
 exec .venv/bin/python -m pytest -q "$@"

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from sift.config import MAX_MERGE_MEMBERS
 from sift.errors import SiftError
 from sift.hashing import tensors_sha256
+from sift.tensorio import unpack_bits
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -56,13 +57,13 @@ class Adapter:
     shard: int
     sha256: str  # hash of the adapter's tensors: the identity the merge state records
     scaling: float  # LoRA alpha / r; 1.0 for dense deltas
-    modules: dict[str, LoraFactors | DenseDelta]  # keyed by the base weight's name, e.g. model.layers.0.mlp.up_proj.weight
+    modules: dict[
+        str, LoraFactors | DenseDelta
+    ]  # keyed by the base weight's name, e.g. model.layers.0.mlp.up_proj.weight
 
 
 def weights_file(adapter_dir: Path) -> Path | None:
     """The file holding a shard's trained tensors: a peft LoRA adapter or a SIFT-Masks delta."""
-    from sift.siftmasks.store import DELTA_FILE
-
     for name in (ADAPTER_WEIGHTS, DELTA_FILE):
         if (adapter_dir / name).exists():
             return adapter_dir / name
@@ -147,8 +148,6 @@ def check_recorded_hash(adapter_dir: Path, tensors: dict[str, torch.Tensor], wha
 def load_adapter(adapter_dir: Path, shard: int) -> Adapter:
     """Load a shard's trained tensors: a PEFT LoRA adapter folder (safetensors only), or a
     SIFT-Masks delta; either is checked against its recorded hash."""
-    from sift.siftmasks.store import DELTA_FILE, load_dense_adapter
-
     if (adapter_dir / DELTA_FILE).exists():
         return load_dense_adapter(adapter_dir, shard)
     require_safetensors_adapter(adapter_dir)
@@ -169,7 +168,7 @@ def load_adapter(adapter_dir: Path, shard: int) -> Adapter:
     for key, value in tensors.items():
         if not key.startswith(_PREFIX):
             raise SiftError(f"adapter {adapter_dir}: unexpected tensor {key}")
-        body = key[len(_PREFIX):]
+        body = key[len(_PREFIX) :]
         for part in ("lora_A", "lora_B"):
             suffix = f".{part}.weight"
             if body.endswith(suffix):
@@ -205,10 +204,14 @@ def check_fits_base(adapter: Adapter, shapes: dict[str, tuple[int, ...]], where:
     shape (named here, before a merge starts, rather than as a tensor error half way)."""
     for name, f in adapter.modules.items():
         if name not in shapes:
-            raise SiftError(f"adapter {where} changes {name}, which the base model does not have: it was made for another model")
+            raise SiftError(
+                f"adapter {where} changes {name}, which the base model does not have: it was made for another model"
+            )
         if delta_shape(f) != tuple(shapes[name]):
-            raise SiftError(f"adapter {where}: {name} has a delta of shape {delta_shape(f)}, the base weight is "
-                            f"{tuple(shapes[name])}: it was made for another model")
+            raise SiftError(
+                f"adapter {where}: {name} has a delta of shape {delta_shape(f)}, the base weight is "
+                f"{tuple(shapes[name])}: it was made for another model"
+            )
     return adapter
 
 
@@ -251,7 +254,9 @@ def _to_grid(acc: torch.Tensor, bits: int) -> torch.Tensor:
     limit = 2.0**53  # each term exact as float64; MAX_MERGE_MEMBERS of them fit in int64
     peak = acc.abs().max().item() if acc.numel() else 0.0
     if not math.isfinite(peak) or peak >= limit:
-        raise SiftError(f"an adapter delta is too large for the merge accumulator (|delta| = {peak / 2.0**bits:.3g}); lower merge.fixed_point_bits")
+        raise SiftError(
+            f"an adapter delta is too large for the merge accumulator (|delta| = {peak / 2.0**bits:.3g}); lower merge.fixed_point_bits"
+        )
     return acc.to(torch.int64)
 
 
@@ -262,18 +267,42 @@ _PLAIN_LORA = "sift merges plain LoRA A/B factors on Linear and Conv1D layers on
 # Config settings under which the adapter's effect is not  base + scaling * B @ A  (or not only):
 # key -> (is it set?, what it is, what to do).
 _CONFIG_REFUSALS: list[tuple[str, Any, str, str]] = [
-    ("use_dora", bool, "DoRA (use_dora), whose merged weight rescales the base and is not a sum of deltas", "train plain LoRA (use_dora false)"),
+    (
+        "use_dora",
+        bool,
+        "DoRA (use_dora), whose merged weight rescales the base and is not a sum of deltas",
+        "train plain LoRA (use_dora false)",
+    ),
     ("bias", lambda v: v not in (None, "none"), "bias training (bias={v!r})", "train with bias='none'"),
     ("lora_bias", bool, "bias training (lora_bias on lora_B)", "train with lora_bias false"),
     ("modules_to_save", bool, "fully trained modules (modules_to_save={v})", "train without modules_to_save"),
-    ("trainable_token_indices", bool, "trainable token embeddings (trainable_token_indices)", "train without trainable_token_indices"),
-    ("target_parameters", bool, "LoRA on raw parameters (target_parameters={v})", "target Linear/Conv1D modules with target_modules instead"),
-    ("init_lora_weights", lambda v: isinstance(v, str) and v.startswith(("pissa", "olora", "corda", "loftq")),
-     "an initialisation that rewrites the base weights (init_lora_weights={v!r})", "use the default initialisation"),
+    (
+        "trainable_token_indices",
+        bool,
+        "trainable token embeddings (trainable_token_indices)",
+        "train without trainable_token_indices",
+    ),
+    (
+        "target_parameters",
+        bool,
+        "LoRA on raw parameters (target_parameters={v})",
+        "target Linear/Conv1D modules with target_modules instead",
+    ),
+    (
+        "init_lora_weights",
+        lambda v: isinstance(v, str) and v.startswith(("pissa", "olora", "corda", "loftq")),
+        "an initialisation that rewrites the base weights (init_lora_weights={v!r})",
+        "use the default initialisation",
+    ),
     ("rank_pattern", bool, "per-module ranks (rank_pattern)", "use one rank for every module"),
     ("alpha_pattern", bool, "per-module alphas (alpha_pattern)", "use one alpha for every module"),
     ("layer_replication", bool, "layer replication (layer_replication)", "train without it"),
-    ("alora_invocation_tokens", bool, "activated LoRA (alora_invocation_tokens), which acts only after its invocation tokens", "train plain LoRA"),
+    (
+        "alora_invocation_tokens",
+        bool,
+        "activated LoRA (alora_invocation_tokens), which acts only after its invocation tokens",
+        "train plain LoRA",
+    ),
     ("arrow_config", bool, "Arrow routing (arrow_config)", "train plain LoRA"),
     ("kasa_config", bool, "KaSA (kasa_config), which rewrites the base weights", "train plain LoRA"),
     ("monteclora_config", bool, "MonteCLoRA (monteclora_config)", "train plain LoRA"),
@@ -306,7 +335,9 @@ def _unsupported_tensor(body: str) -> str:
         module = body.split(".lora_embedding_")[0]
         return f"module {module} is an embedding LoRA (lora_embedding_A/B), not supported: {_PLAIN_LORA}; remove it from lora.target_modules"
     if body.endswith(".bias"):
-        return f"tensor {body} is a trained bias, not supported: {_PLAIN_LORA}; train with bias='none' and lora_bias false"
+        return (
+            f"tensor {body} is a trained bias, not supported: {_PLAIN_LORA}; train with bias='none' and lora_bias false"
+        )
     return f"tensor {body} of module {module} is not a LoRA A/B weight, not supported: {_PLAIN_LORA}"
 
 
@@ -334,7 +365,9 @@ def check_mergeable_targets(peft_model: Any) -> None:
                 f"remove it from lora.target_modules (or use all-linear)"
             )
         if any(getattr(module, "use_dora", {}).values()) or len(getattr(module, "lora_magnitude_vector", {})):
-            raise SiftError(f"LoRA on {short} uses DoRA, not supported: {_PLAIN_LORA}; train plain LoRA (use_dora false)")
+            raise SiftError(
+                f"LoRA on {short} uses DoRA, not supported: {_PLAIN_LORA}; train plain LoRA (use_dora false)"
+            )
         first_of_layout.setdefault(isinstance(base, Conv1D), short)
     if len(first_of_layout) > 1:
         raise SiftError(
@@ -342,3 +375,42 @@ def check_mergeable_targets(peft_model: Any) -> None:
             f"whose weights are stored transposed to each other; sift merges adapters of one layout: "
             f"target only one kind in lora.target_modules"
         )
+
+
+# -- a SIFT-Masks shard's dense delta (its file format is described in sift.siftmasks.store) ----
+
+DELTA_FILE = "sift-masks.safetensors"
+
+
+def delta_weight_names(keys: list[str]) -> list[str]:
+    """The tuned weights of a SIFT-Masks file, from its keys (W.mask, W.values, W.shape)."""
+    return sorted({k.rsplit(".", 1)[0] for k in keys})
+
+
+def load_dense_adapter(adapter_dir: Path, shard: int) -> Adapter:
+    """The shard's dense deltas, checked against the hash its sift-meta.json records."""
+    path = adapter_dir / DELTA_FILE
+    problem = not_safetensors(path)
+    if problem:
+        raise SiftError(f"SIFT-Masks shard {path} {problem}")
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise SiftError(f"SIFT-Masks shard {adapter_dir} cannot be read: {exc}") from None
+    digest = check_recorded_hash(adapter_dir, tensors, "SIFT-Masks shard")
+    modules: dict[str, DenseDelta] = {}
+    for name in delta_weight_names(list(tensors)):
+        try:
+            shape = tuple(int(x) for x in tensors[f"{name}.shape"].tolist())
+            mask = unpack_bits(tensors[f"{name}.mask"], shape).reshape(-1)
+            values = tensors[f"{name}.values"]
+        except (KeyError, ValueError) as exc:
+            raise SiftError(f"SIFT-Masks shard {adapter_dir}: weight {name} is incomplete ({exc})") from None
+        if int(mask.sum()) != values.numel() or values.dtype != torch.float32:
+            raise SiftError(
+                f"SIFT-Masks shard {adapter_dir}: weight {name} has {values.numel()} values for {int(mask.sum())} mask bits"
+            )
+        tau = torch.zeros(mask.numel(), dtype=torch.float32)
+        tau[mask] = values
+        modules[name] = DenseDelta(tau.reshape(shape))
+    return Adapter(shard=shard, sha256=digest, scaling=1.0, modules=modules)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from sift.errors import SiftError
 from sift.hashing import sha256_hex
@@ -100,7 +101,7 @@ FALLBACKS = ("merged", "base")
 
 @dataclass
 class ServingConfig:
-    """How a request picks the shard that answers it (sift.serving.route). Router files are built
+    """How a request picks the shard that answers it (sift.routing.routers). Router files are built
     from each shard's own rows beside its adapter; these settings never change an adapter."""
 
     router: str = "auto"  # "auto" (keys with --group-by, else embed), "keys", "embed", or "none" (merged only)
@@ -124,8 +125,10 @@ class SiftConfig:
         if self.shards.num_shards < 1:
             raise SiftError(f"num_shards must be at least 1, got {self.shards.num_shards}")
         if self.shards.num_shards > MAX_MERGE_MEMBERS:
-            raise SiftError(f"num_shards must be at most {MAX_MERGE_MEMBERS}, got {self.shards.num_shards}: "
-                            f"the exact merge's int64 sums hold {MAX_MERGE_MEMBERS} adapters")
+            raise SiftError(
+                f"num_shards must be at most {MAX_MERGE_MEMBERS}, got {self.shards.num_shards}: "
+                f"the exact merge's int64 sums hold {MAX_MERGE_MEMBERS} adapters"
+            )
         t = self.train
         if t.epochs < 1 or t.batch_size < 1 or t.max_length < 8:
             raise SiftError("train: epochs and batch_size must be >= 1 and max_length >= 8")
@@ -140,8 +143,12 @@ class SiftConfig:
         if t.method not in TRAIN_METHODS:
             raise SiftError(f"train.method must be one of {', '.join(TRAIN_METHODS)}; got {t.method!r}")
         sm = self.sift_masks
-        if not (isinstance(sm.target_modules, list) and sm.target_modules and all(isinstance(x, str) and x for x in sm.target_modules)):
-            raise SiftError("sift_masks.target_modules must be a non-empty list of module names, e.g. [\"down_proj\"]")
+        if not (
+            isinstance(sm.target_modules, list)
+            and sm.target_modules
+            and all(isinstance(x, str) and x for x in sm.target_modules)
+        ):
+            raise SiftError('sift_masks.target_modules must be a non-empty list of module names, e.g. ["down_proj"]')
         if not (sm.lr > 0 and math.isfinite(sm.lr)):
             raise SiftError(f"sift_masks.lr must be a positive number, got {sm.lr}")
         if self.lora.r < 1 or self.lora.alpha <= 0 or not 0 <= self.lora.dropout < 1:
@@ -168,7 +175,7 @@ class SiftConfig:
         if self.train.threads == 0:  # likewise for workspaces made before the thread count was pinned
             d["train"].pop("threads")
         if self.train.method == "lora":  # sift-masks settings cannot change a LoRA adapter (and
-            d["train"].pop("method")      # LoRA workspaces keep the hashes they had before)
+            d["train"].pop("method")  # LoRA workspaces keep the hashes they had before)
             d.pop("sift_masks")
         else:
             d.pop("lora")

@@ -19,9 +19,7 @@ from typing import Any
 
 from sift.config import DataConfig
 from sift.errors import SiftError
-from sift.fsio import read_jsonl, remove_tree, write_jsonl
 from sift.hashing import sha256_hex, shard_of
-from sift.workspace import Workspace
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -149,7 +147,9 @@ def _load_with_datasets(
                 kwargs["data_files"] = data_file
             ds = datasets.load_dataset(builder, **kwargs)
         except Exception as exc:  # datasets raises many types; the user needs one line
-            raise SiftError(f"could not read {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+            raise SiftError(
+                f"could not read {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from None
         rows = ds.to_list()
     if not rows:
         raise SiftError(f"{name} holds no rows")
@@ -180,9 +180,13 @@ def parse_rows(records: Iterable[dict[str, Any]], cfg: DataConfig, source: str =
         prompt = _text_field(rec, cfg.prompt_column, where)
         completion = _text_field(rec, cfg.completion_column, where)
         if text is not None and (prompt is not None or completion is not None):
-            raise SiftError(f"{where} (id {rid}): has both {cfg.text_column!r} and {cfg.prompt_column!r}/{cfg.completion_column!r}; give one")
+            raise SiftError(
+                f"{where} (id {rid}): has both {cfg.text_column!r} and {cfg.prompt_column!r}/{cfg.completion_column!r}; give one"
+            )
         if text is None and (prompt is None or completion is None):
-            raise SiftError(f"{where} (id {rid}): needs {cfg.text_column!r}, or {cfg.prompt_column!r} and {cfg.completion_column!r}")
+            raise SiftError(
+                f"{where} (id {rid}): needs {cfg.text_column!r}, or {cfg.prompt_column!r} and {cfg.completion_column!r}"
+            )
         if (text is not None and not text) or (completion is not None and not completion):
             raise SiftError(f"{where} (id {rid}): empty text to train on")
         group = rid if cfg.group_by is None else _key_field(rec, cfg.group_by, f"{where} (id {rid})", "group column")
@@ -236,49 +240,6 @@ def shard_content_hash(training_hash: str, base_fingerprint: str, shard: int, ro
     return sha256_hex(json.dumps(payload, sort_keys=True).encode())
 
 
-# -- rows inside a workspace ------------------------------------------------------------------
-
-def write_workspace_rows(
-    ws: Workspace, cfg: DataConfig, shards: dict[int, list[Row]], num_shards: int, only: Iterable[int] | None = None
-) -> None:
-    """Write shard files (an empty shard has no file) and the manifest. `shards` holds every
-    shard's rows (the new state of the whole workspace); `only` limits which shard files are
-    rewritten."""
-    ws.shards_dir.mkdir(parents=True, exist_ok=True)
-    for shard in (range(num_shards) if only is None else only):
-        rows = shards.get(shard, [])
-        path = ws.shard_file(shard)
-        if rows:
-            write_jsonl(path, [r.record for r in sorted(rows, key=lambda r: r.id)])
-        else:
-            remove_tree(path)
-    write_manifest(ws, {s: rows for s, rows in shards.items() if rows})
-
-
-def write_manifest(ws: Workspace, shards: dict[int, list[Row]]) -> None:
-    entries = sorted(
-        ({"id": r.id, "shard": s, "row_sha256": r.train_sha256()} for s, rows in shards.items() for r in rows),
-        key=lambda e: e["id"],
-    )
-    write_jsonl(ws.manifest_path, entries)
-
-
-def read_workspace_rows(ws: Workspace, cfg: DataConfig, num_shards: int) -> dict[int, list[Row]]:
-    """Rows per shard as stored in the workspace (only non-empty shards appear)."""
-    out: dict[int, list[Row]] = {}
-    for shard in range(num_shards):
-        path = ws.shard_file(shard)
-        if path.exists():
-            out[shard] = parse_rows(read_jsonl(path), cfg, source=str(path))
-    return out
-
-
-def read_manifest(ws: Workspace) -> dict[str, int]:
-    if not ws.manifest_path.exists():
-        return {}
-    return {e["id"]: int(e["shard"]) for e in read_jsonl(ws.manifest_path)}
-
-
 def parse_ids(spec: str | None, ids_file: str | None) -> list[str]:
     """Ids from `--ids a,b,c` (comma-separated), or one id per line from stdin (`--ids -`) or a
     file (`--ids-file F`); surrounding blanks are stripped, empty lines skipped."""
@@ -301,3 +262,16 @@ def parse_ids(spec: str | None, ids_file: str | None) -> list[str]:
     if not ids:
         raise SiftError("the id list is empty")
     return sorted(set(ids))
+
+
+_MOVED = {"write_workspace_rows", "write_manifest", "read_workspace_rows", "read_manifest"}
+
+
+def __getattr__(name: str):  # noqa: ANN202 - the old import path of this release, kept one more
+    """`from sift.data import read_manifest` (and the other workspace row files) keeps working:
+    they moved to sift.workspace.rows, which sits above this module (data must not import it)."""
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module("sift.workspace.rows"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

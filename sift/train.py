@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from safetensors.torch import load_file, save_file
 
 from sift.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META, adapter_intact, check_mergeable_targets
@@ -29,13 +28,16 @@ from sift.determinism import derive_seed, enable_determinism
 from sift.errors import SiftError
 from sift.fsio import atomic_write_json, atomic_write_text, remove_tree, replace_dir, staging_dir
 from sift.hashing import sha256_hex, shard_of, tensors_sha256
+from sift.logs import get_logger, progress_enabled, quieted
 from sift.loop import LoopResult, LoopSettings, batches, run_loop
 from sift.models import BaseModel, LazyBase, example_ids
+from sift.routing.routers import build_routers, router_settings, routers_current
 from sift.siftmasks.store import DELTA_FILE, save_delta
 from sift.siftmasks.tune import tune_sign_fixed
-from sift.serving.route import build_routers, router_settings, routers_current
-from sift.snapshot import WorkspaceView
 from sift.workspace import Workspace
+from sift.workspace.view import WorkspaceView
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -108,8 +110,15 @@ def pinned_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _train_shard(base: BaseModel, rows: list[Row], cfg: SiftConfig, shard: int, out_dir: Path, content_hash: str,
-                 progress: Callable[[int, int, float], None] | None) -> TrainResult:
+def _train_shard(
+    base: BaseModel,
+    rows: list[Row],
+    cfg: SiftConfig,
+    shard: int,
+    out_dir: Path,
+    content_hash: str,
+    progress: Callable[[int, int, float], None] | None,
+) -> TrainResult:
     enable_determinism()
     started = time.perf_counter()
     examples = tokenize_rows(base, rows, cfg.train.max_length)
@@ -185,16 +194,30 @@ def canonical_adapter_config(path: Path) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _fit_lora(base: BaseModel, examples: list, cfg: SiftConfig, seed: int, staged: Path,
-              progress: Callable[[int, int, float], None] | None) -> tuple[str, LoopResult, dict[str, Any]]:
+def _fit_lora(
+    base: BaseModel,
+    examples: list,
+    cfg: SiftConfig,
+    seed: int,
+    staged: Path,
+    progress: Callable[[int, int, float], None] | None,
+) -> tuple[str, LoopResult, dict[str, Any]]:
     """One LoRA adapter (peft), saved in peft's format."""
     peft_model, params = _lora_model(base, cfg, seed)
     t = cfg.train
     settings = LoopSettings(t.epochs, t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.max_grad_norm)
     peft_model.train()
     lm = peft_model.base_model.model  # the causal LM, with the LoRA layers injected in place
-    result = run_loop(lm, params, examples, base.tokenizer.pad_token_id, settings, seed,
-                      loss_fn=lambda m, b: completion_loss(m, *b), progress=progress)
+    result = run_loop(
+        lm,
+        params,
+        examples,
+        base.tokenizer.pad_token_id,
+        settings,
+        seed,
+        loss_fn=lambda m, b: completion_loss(m, *b),
+        progress=progress,
+    )
     return _save_lora(peft_model, staged), result, {}
 
 
@@ -219,7 +242,9 @@ def slice_epochs(epochs: int, slices: int) -> list[int]:
 
 def stage_hash(cfg: SiftConfig, base_fingerprint: str, shard: int, stage: int, prefix: list[Row]) -> str:
     """Names a stage's checkpoint: the rows it has seen (slices 0..stage), the config, the base."""
-    return sha256_hex(f"stage {stage}|".encode() + shard_content_hash(cfg.training_hash(), base_fingerprint, shard, prefix).encode())
+    return sha256_hex(
+        f"stage {stage}|".encode() + shard_content_hash(cfg.training_hash(), base_fingerprint, shard, prefix).encode()
+    )
 
 
 def read_stages(adapter_dir: Path) -> list[dict[str, Any]]:
@@ -229,8 +254,16 @@ def read_stages(adapter_dir: Path) -> list[dict[str, Any]]:
         return []
 
 
-def _fit_lora_sliced(base: BaseModel, rows: list[Row], cfg: SiftConfig, shard: int, seed: int, staged: Path,
-                     previous: Path, progress: Callable[[int, int, float], None] | None) -> tuple[str, LoopResult, dict[str, Any]]:
+def _fit_lora_sliced(
+    base: BaseModel,
+    rows: list[Row],
+    cfg: SiftConfig,
+    shard: int,
+    seed: int,
+    staged: Path,
+    previous: Path,
+    progress: Callable[[int, int, float], None] | None,
+) -> tuple[str, LoopResult, dict[str, Any]]:
     """SISA (Bourtoule et al. 2021) on one shard: stage r trains the adapter left by stage r - 1 on
     slices 0..r with a fresh optimizer and a seed of its own, and saves the LoRA tensors.
 
@@ -272,18 +305,48 @@ def _fit_lora_sliced(base: BaseModel, rows: list[Row], cfg: SiftConfig, shard: i
         stage_seed = derive_seed("slice", seed, r)
         torch.manual_seed(stage_seed)  # LoRA dropout, if any, draws from the global generator
         settings = LoopSettings(epochs[r], t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.max_grad_norm)
-        result = run_loop(lm, params, examples, base.tokenizer.pad_token_id, settings, stage_seed,
-                          loss_fn=lambda m, b: completion_loss(m, *b), progress=progress) if examples and epochs[r] else LoopResult(0, loss)
+        result = (
+            run_loop(
+                lm,
+                params,
+                examples,
+                base.tokenizer.pad_token_id,
+                settings,
+                stage_seed,
+                loss_fn=lambda m, b: completion_loss(m, *b),
+                progress=progress,
+            )
+            if examples and epochs[r]
+            else LoopResult(0, loss)
+        )
         steps += result.steps
         tokens += epochs[r] * sum(len(ids) for ids, _ in examples)
         loss = result.final_loss
         tensors = {n: p.detach().clone().contiguous() for n, p in peft_model.named_parameters() if p.requires_grad}
         save_file(tensors, str(staged / SLICES_DIR / name), metadata={"format": "pt"})
-        stages.append({"stage": r, "stage_hash": digest, "rows": len(prefix), "epochs": epochs[r], "steps": result.steps,
-                       "final_loss": loss, "sha256": tensors_sha256(tensors)[0], "reused": False})
-    atomic_write_json(staged / SLICES_DIR / _STAGES, {"slices": R, "stages": [{k: v for k, v in e.items() if k != "reused"} for e in stages]})
+        stages.append(
+            {
+                "stage": r,
+                "stage_hash": digest,
+                "rows": len(prefix),
+                "epochs": epochs[r],
+                "steps": result.steps,
+                "final_loss": loss,
+                "sha256": tensors_sha256(tensors)[0],
+                "reused": False,
+            }
+        )
+    atomic_write_json(
+        staged / SLICES_DIR / _STAGES,
+        {"slices": R, "stages": [{k: v for k, v in e.items() if k != "reused"} for e in stages]},
+    )
     first = next((e["stage"] for e in stages if not e["reused"]), R)
-    extra = {"slices": R, "resumed_from_stage": first, "stages_reused": sum(e["reused"] for e in stages), "tokens_trained": tokens}
+    extra = {
+        "slices": R,
+        "resumed_from_stage": first,
+        "stages_reused": sum(e["reused"] for e in stages),
+        "tokens_trained": tokens,
+    }
     return _save_lora(peft_model, staged), LoopResult(steps, loss), extra
 
 
@@ -298,12 +361,25 @@ def _load_checkpoint(path: Path, entry: dict[str, Any], digest: str) -> dict[str
     return state if tensors_sha256(state)[0] == entry.get("sha256") else None
 
 
-def _fit_sift_masks(base: BaseModel, examples: list, cfg: SiftConfig, seed: int, staged: Path,
-                    progress: Callable[[int, int, float], None] | None) -> tuple[str, LoopResult, dict[str, Any]]:
+def _fit_sift_masks(
+    base: BaseModel,
+    examples: list,
+    cfg: SiftConfig,
+    seed: int,
+    staged: Path,
+    progress: Callable[[int, int, float], None] | None,
+) -> tuple[str, LoopResult, dict[str, Any]]:
     """Sign-fixed full fine-tuning of the target weights; saves the mask and the masked delta."""
     model = copy.deepcopy(base.model)
-    deltas, result = tune_sign_fixed(model, examples, base.tokenizer.pad_token_id, cfg, seed,
-                                     loss_fn=lambda m, b: completion_loss(m, *b), progress=progress)
+    deltas, result = tune_sign_fixed(
+        model,
+        examples,
+        base.tokenizer.pad_token_id,
+        cfg,
+        seed,
+        loss_fn=lambda m, b: completion_loss(m, *b),
+        progress=progress,
+    )
     del model
     digest = save_delta(staged / DELTA_FILE, deltas)
     tuned = sum(t.numel() for t in deltas.values())
@@ -330,7 +406,7 @@ def stderr_progress(label: str) -> Callable[[int, int, float], None]:
 
     def log(step: int, total: int, loss: float) -> None:
         if total >= 20 and step < total and step % (total // 4) == 0:
-            print(f"{label}: step {step}/{total} loss {loss:.4f}", file=sys.stderr, flush=True)
+            log.info(f"{label}: step {step}/{total} loss {loss:.4f}")
 
     return log
 
@@ -371,7 +447,15 @@ def train_shards(
 
     `shard_locks`: the caller holds the workspace lock shared with other trainers, so each shard
     is planned and written under its own lock (a shard another trainer finished is 'unchanged').
-    Returns a summary: per shard 'trained', 'unchanged', 'empty' or 'dropped'."""
+    Returns a summary: per shard 'trained', 'unchanged', 'empty' or 'dropped'. Progress is logged
+    (the "sift" logger); `quiet` silences it for this call."""
+    with quieted(quiet):
+        return _train_shards(ws, shards, base, view, shard_locks)
+
+
+def _train_shards(
+    ws: Workspace, shards: list[int] | None, base: LazyBase | None, view: WorkspaceView | None, shard_locks: bool
+) -> dict[str, Any]:
     started = time.perf_counter()
     view = view or WorkspaceView.load(ws)
     cfg, state = view.cfg, view.state
@@ -381,7 +465,7 @@ def train_shards(
     todo = shards if shards is not None else list(range(view.num_shards))
     for shard in todo:
         with ws.shard_lock(shard) if shard_locks else contextlib.nullcontext():
-            res = _train_one(ws, view, base, cfg, state, shard, quiet, fresh=shard_locks, status=status)
+            res = _train_one(ws, view, base, cfg, state, shard, fresh=shard_locks, status=status)
         if res is not None:
             results.append(res)
     view.forget_plans()
@@ -394,8 +478,16 @@ def train_shards(
     }
 
 
-def _train_one(ws: Workspace, view: WorkspaceView, base: LazyBase, cfg: SiftConfig, state: Any, shard: int,
-               quiet: bool, fresh: bool, status: dict[int, str]) -> TrainResult | None:
+def _train_one(
+    ws: Workspace,
+    view: WorkspaceView,
+    base: LazyBase,
+    cfg: SiftConfig,
+    state: Any,
+    shard: int,
+    fresh: bool,
+    status: dict[int, str],
+) -> TrainResult | None:
     """Bring one shard up to date; records what happened in `status`."""
     plan = view.plan(shard, fresh=fresh)
     adir = ws.adapter_dir(shard)
@@ -408,22 +500,29 @@ def _train_one(ws: Workspace, view: WorkspaceView, base: LazyBase, cfg: SiftConf
         return None
     assert plan.content_hash is not None
     if plan.status == "current" and not adapter_intact(adir):
-        if not quiet:
-            print(f"shard {shard:>3}: its adapter file does not match its recorded hash (damaged); retraining", file=sys.stderr, flush=True)
+        log.warning(f"shard {shard:>3}: its adapter file does not match its recorded hash (damaged); retraining")
     elif plan.status == "current":
         if not routers_current(adir, router_settings(cfg, state.base_model_fingerprint, plan.content_hash)):
             build_routers(base.get(), plan.rows, cfg, adir, plan.content_hash)
         status[shard] = "unchanged"
         return None
     label = f"shard {shard:>3} ({len(plan.rows)} rows)"
-    res = train_shard(base.get(), plan.rows, cfg, shard, adir, plan.content_hash, None if quiet else stderr_progress(label))
-    if not quiet:
-        print(f"{label}: trained {res.steps} steps in {res.seconds:.1f}s, final loss {res.final_loss:.4f}", file=sys.stderr, flush=True)
+    res = train_shard(
+        base.get(),
+        plan.rows,
+        cfg,
+        shard,
+        adir,
+        plan.content_hash,
+        stderr_progress(label) if progress_enabled() else None,
+    )
+    log.info(f"{label}: trained {res.steps} steps in {res.seconds:.1f}s, final loss {res.final_loss:.4f}")
     status[shard] = "trained"
     return res
 
 
 # -- several trainers on one workspace ---------------------------------------------------------
+
 
 def launch_rank() -> tuple[int, int]:
     """(rank, world size) as `accelerate launch` and torchrun set them (RANK, WORLD_SIZE);

@@ -13,10 +13,10 @@ if "SIFT_CACHE_DIR" not in os.environ:
 
 from sift.builtin.facts import make_rows  # noqa: E402
 from sift.config import SiftConfig  # noqa: E402
-from sift.create import create_workspace  # noqa: E402
-from sift.serve import merge_workspace  # noqa: E402
+from sift.merge.driver import merge_workspace  # noqa: E402
 from sift.train import train_shards  # noqa: E402
 from sift.workspace import Workspace  # noqa: E402
+from sift.workspace.create import create_workspace  # noqa: E402
 
 
 def tiny_config(num_shards: int = 4, group_by: str | None = "owner", epochs: int = 2) -> SiftConfig:
@@ -36,7 +36,9 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def build_workspace(root: Path, rows: list[dict], cfg: SiftConfig, merge: str | None = "mean", scale: float | None = None) -> Workspace:
+def build_workspace(
+    root: Path, rows: list[dict], cfg: SiftConfig, merge: str | None = "mean", scale: float | None = None
+) -> Workspace:
     data = write_rows(root.parent / f"{root.name}-rows.jsonl", rows)
     ws = Workspace(root)
     create_workspace(ws, str(data), cfg)
@@ -68,4 +70,6 @@ def trained_ws(trained_template, tmp_path) -> Workspace:
 
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file's bytes under root (the lock file aside): to prove a command changed nothing."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"
+    }

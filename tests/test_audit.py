@@ -12,13 +12,14 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import tiny_config
-from sift.audit import audit
 from sift.cli import app
-from sift.create import create_workspace
-from sift.forget import forget
+from sift.exact.audit import audit
+from sift.exact.forget import forget
 from sift.models import example_ids, load_tokenizer
 from sift.workspace import Workspace
+from sift.workspace.create import create_workspace
+
+from conftest import tiny_config
 
 
 @pytest.fixture
@@ -61,7 +62,9 @@ def test_planted_leaks_are_found_wherever_they_hide(forgotten, tmp_path):
     (root / "cache" / "tokens.bin").write_bytes(np.asarray(tokens, dtype="<i8").tobytes())  # a tokenised cache
     (root / "cache" / "tokens32.npy").write_bytes(b"\x93NUMPY" + np.asarray(tokens, dtype="<i4").tobytes())
     (root / "cache" / "batch.json").write_text(json.dumps({"input_ids": tokens}))
-    save_file({"ids": torch.tensor(tokens, dtype=torch.int64)}, str(root / "adapters" / "shard-0001" / "extra.safetensors"))
+    save_file(
+        {"ids": torch.tensor(tokens, dtype=torch.int64)}, str(root / "adapters" / "shard-0001" / "extra.safetensors")
+    )
     leak = Path(datasets.config.HF_DATASETS_CACHE) / "json" / "cache-1.arrow"
     leak.parent.mkdir(parents=True)
     leak.write_bytes(b"\x00" * 7 + row["prompt"].encode() + b"\x00")  # a datasets cache outside the workspace
@@ -147,14 +150,35 @@ def test_commands_write_nothing_outside_the_workspace(tmp_path):
     env.pop("HF_HOME", None)
 
     def sift(*args: str, stdin: str | None = None) -> str:
-        p = subprocess.run([sys.executable, "-m", "sift.cli", *args], cwd=work, env=env, input=stdin,
-                           capture_output=True, text=True, timeout=600)
+        p = subprocess.run(
+            [sys.executable, "-m", "sift.cli", *args],
+            cwd=work,
+            env=env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert p.returncode == 0, p.stderr
         return p.stdout
 
     rows = sift("builtin-data", "--people", "3")
-    sift("train-shards", "-w", "ws", "--data", "-", "--model", "builtin-tiny", "--num-shards", "2", "--group-by", "owner",
-         "--epochs", "1", stdin=rows)
+    sift(
+        "train-shards",
+        "-w",
+        "ws",
+        "--data",
+        "-",
+        "--model",
+        "builtin-tiny",
+        "--num-shards",
+        "2",
+        "--group-by",
+        "owner",
+        "--epochs",
+        "1",
+        stdin=rows,
+    )
     sift("merge", "-w", "ws")
     sift("generate", "-w", "ws", "Where was Thesi Morifoum born?", "--max-new-tokens", "2")
     sift("forget", "-w", "ws", "--ids", "p000-pet")

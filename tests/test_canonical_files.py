@@ -9,14 +9,34 @@ import os
 import subprocess
 import sys
 
-from sift.verify import verify
+from sift.exact.verify import verify
 
 
 def _train(root, rows, hash_seed: str) -> bytes:
     env = dict(os.environ, PYTHONHASHSEED=hash_seed)
-    p = subprocess.run([sys.executable, "-m", "sift.cli", "train-shards", "-w", str(root), "--data", str(rows), "--model",
-                        "builtin-tiny", "--num-shards", "2", "--epochs", "1", "--json"], capture_output=True, text=True,
-                       env=env, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sift.cli",
+            "train-shards",
+            "-w",
+            str(root),
+            "--data",
+            str(rows),
+            "--model",
+            "builtin-tiny",
+            "--num-shards",
+            "2",
+            "--epochs",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     return b"".join((root / "adapters" / f"shard-{s:04d}" / "adapter_config.json").read_bytes() for s in range(2))
 

@@ -5,13 +5,19 @@ import os
 import subprocess
 import sys
 
-
 from conftest import snapshot
 
 
 def sift(*args, stdin=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "sift.cli", *args], input=stdin, capture_output=True, text=True,
-                          cwd=cwd, env=dict(os.environ), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sift.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=dict(os.environ),
+        timeout=300,
+    )
 
 
 def one_error_line(proc):
@@ -25,8 +31,23 @@ def test_readme_pipeline_tiny(tmp_path):
     data = sift("builtin-data", "--people", "4").stdout
     assert len(data.splitlines()) == 40
     ws = str(tmp_path / "ws")
-    p = sift("train-shards", "-w", ws, "--data", "-", "--model", "builtin-tiny", "--num-shards", "3",
-             "--group-by", "owner", "--epochs", "1", "--json", stdin=data)
+    p = sift(
+        "train-shards",
+        "-w",
+        ws,
+        "--data",
+        "-",
+        "--model",
+        "builtin-tiny",
+        "--num-shards",
+        "3",
+        "--group-by",
+        "owner",
+        "--epochs",
+        "1",
+        "--json",
+        stdin=data,
+    )
     assert p.returncode == 0, p.stderr
     summary = json.loads(p.stdout)
     assert summary["created"] and summary["trained"]
@@ -90,7 +111,9 @@ def test_merged_answers_are_not_blocked_by_a_writer(trained_ws):
         p = sift("generate", "-w", ws, "--merged", "Where was Thesi Morifoum born?", "--max-new-tokens", "2", "--json")
         assert p.returncode == 0, p.stderr
         assert json.loads(p.stdout)["served_by"]["path"] == "merged"
-        assert "in use by pid" in one_error_line(sift("generate", "-w", ws, "Where was Thesi Morifoum born?", "--max-new-tokens", "2"))
+        assert "in use by pid" in one_error_line(
+            sift("generate", "-w", ws, "Where was Thesi Morifoum born?", "--max-new-tokens", "2")
+        )
 
 
 def test_merge_list_and_help():

@@ -2,7 +2,7 @@
 
 import json
 
-from sift.data import read_manifest
+from sift.workspace.rows import read_manifest
 
 from test_cli import one_error_line, sift
 
@@ -34,7 +34,9 @@ def test_generate_routes_by_default_and_says_so(trained_ws, facts):
     assert p.returncode == 0 and "answered by the merged model (no shard claimed the request)" in p.stderr
     p = sift("generate", "-w", str(trained_ws.root), facts[0]["prompt"], "--merged", "--max-new-tokens", "2", "--json")
     assert json.loads(p.stdout)["served_by"] == {"path": "merged", "shard": None, "router": None}
-    assert "leave out --router" in one_error_line(sift("generate", "-w", str(trained_ws.root), "x", "--merged", "--shard", "0"))
+    assert "leave out --router" in one_error_line(
+        sift("generate", "-w", str(trained_ws.root), "x", "--merged", "--shard", "0")
+    )
 
 
 def test_fallback_base_answers_the_unclaimed_with_the_untrained_base(trained_ws, facts):
@@ -52,15 +54,21 @@ def test_fallback_base_answers_the_unclaimed_with_the_untrained_base(trained_ws,
     # a claimed request is still answered by its shard; the merged model stays reachable with --merged
     got = WorkspaceServer(trained_ws).answer([facts[0]["prompt"], q], fallback="base", max_new_tokens=2)
     assert [a.path for a in got] == ["routed", "base"]
-    assert "--fallback must be merged or base" in one_error_line(sift("generate", "-w", str(trained_ws.root), q, "--fallback", "zero"))
-    assert "leave out" in one_error_line(sift("generate", "-w", str(trained_ws.root), q, "--merged", "--fallback", "base"))
+    assert "--fallback must be merged or base" in one_error_line(
+        sift("generate", "-w", str(trained_ws.root), q, "--fallback", "zero")
+    )
+    assert "leave out" in one_error_line(
+        sift("generate", "-w", str(trained_ws.root), q, "--merged", "--fallback", "base")
+    )
 
 
 def test_generate_group_must_name_a_group_the_workspace_holds(trained_ws, facts):
     """--group hashed any string to a shard: a typo was answered by an unrelated shard's adapter."""
     manifest = read_manifest(trained_ws)
     owner = facts[0]["owner"]
-    p = sift("generate", "-w", str(trained_ws.root), "x", "--group", owner.upper() + "!", "--max-new-tokens", "1", "--json")
+    p = sift(
+        "generate", "-w", str(trained_ws.root), "x", "--group", owner.upper() + "!", "--max-new-tokens", "1", "--json"
+    )
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["served_by"] == {"path": "shard", "shard": manifest[facts[0]["id"]], "router": None}
     line = one_error_line(sift("generate", "-w", str(trained_ws.root), "x", "--group", owner + "x"))

@@ -16,8 +16,15 @@ from test_cli import one_error_line, sift
 
 
 def settings(**kw):
-    base = dict(model="builtin-tiny", num_shards=2, epochs=1, methods=("ga", "ngdiff"), unlearn_epochs=2, sharded_original=True,
-                eval=EvalSettings(batch_size=8, max_new_tokens=4, retain_sample=4))
+    base = dict(
+        model="builtin-tiny",
+        num_shards=2,
+        epochs=1,
+        methods=("ga", "ngdiff"),
+        unlearn_epochs=2,
+        sharded_original=True,
+        eval=EvalSettings(batch_size=8, max_new_tokens=4, retain_sample=4),
+    )
     base.update(kw)
     return CompareSettings(**base)
 
@@ -26,18 +33,39 @@ def test_compare_end_to_end_tiny(tmp_path):
     rows = make_rows(people=3, seed=0)
     forget_ids = [r["id"] for r in rows if r["id"].startswith("p001-")][:4]
     out = tmp_path / "report"
-    result = compare(rows, forget_ids, make_rows(people=1, seed=0, split="holdout"), out, settings(),
-                     progress=lambda m: None, general=general_eval_rows()[:3])
+    result = compare(
+        rows,
+        forget_ids,
+        make_rows(people=1, seed=0, split="holdout"),
+        out,
+        settings(),
+        progress=lambda m: None,
+        general=general_eval_rows()[:3],
+    )
     names = [e["name"] for e in result["entries"]]
-    for want in ("original: monolithic (before unlearning)", "original: sharded, routed (before forget)", "reference: monolithic retrain", "reference: sharded rebuild, routed",
-                 "exact: sift forget, routed", "exact: sift forget, merged", "ga (epoch 1)", "ga (epoch 2)", "ngdiff (epoch 2)"):
+    for want in (
+        "original: monolithic (before unlearning)",
+        "original: sharded, routed (before forget)",
+        "reference: monolithic retrain",
+        "reference: sharded rebuild, routed",
+        "exact: sift forget, routed",
+        "exact: sift forget, merged",
+        "ga (epoch 1)",
+        "ga (epoch 2)",
+        "ngdiff (epoch 2)",
+    ):
         assert want in names, want
     by = {e["name"]: e for e in result["entries"]}
     assert result["exact_identical_to_sharded_rebuild"] is True
     # identical weights: the exact path's numbers are the sharded reference's, so FQ = 1 and privleak = 0
     for served in ("routed", "merged"):
-        exact, ref = by[f"exact: sift forget, {served}"]["metrics"], by[f"reference: sharded rebuild, {served}"]["metrics"]
-        assert {k: v for k, v in exact.items() if k not in ("seconds", "flops")} == {k: v for k, v in ref.items() if k not in ("seconds", "flops")}
+        exact, ref = (
+            by[f"exact: sift forget, {served}"]["metrics"],
+            by[f"reference: sharded rebuild, {served}"]["metrics"],
+        )
+        assert {k: v for k, v in exact.items() if k not in ("seconds", "flops")} == {
+            k: v for k, v in ref.items() if k not in ("seconds", "flops")
+        }
         assert exact["forget_quality"] == 1.0 and exact["privleak"] == 0.0
     assert by["ga (epoch 2)"]["approximate"] is True and by["exact: sift forget, routed"]["approximate"] is False
     assert by["ga (epoch 2)"]["metrics"]["seconds"] >= by["ga (epoch 1)"]["metrics"]["seconds"]
@@ -54,11 +82,15 @@ def test_compare_refuses_bad_input_before_training(tmp_path):
     rows = write_rows(tmp_path / "rows.jsonl", make_rows(people=2, seed=0))
     held = write_rows(tmp_path / "held.jsonl", make_rows(people=1, seed=0, split="holdout"))
     common = ["compare", "--data", str(rows), "--out", str(tmp_path / "r"), "--model", "builtin-tiny"]
-    assert "unknown method" in one_error_line(sift(*common, "--forget-ids", "p000-pet", "--holdout", str(held), "--methods", "ga,magic"))
+    assert "unknown method" in one_error_line(
+        sift(*common, "--forget-ids", "p000-pet", "--holdout", str(held), "--methods", "ga,magic")
+    )
     assert "--holdout" in one_error_line(sift(*common, "--forget-ids", "p000-pet"))
     assert "not in the data" in one_error_line(sift(*common, "--forget-ids", "nope", "--holdout", str(held)))
     assert "also in the data" in one_error_line(sift(*common, "--forget-ids", "p000-pet", "--holdout", str(rows)))
-    assert "--seeds" in one_error_line(sift(*common, "--forget-ids", "p000-pet", "--holdout", str(held), "--seeds", "2"))
+    assert "--seeds" in one_error_line(
+        sift(*common, "--forget-ids", "p000-pet", "--holdout", str(held), "--seeds", "2")
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -86,10 +118,22 @@ def test_score_sets_identical_models_reach_F_1_and_ratios_multiply():
 def test_compare_with_seeds_tiny(tmp_path):
     rows = make_rows(people=3, seed=0)
     forget_ids = [r["id"] for r in rows if r["id"].startswith("p001-")][:4]
-    result = compare(rows, forget_ids, make_rows(people=1, seed=0, split="holdout"), tmp_path / "r",
-                     settings(methods=("ga",), unlearn_epochs=1, seeds=3), progress=lambda m: None, general=general_eval_rows()[:3])
+    result = compare(
+        rows,
+        forget_ids,
+        make_rows(people=1, seed=0, split="holdout"),
+        tmp_path / "r",
+        settings(methods=("ga",), unlearn_epochs=1, seeds=3),
+        progress=lambda m: None,
+        general=general_eval_rows()[:3],
+    )
     rows_ = {r["method"]: r for r in result["challenge"]["rows"]}
-    assert set(rows_) == {"reference vs reference (monolithic)", "ga", "reference vs reference (sharded)", "exact: sift forget (routed)"}
+    assert set(rows_) == {
+        "reference vs reference (monolithic)",
+        "ga",
+        "reference vs reference (sharded)",
+        "exact: sift forget (routed)",
+    }
     for r in rows_.values():
         assert 0.0 <= r["F"] <= 1.0 and r["interval"][0] <= r["F"] <= r["interval"][1]
     assert "Unlearning-challenge" in (tmp_path / "r" / "table.md").read_text()
@@ -100,7 +144,14 @@ def test_compare_checks_row_fields_before_training(tmp_path):
     for r in rows:
         del r["paraphrased_completion"]
     with pytest.raises(SiftError, match="paraphrased_completion"):
-        compare(rows, ["p000-pet"], make_rows(people=1, seed=0, split="holdout"), tmp_path / "r", settings(), progress=lambda m: None)
+        compare(
+            rows,
+            ["p000-pet"],
+            make_rows(people=1, seed=0, split="holdout"),
+            tmp_path / "r",
+            settings(),
+            progress=lambda m: None,
+        )
     assert not (tmp_path / "r").exists()
 
 
@@ -109,20 +160,41 @@ def test_compare_with_variants_relearning_and_a_worst_case_forget_set(tmp_path):
 
     rows = make_rows(people=3, seed=0)
     out = tmp_path / "report"
-    s = settings(methods=("ga",), sharded_original=False, variants=("npo:sam=0.01", "graddiff:mask=wagle,mask_ratio=0.5"),
-                 relearn=True, relearn_settings=RelearnSettings(epochs=1, lr=1e-3, max_new_tokens=4),
-                 forget_set="worst-case", size=4, worst_case={"iterations": 2, "unlearn_steps": 1})
-    result = compare(rows, [], make_rows(people=1, seed=0, split="holdout"), out, s, progress=lambda m: None,
-                     general=general_eval_rows()[:3])
+    s = settings(
+        methods=("ga",),
+        sharded_original=False,
+        variants=("npo:sam=0.01", "graddiff:mask=wagle,mask_ratio=0.5"),
+        relearn=True,
+        relearn_settings=RelearnSettings(epochs=1, lr=1e-3, max_new_tokens=4),
+        forget_set="worst-case",
+        size=4,
+        worst_case={"iterations": 2, "unlearn_steps": 1},
+    )
+    result = compare(
+        rows,
+        [],
+        make_rows(people=1, seed=0, split="holdout"),
+        out,
+        s,
+        progress=lambda m: None,
+        general=general_eval_rows()[:3],
+    )
     chosen = result["forget_set"]
     assert chosen["kind"] == "worst-case" and len(chosen["ids"]) == 4 and len(chosen["objective_history"]) == 2
     assert result["data"]["forget"] == 4
     by = {e["name"]: e for e in result["entries"]}
     for want in ("npo:sam=0.01 (epoch 2)", "graddiff:mask=wagle,mask_ratio=0.5 (epoch 2)", "ga (epoch 2)"):
         assert want in by, want
-    for attacked in ("original: monolithic (before unlearning)", "reference: monolithic retrain", "exact: sift forget, merged",
-                     "reference: sharded rebuild, merged", "exact: sift forget, routed", "reference: sharded rebuild, routed",
-                     "ga (epoch 2)", "npo:sam=0.01 (epoch 2)"):
+    for attacked in (
+        "original: monolithic (before unlearning)",
+        "reference: monolithic retrain",
+        "exact: sift forget, merged",
+        "reference: sharded rebuild, merged",
+        "exact: sift forget, routed",
+        "reference: sharded rebuild, routed",
+        "ga (epoch 2)",
+        "npo:sam=0.01 (epoch 2)",
+    ):
         assert "relearn_contains" in by[attacked]["metrics"], attacked
         assert by[attacked]["metrics"]["relearn_nll"] == by[attacked]["relearn"]["after"]["answer_nll"]
     assert "relearn_contains" not in by["ga (epoch 1)"]["metrics"]
@@ -137,10 +209,22 @@ def test_compare_with_variants_relearning_and_a_worst_case_forget_set(tmp_path):
 def test_compare_refuses_bad_variants_and_forget_sets(tmp_path):
     rows = write_rows(tmp_path / "rows.jsonl", make_rows(people=2, seed=0))
     held = write_rows(tmp_path / "held.jsonl", make_rows(people=1, seed=0, split="holdout"))
-    common = ["compare", "--data", str(rows), "--out", str(tmp_path / "r"), "--model", "builtin-tiny", "--holdout", str(held)]
+    common = [
+        "compare",
+        "--data",
+        str(rows),
+        "--out",
+        str(tmp_path / "r"),
+        "--model",
+        "builtin-tiny",
+        "--holdout",
+        str(held),
+    ]
     assert "is not key=value" in one_error_line(sift(*common, "--forget-ids", "p000-pet", "--variant", "npo:rho=0.1"))
     assert "apply to" in one_error_line(sift(*common, "--forget-ids", "p000-pet", "--variant", "ngdiff:sam=0.1"))
     assert "needs --size" in one_error_line(sift(*common, "--forget-set", "random"))
-    assert "leave out --forget-ids" in one_error_line(sift(*common, "--forget-set", "random", "--size", "3", "--forget-ids", "p000-pet"))
+    assert "leave out --forget-ids" in one_error_line(
+        sift(*common, "--forget-set", "random", "--size", "3", "--forget-ids", "p000-pet")
+    )
     assert "give --forget-ids" in one_error_line(sift(*common))
     assert not (tmp_path / "r").exists()

@@ -39,9 +39,12 @@ def test_kills_then_rerun_equal_an_uninterrupted_run(harness, tmp_path):
     harness.make_rows(data, people=4)
     startup = harness.startup_seconds()
     rng = random.Random(7)
-    outcomes = [harness.run_scenario(sc, data, 2, rng, tmp_path / "work", startup, log=lambda m: None,
-                                     repeats=1 if sc.name == "forget" else 0)
-                for sc in harness.scenarios("builtin-tiny", 3, 1, 2, "p000-pet,p001-pet,p002-birthplace")]
+    outcomes = [
+        harness.run_scenario(
+            sc, data, 2, rng, tmp_path / "work", startup, log=lambda m: None, repeats=1 if sc.name == "forget" else 0
+        )
+        for sc in harness.scenarios("builtin-tiny", 3, 1, 2, "p000-pet,p001-pet,p002-birthplace")
+    ]
     print(harness.table(outcomes))
     for o in outcomes:
         assert o.ok, (o.command, o.reader_findings, o.rerun_failures, o.mismatches)

@@ -126,15 +126,17 @@ def test_csv_ids_and_groups_keep_their_leading_zeros(tmp_path):
 
     pq = tmp_path / "rows.parquet"
     datasets.Dataset.from_list([{"id": "007", "owner": "0042", "text": "hello"}]).to_parquet(str(pq))
-    assert [(r.id, r.group) for r in parse_rows(load_records(str(pq), key_columns=key_columns(cfg)), cfg)] == [("007", "0042")]
+    assert [(r.id, r.group) for r in parse_rows(load_records(str(pq), key_columns=key_columns(cfg)), cfg)] == [
+        ("007", "0042")
+    ]
 
 
 def test_a_csv_workspace_holds_the_ids_as_written(tmp_path):
-    from conftest import tiny_config
-
-    from sift.create import create_workspace
-    from sift.data import read_manifest
     from sift.workspace import Workspace
+    from sift.workspace.create import create_workspace
+    from sift.workspace.rows import read_manifest
+
+    from conftest import tiny_config
 
     csv = tmp_path / "rows.csv"
     csv.write_text("id,owner,prompt,completion\n007,ann,q1,a1\n010,bob,q2,a2\n")

@@ -16,7 +16,7 @@ from sift.evaluation import metrics as M
 from sift.evaluation.likelihood import rouge_l_recall, score_answers
 from sift.evaluation.run import EvalSettings, evaluate, split_rows
 from sift.evaluation.targets import ModelTarget, WorkspaceTarget
-from sift.forget import forget
+from sift.exact.forget import forget
 from sift.models import example_ids
 from sift.serving.answer import WorkspaceServer
 from sift.unlearn.objectives import answer_logprobs
@@ -125,7 +125,14 @@ def test_a_model_against_itself_scores_forget_quality_1_and_privleak_0(trained_w
     assert res["metrics"]["privleak"] == 0.0
     assert res["forget_quality"]["n"] == 10
     assert set(M.METRICS) >= set(res["metrics"])
-    for name in ("forget_Q_A_Prob", "retain_Q_A_ROUGE", "forget_truth_ratio", "model_utility", "mia_min_k_plus_plus", "wf_Truth_Ratio"):
+    for name in (
+        "forget_Q_A_Prob",
+        "retain_Q_A_ROUGE",
+        "forget_truth_ratio",
+        "model_utility",
+        "mia_min_k_plus_plus",
+        "wf_Truth_Ratio",
+    ):
         assert 0.0 <= res["metrics"][name] <= 1.0, name
 
 
@@ -161,8 +168,21 @@ def test_the_exact_path_scores_exactly_as_its_sharded_reference(trained_ws, tmp_
 def test_sift_eval_cli(trained_ws, tmp_path, facts):
     data = write_rows(tmp_path / "rows.jsonl", facts)
     held = write_rows(tmp_path / "held.jsonl", make_rows(people=1, seed=0, split="holdout"))
-    common = ["eval", str(trained_ws.root), "--data", str(data), "--forget-ids", "p002-pet,p002-book",
-              "--holdout", str(held), "--retain-sample", "4", "--max-new-tokens", "4", "--no-general"]
+    common = [
+        "eval",
+        str(trained_ws.root),
+        "--data",
+        str(data),
+        "--forget-ids",
+        "p002-pet,p002-book",
+        "--holdout",
+        str(held),
+        "--retain-sample",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--no-general",
+    ]
     r = sift(*common)
     assert r.returncode == 2 and "retain reference" in one_error_line(r)
     out = tmp_path / "self.json"
@@ -206,11 +226,19 @@ def test_per_row_values_come_from_the_model_that_serves_the_row(monkeypatch):
             yield a, tok, list(range(0, len(prompts), 2))
             yield b, tok, list(range(1, len(prompts), 2))
 
-    monkeypatch.setattr(run_mod, "greedy_answers", lambda model, t, prompts, n, bs: ["A" if model is a else "B"] * len(prompts))
+    monkeypatch.setattr(
+        run_mod, "greedy_answers", lambda model, t, prompts, n, bs: ["A" if model is a else "B"] * len(prompts)
+    )
 
     def row(i, pert):
-        return {"id": f"r{i}", "prompt": "1", "completion": "2" * (i % 3 + 1), "answer": "2", "paraphrased_completion": "1" * (i % 2 + 1),
-                "perturbed_completions": pert}
+        return {
+            "id": f"r{i}",
+            "prompt": "1",
+            "completion": "2" * (i % 3 + 1),
+            "answer": "2",
+            "paraphrased_completion": "1" * (i % 2 + 1),
+            "perturbed_completions": pert,
+        }
 
     forget = [row(0, ["11"]), row(1, ["12", "21", "1"])]
     retain = [row(2, ["2"]), row(3, ["22", "1"])]
@@ -219,10 +247,17 @@ def test_per_row_values_come_from_the_model_that_serves_the_row(monkeypatch):
     served = {"r0": a, "r1": b, "r2": a, "r3": b, "h0": a, "h1": b}  # items are forget, retain, holdout in order
     for r in forget + retain:
         m = served[r["id"]]
-        ans, para, *pert = score_answers(m, tok, [("1", r["completion"]), ("1", r["paraphrased_completion"])] + [("1", w) for w in r["perturbed_completions"]])
+        ans, para, *pert = score_answers(
+            m,
+            tok,
+            [("1", r["completion"]), ("1", r["paraphrased_completion"])]
+            + [("1", w) for w in r["perturbed_completions"]],
+        )
         name = "forget" if r in forget else "retain"
         assert res["per_row"][f"{name}_Q_A_Prob"][r["id"]] == pytest.approx(M.prob(ans.avg_loss))
-        assert res["per_row"][f"{name}_truth_ratio"][r["id"]] == pytest.approx(M.truth_ratio(para.avg_loss, [p.avg_loss for p in pert]))
+        assert res["per_row"][f"{name}_truth_ratio"][r["id"]] == pytest.approx(
+            M.truth_ratio(para.avg_loss, [p.avg_loss for p in pert])
+        )
         assert res["per_row"][f"{name}_answer"][r["id"]] == ("A" if m is a else "B")
     for h in holdout:
         (sc,) = score_answers(served[h["id"]], tok, [(h["prompt"], h["completion"])])
@@ -248,6 +283,14 @@ def test_the_original_model_looks_like_a_member_on_its_forget_rows(tmp_path, fac
 
     ws = build_workspace(tmp_path / "mono", facts, tiny_config(num_shards=1, group_by=None, epochs=6))
     forget_rows, retain_rows = split_rows(facts, [r["id"] for r in facts if r["id"].startswith("p001-")], 6)
-    res = evaluate(WorkspaceTarget("mono", WorkspaceServer(ws), merged=True), forget_rows, retain_rows, [], rows_of(people=1, seed=0, split="holdout"),
-                   None, FAST, require_reference=False)
+    res = evaluate(
+        WorkspaceTarget("mono", WorkspaceServer(ws), merged=True),
+        forget_rows,
+        retain_rows,
+        [],
+        rows_of(people=1, seed=0, split="holdout"),
+        None,
+        FAST,
+        require_reference=False,
+    )
     assert res["metrics"]["mia_loss"] > 0.5

@@ -5,13 +5,13 @@ import struct
 import pytest
 
 from sift.adapters import read_meta
-from sift.data import read_manifest
 from sift.errors import SiftError
-from sift.forget import forget, resume_pending_forget
+from sift.exact.forget import forget, resume_pending_forget
+from sift.exact.verify import verify
+from sift.merge.driver import served_hashes
 from sift.models import load_base_model
-from sift.serve import served_hashes
 from sift.train import train_shards
-from sift.verify import verify
+from sift.workspace.rows import read_manifest
 
 from conftest import build_workspace, snapshot, tiny_config
 
@@ -112,7 +112,12 @@ def test_deleted_text_and_tokens_are_nowhere(trained_ws, facts):
     needles = [owner.encode()]
     for r in rows:
         # (the bare answer value is no needle: values like a food are shared by other people)
-        needles += [r["completion"].encode(), r["prompt"].encode(), r["paraphrased_completion"].encode(), r["id"].encode()]
+        needles += [
+            r["completion"].encode(),
+            r["prompt"].encode(),
+            r["paraphrased_completion"].encode(),
+            r["id"].encode(),
+        ]
         ids = tok(r["completion"], add_special_tokens=False)["input_ids"]
         needles += [struct.pack(f"<{len(ids)}q", *ids), struct.pack(f"<{len(ids)}i", *ids)]
     files = snapshot(trained_ws.root)
@@ -143,7 +148,7 @@ def test_unknown_ids_change_nothing(trained_ws, facts):
 
 def test_crash_mid_forget_is_completed_exactly(trained_ws, facts, tmp_path, monkeypatch):
     ids = owner_ids(facts, facts[1]["owner"])
-    import sift.forget as forget_mod
+    import sift.exact.forget as forget_mod
 
     def crash(*a, **k):
         raise KeyboardInterrupt("power cut")
@@ -188,7 +193,9 @@ def test_served_model_loads_with_plain_transformers(trained_ws):
         "assert 'sift' not in sys.modules;"
         "print(float(m.state_dict()['model.layers.0.self_attn.q_proj.weight'].double().sum()))"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(trained_ws.merged_dir)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(trained_ws.merged_dir)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     base = load_base_model("builtin-tiny").model.state_dict()["model.layers.0.self_attn.q_proj.weight"]
     assert float(out.stdout.strip()) != float(base.double().sum())

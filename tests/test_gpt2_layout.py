@@ -16,14 +16,14 @@ from safetensors.torch import load_file
 
 from sift.adapters import LoraFactors, check_mergeable_targets, fixed_point_delta, load_adapter
 from sift.config import SiftConfig
-from sift.create import create_workspace
 from sift.errors import SiftError
-from sift.forget import forget
+from sift.exact.forget import forget
+from sift.exact.verify import verify
+from sift.merge.driver import merge_workspace
 from sift.models import _byte_tokenizer
-from sift.serve import merge_workspace
 from sift.train import train_shards
-from sift.verify import verify
 from sift.workspace import Workspace
+from sift.workspace.create import create_workspace
 
 BITS = 40
 
@@ -33,8 +33,14 @@ def tiny_gpt2():
 
     tok = _byte_tokenizer()
     config = GPT2Config(
-        n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=len(tok),
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        n_positions=128,
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -73,7 +79,9 @@ def gpt2_template(tmp_path_factory, gpt2_folder) -> Path:
     root = tmp_path_factory.mktemp("gpt2-ws")
     data = root / "rows.csv"
     people = ["Ada", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal", "Ivy", "Jo", "Kit", "Lu"]
-    lines = ["id,prompt,completion"] + [f"{i},Where does {p} live?,{p} lives in town {i * 7}." for i, p in enumerate(people, 1)]
+    lines = ["id,prompt,completion"] + [
+        f"{i},Where does {p} live?,{p} lives in town {i * 7}." for i, p in enumerate(people, 1)
+    ]
     data.write_text("\n".join(lines) + "\n")
     cfg = SiftConfig()
     cfg.model.name = str(gpt2_folder)
@@ -131,7 +139,9 @@ def test_gpt2_merge_equals_peft_mean_of_deltas(gpt2_ws, gpt2_folder):
         assert json.loads(cfg_file.read_text())["fan_in_fan_out"] is True
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            merged = PeftModel.from_pretrained(copy.deepcopy(model), str(cfg_file.parent)).merge_and_unload().state_dict()
+            merged = (
+                PeftModel.from_pretrained(copy.deepcopy(model), str(cfg_file.parent)).merge_and_unload().state_dict()
+            )
         for n in targets:
             mean[n] += (merged[n].double() - base[n]) / len(adapters)
     served = {}
@@ -140,7 +150,9 @@ def test_gpt2_merge_equals_peft_mean_of_deltas(gpt2_ws, gpt2_folder):
     for n in targets:
         ours = served[n].double() - base[n]
         assert ours.shape == mean[n].shape
-        assert mean[n].abs().max().item() > 1e-4, f"{n}: the adapters barely moved it; the comparison would prove nothing"
+        assert mean[n].abs().max().item() > 1e-4, (
+            f"{n}: the adapters barely moved it; the comparison would prove nothing"
+        )
         assert torch.allclose(ours, mean[n], rtol=0, atol=1e-6), f"{n}: {(ours - mean[n]).abs().max().item()}"
     untouched = [n for n in served if n not in targets and n in base and not torch.equal(served[n].double(), base[n])]
     assert untouched == []
@@ -188,8 +200,10 @@ def test_load_adapter_refuses_what_it_cannot_merge_exactly(tmp_path, kw, message
 def test_load_adapter_refuses_dora_tensors_and_embedding_tensors_without_config_hint(tmp_path):
     """The tensors alone are enough: a config that says nothing about DoRA still gets refused."""
     model, _ = tiny_gpt2()
-    for kw, message in ((dict(target_modules=["c_attn"], use_dora=True), "lora_magnitude_vector"),
-                        (dict(target_modules=["wte"]), "lora_embedding_A/B")):
+    for kw, message in (
+        (dict(target_modules=["c_attn"], use_dora=True), "lora_magnitude_vector"),
+        (dict(target_modules=["wte"]), "lora_embedding_A/B"),
+    ):
         pm = peft_wrap(model, **kw)
         folder = tmp_path / message
         with warnings.catch_warnings():

@@ -27,12 +27,12 @@ from safetensors.torch import load_file
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-import sift.forget  # noqa: E402
+import sift.exact.forget  # noqa: E402
 from sift.adapters import read_meta  # noqa: E402
-from sift.data import read_manifest  # noqa: E402
-from sift.http.app import create_app  # noqa: E402
 from sift.serving.answer import WorkspaceServer  # noqa: E402
+from sift.serving.http.app import create_app  # noqa: E402
 from sift.workspace import Workspace  # noqa: E402
+from sift.workspace.rows import read_manifest  # noqa: E402
 
 NAME = "ws"  # the copies below are folders named ws: the routed model's default id
 GENERAL = "What is the capital of France?"  # no owner named: the keys router leaves it to the merged model
@@ -129,8 +129,12 @@ def test_chat_completion_is_routed(served, facts):
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == WorkspaceServer(ws).answer([q], max_new_tokens=5)[0].answer
     assert r.sift["served_by"] == {"path": "routed", "shard": read_manifest(ws)[facts[-1]["id"]], "router": "keys"}
-    r = client_for(url).chat.completions.create(model=NAME, messages=[{"role": "user", "content": GENERAL}], max_completion_tokens=3)
-    assert r.sift["served_by"] == {"path": "merged", "shard": None, "router": "keys"} and r.sift["adapter_sha256"] is None
+    r = client_for(url).chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": GENERAL}], max_completion_tokens=3
+    )
+    assert (
+        r.sift["served_by"] == {"path": "merged", "shard": None, "router": "keys"} and r.sift["adapter_sha256"] is None
+    )
 
 
 def test_a_group_field_or_a_shard_id_picks_the_shard(served, facts):
@@ -140,13 +144,17 @@ def test_a_group_field_or_a_shard_id_picks_the_shard(served, facts):
     shard = read_manifest(ws)[facts[-1]["id"]]
     r = client.completions.create(model=NAME, prompt=GENERAL, max_tokens=2, extra_body={"sift_group": owner})
     assert r.sift["served_by"] == {"path": "shard", "shard": shard, "router": None}
-    r = client.chat.completions.create(model=f"shard-{shard:04d}", messages=[{"role": "user", "content": GENERAL}], max_tokens=2)
+    r = client.chat.completions.create(
+        model=f"shard-{shard:04d}", messages=[{"role": "user", "content": GENERAL}], max_tokens=2
+    )
     assert r.sift["served_by"] == {"path": "shard", "shard": shard, "router": None}
     r = client.completions.create(model="merged", prompt=facts[0]["prompt"], max_tokens=2)
     assert r.sift["served_by"] == {"path": "merged", "shard": None, "router": None}
     r = client.completions.create(model=NAME, prompt=GENERAL, max_tokens=2, extra_body={"sift_fallback": "base"})
     assert r.sift["served_by"]["path"] == "base"
-    r = client.completions.create(model=NAME, prompt=facts[0]["prompt"], max_tokens=2, extra_body={"sift_router": "embed"})
+    r = client.completions.create(
+        model=NAME, prompt=facts[0]["prompt"], max_tokens=2, extra_body={"sift_router": "embed"}
+    )
     assert r.sift["served_by"]["router"] == "embed" and r.sift["served_by"]["path"] == "routed"
 
 
@@ -163,8 +171,16 @@ def test_bad_requests_get_an_openai_error(served, facts):
         (lambda: client.completions.create(model=NAME, prompt="hi", max_tokens=0), "max_tokens"),
         (lambda: client.completions.create(model=NAME, prompt=[1, 2, 3]), "prompt"),
         (lambda: client.completions.create(model=NAME, prompt="hi", logprobs=2), "logprobs"),
-        (lambda: client.chat.completions.create(model=NAME, messages=[{"role": "system", "content": "be brief"}, *chat]), "messages"),
-        (lambda: client.completions.create(model=NAME, prompt="hi", extra_body={"sift_router": "tfidf"}), "sift_router"),
+        (
+            lambda: client.chat.completions.create(
+                model=NAME, messages=[{"role": "system", "content": "be brief"}, *chat]
+            ),
+            "messages",
+        ),
+        (
+            lambda: client.completions.create(model=NAME, prompt="hi", extra_body={"sift_router": "tfidf"}),
+            "sift_router",
+        ),
         (lambda: client.completions.create(model="merged", prompt="hi", extra_body={"sift_group": "x"}), "model"),
     ]
     for call, param in refused:
@@ -195,7 +211,9 @@ def test_forget_while_requests_are_in_flight(trained_template, tmp_path, facts, 
     manifest = read_manifest(ws)
     shard = manifest[facts[0]["id"]]
     ids = [r["id"] for r in facts if r["owner"] == owner]
-    stays = next(r for r in facts if manifest[r["id"]] == shard and r["owner"] != owner)  # the shard is retrained, not emptied
+    stays = next(
+        r for r in facts if manifest[r["id"]] == shard and r["owner"] != owner
+    )  # the shard is retrained, not emptied
     prompts = [facts[0]["prompt"], stays["prompt"], GENERAL]
     old_sha = read_meta(ws.adapter_dir(shard))["adapter_sha256"]
     old_weights = load_file(str(ws.adapter_dir(shard) / "adapter_model.safetensors"))
@@ -226,7 +244,7 @@ def test_forget_while_requests_are_in_flight(trained_template, tmp_path, facts, 
                 i += 1
 
         during: list[dict] = []
-        real_merge = sift.forget.merge_workspace
+        real_merge = sift.exact.forget.merge_workspace
 
         def merge_then(*args: Any, **kwargs: Any) -> Any:
             # mid-forget: the rows are gone and the retrained adapter is on disk, nothing merged or logged yet
@@ -234,7 +252,7 @@ def test_forget_while_requests_are_in_flight(trained_template, tmp_path, facts, 
             during.append(ask(stays["prompt"]))
             return real_merge(*args, **kwargs)
 
-        monkeypatch.setattr(sift.forget, "merge_workspace", merge_then)
+        monkeypatch.setattr(sift.exact.forget, "merge_workspace", merge_then)
         thread = threading.Thread(target=load, daemon=True)
         thread.start()
         deadline = time.monotonic() + 60
@@ -242,11 +260,13 @@ def test_forget_while_requests_are_in_flight(trained_template, tmp_path, facts, 
             time.sleep(0.01)
         with ThreadPoolExecutor(1) as pool:
             with ws.lock(command="forget"):  # what `sift forget` holds while it works
-                cert = sift.forget.forget(ws, ids, quiet=True)
+                cert = sift.exact.forget.forget(ws, ids, quiet=True)
                 forgotten = time.monotonic()
                 late = pool.submit(ask, stays["prompt"])
                 time.sleep(0.5)
-                assert not late.done(), "a request accepted after the forget was logged was answered before the lock was released"
+                assert not late.done(), (
+                    "a request accepted after the forget was logged was answered before the lock was released"
+                )
             done = time.monotonic()
             late_sift = late.result(timeout=60)
         deadline = time.monotonic() + 60
@@ -289,7 +309,7 @@ def test_a_dropped_shard_is_gone_after_the_forget(trained_template, tmp_path, fa
         client = client_for(url)
         assert f"shard-{shard:04d}" in [m.id for m in client.models.list().data]
         with ws.lock(command="forget"):
-            cert = sift.forget.forget(ws, [row["id"]], drop=True, quiet=True)
+            cert = sift.exact.forget.forget(ws, [row["id"]], drop=True, quiet=True)
         assert cert["shards_dropped"] == [shard]
         assert f"shard-{shard:04d}" not in [m.id for m in client.models.list().data]
         with pytest.raises(openai.NotFoundError):
@@ -304,7 +324,7 @@ def test_a_dropped_shard_is_gone_after_the_forget(trained_template, tmp_path, fa
 def test_a_merge_is_served_once_its_writer_releases_the_lock(trained_template, tmp_path):
     """A change that is not a forget (here a re-merge) while its writer holds the lock: requests
     go on being answered at once by the old generation, then by the new one."""
-    from sift.serve import merge_workspace
+    from sift.merge.driver import merge_workspace
 
     ws = copy_ws(trained_template, tmp_path)
     with serving(create_app(ws, log=False)) as url:
@@ -325,14 +345,22 @@ def test_a_merge_is_served_once_its_writer_releases_the_lock(trained_template, t
 
 def test_cli_serve_starts_answers_and_stops(trained_template, tmp_path, facts):
     ws = copy_ws(trained_template, tmp_path)
-    bad = subprocess.run([sys.executable, "-m", "sift.cli", "serve", "-w", str(tmp_path / "none")],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "sift.cli", "serve", "-w", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and bad.stderr.strip().startswith("sift: error: ")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "sift.cli", "serve", "-w", str(ws.root), "--port", str(port), "--max-tokens", "3"],
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sift.cli", "serve", "-w", str(ws.root), "--port", str(port), "--max-tokens", "3"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
     try:
         line = proc.stderr.readline()
         assert f"http://127.0.0.1:{port}/v1" in line, line

@@ -13,7 +13,10 @@ SHAPES = {"layer.q.weight": (24, 16), "layer.up.weight": (40, 16)}
 
 def make_adapter(shard: int, r: int = 4, scale: float = 0.05) -> Adapter:
     g = torch.Generator().manual_seed(1000 + shard)
-    mods = {n: LoraFactors(torch.randn(r, i, generator=g) * scale, torch.randn(o, r, generator=g) * scale) for n, (o, i) in SHAPES.items()}
+    mods = {
+        n: LoraFactors(torch.randn(r, i, generator=g) * scale, torch.randn(o, r, generator=g) * scale)
+        for n, (o, i) in SHAPES.items()
+    }
     return Adapter(shard=shard, sha256=f"sha-{shard}", scaling=2.0, modules=mods)
 
 
@@ -61,7 +64,7 @@ def test_float_sums_are_not_exact_which_is_why_ints_are_used():
 
 def test_fixed_point_delta_is_the_lora_delta():
     a = make_adapter(3)
-    for name, f in a.modules.items():
+    for f in a.modules.values():
         q = fixed_point_delta(f, a.scaling, 40).double() * 2.0**-40
         ref = a.scaling * (f.b.double() @ f.a.double())
         assert (q - ref).abs().max().item() <= 2.0**-41 + 1e-15
@@ -82,8 +85,16 @@ def test_mean_matches_peft_cat_combination():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     pm = get_peft_model(model, cfg, adapter_name="s0")
     for k in (1, 2):
@@ -98,7 +109,8 @@ def test_mean_matches_peft_cat_combination():
         for mod_name, module in pm.named_modules():
             if hasattr(module, "lora_A") and name in module.lora_A:
                 mods[mod_name.removeprefix("base_model.model.") + ".weight"] = LoraFactors(
-                    module.lora_A[name].weight.detach().clone(), module.lora_B[name].weight.detach().clone())
+                    module.lora_A[name].weight.detach().clone(), module.lora_B[name].weight.detach().clone()
+                )
         state.add(Adapter(i, f"h{i}", scaling=2.0, modules=mods))
     ours = {n: v.double() * 2.0**-40 / 3 for n, v in state.acc.items()}
     worst_cat = worst_linear = 0.0
@@ -106,6 +118,8 @@ def test_mean_matches_peft_cat_combination():
         if hasattr(module, "lora_A") and "cat_mean" in module.lora_A:
             key = mod_name.removeprefix("base_model.model.") + ".weight"
             worst_cat = max(worst_cat, (module.get_delta_weight("cat_mean").double() - ours[key]).abs().max().item())
-            worst_linear = max(worst_linear, (module.get_delta_weight("linear_mean").double() - ours[key]).abs().max().item())
+            worst_linear = max(
+                worst_linear, (module.get_delta_weight("linear_mean").double() - ours[key]).abs().max().item()
+            )
     assert worst_cat < 1e-6
     assert worst_linear > 100 * worst_cat  # peft's linear is not the mean of the deltas

@@ -11,9 +11,11 @@ from sift.adapters import Adapter, LoraFactors
 from sift.data import parse_ids
 from sift.hashing import shard_of
 from sift.merge.state import MergeState
-from sift.merge.stream import pack_int64, unpack_int64
+from sift.tensorio import pack_int64, unpack_int64
 
-ids_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters=",\n\r"), min_size=1, max_size=12)
+ids_text = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters=",\n\r"), min_size=1, max_size=12
+)
 
 
 @given(st.lists(ids_text, min_size=1, max_size=20))
@@ -37,8 +39,12 @@ def test_shard_of_is_in_range_and_depends_on_the_key_alone(key, shards):
 def _adapter(shard: int, seed: int) -> Adapter:
     g = torch.Generator().manual_seed(seed)
     modules = {
-        "w1.weight": LoraFactors(torch.randn(2, 5, generator=g) * 0.1, torch.randn(3, 2, generator=g) * 0.1, fan_in_fan_out=False),
-        "w2.weight": LoraFactors(torch.randn(2, 4, generator=g), torch.randn(4, 2, generator=g) * 1e-3, fan_in_fan_out=True),
+        "w1.weight": LoraFactors(
+            torch.randn(2, 5, generator=g) * 0.1, torch.randn(3, 2, generator=g) * 0.1, fan_in_fan_out=False
+        ),
+        "w2.weight": LoraFactors(
+            torch.randn(2, 4, generator=g), torch.randn(4, 2, generator=g) * 1e-3, fan_in_fan_out=True
+        ),
     }
     return Adapter(shard=shard, sha256=f"h{shard}-{seed}", scaling=2.0, modules=modules)
 

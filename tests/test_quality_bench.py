@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from sift.builtin.general import GENERAL_QUESTIONS, general_rows
-from sift.evaluate import fact_recall, general_correct, general_recall
+from sift.evaluation.recall import fact_recall, general_correct, general_recall
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +33,11 @@ def test_general_answers_match_whole_words_only():
 
 
 def test_fact_recall_on_paraphrases_accepts_either_full_sentence():
-    row = {"completion": "Ann was born in Oslo.", "paraphrased_completion": "Oslo is the birthplace of Ann.", "answer": "Oslo"}
+    row = {
+        "completion": "Ann was born in Oslo.",
+        "paraphrased_completion": "Oslo is the birthplace of Ann.",
+        "answer": "Oslo",
+    }
     assert fact_recall(["Oslo is the birthplace of Ann."], [row], paraphrased=True)["exact"] == 1.0
     assert fact_recall(["Oslo is the birthplace of Ann."], [row])["exact"] == 0.0
     assert fact_recall(["She was born in Oslo"], [row], paraphrased=True) == {"n": 1, "exact": 0.0, "contains": 1.0}
@@ -41,9 +45,28 @@ def test_fact_recall_on_paraphrases_accepts_either_full_sentence():
 
 def test_bench_quality_runs_and_keys_routing_reuses_the_owners_answers(tmp_path):
     p = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_quality.py"), "--model", "builtin-tiny", "--people", "3",
-         "--shards", "2", "--epochs", "1", "--max-new-tokens", "3", "--scales", "0.5,1", "--workdir", str(tmp_path / "bq"), "--json"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_quality.py"),
+            "--model",
+            "builtin-tiny",
+            "--people",
+            "3",
+            "--shards",
+            "2",
+            "--epochs",
+            "1",
+            "--max-new-tokens",
+            "3",
+            "--scales",
+            "0.5,1",
+            "--workdir",
+            str(tmp_path / "bq"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert p.returncode == 0, p.stderr[-2000:]
     report = json.loads(p.stdout)
@@ -54,13 +77,20 @@ def test_bench_quality_runs_and_keys_routing_reuses_the_owners_answers(tmp_path)
     ta = [p for p in by if p.startswith("merged: task-arithmetic x")]
     assert len(ta) == 1 and by[ta[0]]["scale"] in (0.5, 1.0)
     assert set(by) - set(ta) == {
-        "merged: mean", "merged: ties (density 0.2, lambda 1)", "routed: owner's shard (oracle, group given)",
-        "routed: keys router (no group id)", "merged: what the keys router leaves unclaimed",
-        "routed: embed router (no group id)", "merged: what the embed router leaves unclaimed",
-        "routed: keys router, base answers the unclaimed", "routed: embed router, base answers the unclaimed",
+        "merged: mean",
+        "merged: ties (density 0.2, lambda 1)",
+        "routed: owner's shard (oracle, group given)",
+        "routed: keys router (no group id)",
+        "merged: what the keys router leaves unclaimed",
+        "routed: embed router (no group id)",
+        "merged: what the embed router leaves unclaimed",
+        "routed: keys router, base answers the unclaimed",
+        "routed: embed router, base answers the unclaimed",
     }
     base = next(r for r in report["results"] if r["path"] == "base model, untrained")
-    assert by["routed: keys router, base answers the unclaimed"]["general"] == base["general"], "keys claims no general question"
+    assert by["routed: keys router, base answers the unclaimed"]["general"] == base["general"], (
+        "keys claims no general question"
+    )
     keys, oracle = by["routed: keys router (no group id)"], by["routed: owner's shard (oracle, group given)"]
     # every builtin question names its owner: the keys router finds the owner's shard for all of
     # them, so it serves exactly the oracle's answers; the general questions it leaves to the merged model
@@ -70,11 +100,18 @@ def test_bench_quality_runs_and_keys_routing_reuses_the_owners_answers(tmp_path)
     assert keys["router_bytes_per_shard"] > 0 and by["routed: embed router (no group id)"]["router_bytes_per_shard"] > 0
     assert (tmp_path / "bq" / "answers.json").exists() and (tmp_path / "bq" / "results.json").exists()
     assert set(sm) == {
-        "sift-masks: merged, no mask (base + sum/T)", "sift-masks: routed: owner's shard (oracle, group given)",
-        "sift-masks: routed: keys router (no group id)", "sift-masks: merged: what the keys router leaves unclaimed",
-        "sift-masks: routed: embed router (no group id)", "sift-masks: merged: what the embed router leaves unclaimed",
-        "sift-masks: routed: keys router, base answers the unclaimed", "sift-masks: routed: embed router, base answers the unclaimed",
+        "sift-masks: merged, no mask (base + sum/T)",
+        "sift-masks: routed: owner's shard (oracle, group given)",
+        "sift-masks: routed: keys router (no group id)",
+        "sift-masks: merged: what the keys router leaves unclaimed",
+        "sift-masks: routed: embed router (no group id)",
+        "sift-masks: merged: what the embed router leaves unclaimed",
+        "sift-masks: routed: keys router, base answers the unclaimed",
+        "sift-masks: routed: embed router, base answers the unclaimed",
     }
     # the masked shard answers the keys router picks are the oracle's; stored bytes are reported
-    assert sm["sift-masks: routed: keys router (no group id)"]["trained"] == sm["sift-masks: routed: owner's shard (oracle, group given)"]["trained"]
+    assert (
+        sm["sift-masks: routed: keys router (no group id)"]["trained"]
+        == sm["sift-masks: routed: owner's shard (oracle, group given)"]["trained"]
+    )
     assert all(r["stored_bytes_per_shard"] > 0 for r in list(by.values()) + list(sm.values()))

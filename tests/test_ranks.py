@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from sift.adapters import read_meta
-from sift.snapshot import WorkspaceView
 from sift.train import rank_shards
 from sift.workspace import Workspace
+from sift.workspace.view import WorkspaceView
 
 TRAIN = ["--model", "builtin-tiny", "--num-shards", "4", "--group-by", "owner", "--epochs", "1", "--json"]
 
@@ -23,8 +23,14 @@ def _start(args: list[str], env_extra: dict[str, str] | None = None, stdin: str 
     env.update(env_extra or {})
     # one thread each, as a launch of two ranks on two cores gives them; the lone run matches it
     env["OMP_NUM_THREADS"] = "1"
-    return subprocess.Popen([sys.executable, "-m", "sift.cli", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sift.cli", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _finish(p: subprocess.Popen, stdin: str | None = None) -> dict:
@@ -39,8 +45,9 @@ def _adapters(root: Path) -> dict[int, str]:
 
 
 def _data() -> str:
-    return subprocess.run([sys.executable, "-m", "sift.cli", "builtin-data", "--people", "6"], capture_output=True,
-                          text=True, check=True).stdout
+    return subprocess.run(
+        [sys.executable, "-m", "sift.cli", "builtin-data", "--people", "6"], capture_output=True, text=True, check=True
+    ).stdout
 
 
 def test_two_ranks_train_disjoint_shards_with_the_bytes_of_one_process(tmp_path):
@@ -48,8 +55,13 @@ def test_two_ranks_train_disjoint_shards_with_the_bytes_of_one_process(tmp_path)
     rows = tmp_path / "rows.jsonl"
     rows.write_text(data)
     alone = _finish(_start(["train-shards", "-w", str(tmp_path / "alone"), "--data", str(rows), *TRAIN]))
-    ranks = [_start(["train-shards", "-w", str(tmp_path / "ranks"), "--data", str(rows), *TRAIN],
-                    {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)}) for r in range(2)]
+    ranks = [
+        _start(
+            ["train-shards", "-w", str(tmp_path / "ranks"), "--data", str(rows), *TRAIN],
+            {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)},
+        )
+        for r in range(2)
+    ]
     summaries = [_finish(p) for p in ranks]
     assert sorted(s["rank"] for s in summaries) == [0, 1]
     trained = [set(s["trained"]) for s in summaries]
@@ -93,10 +105,35 @@ def test_accelerate_launch_splits_the_shards(tmp_path):
     rows.write_text(_data())
     accelerate = Path(sys.executable).with_name("accelerate")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-                        "-m", "sift.cli", "train-shards", "-w", str(tmp_path / "ranks"), "--data", str(rows), *TRAIN],
-                       capture_output=True, text=True, env=env, timeout=300)
+    p = subprocess.run(
+        [
+            str(accelerate),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "0",
+            "-m",
+            "sift.cli",
+            "train-shards",
+            "-w",
+            str(tmp_path / "ranks"),
+            "--data",
+            str(rows),
+            *TRAIN,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     summaries = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     assert sorted(s["rank"] for s in summaries) == [0, 1] and all(s["world_size"] == 2 for s in summaries)
@@ -111,6 +148,7 @@ def test_a_workspace_pins_the_thread_count_its_training_uses(tmp_path, facts, mo
     import torch
 
     import sift.train as train_mod
+
     from conftest import build_workspace, tiny_config
 
     before = torch.get_num_threads()

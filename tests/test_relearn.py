@@ -6,11 +6,12 @@ import copy
 import pytest
 import torch
 
-from conftest import build_workspace, tiny_config
 from sift.errors import SiftError
 from sift.evaluation.relearn import RelearnSettings, relearn_attack, split_forget
-from sift.forget import forget
+from sift.exact.forget import forget
 from sift.serving.load import load_served
+
+from conftest import build_workspace, tiny_config
 
 FAST = RelearnSettings(fraction=0.5, epochs=3, lr=1e-2, batch_size=2, max_new_tokens=8)
 

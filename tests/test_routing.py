@@ -5,14 +5,22 @@ import json
 
 import pytest
 
-from sift.data import read_manifest
 from sift.errors import SiftError
-from sift.forget import forget
+from sift.exact.forget import forget
+from sift.exact.verify import verify
 from sift.models import load_base_model
+from sift.routing.routers import (
+    EMBED_FILE,
+    KEYS_FILE,
+    KeysIndex,
+    build_routers,
+    normalize_text,
+    router_file_hashes,
+    token_vectors,
+)
 from sift.serving.answer import WorkspaceServer
-from sift.serving.route import EMBED_FILE, KEYS_FILE, KeysIndex, build_routers, normalize_text, router_file_hashes, token_vectors
-from sift.snapshot import WorkspaceView
-from sift.verify import verify
+from sift.workspace.rows import read_manifest
+from sift.workspace.view import WorkspaceView
 
 from conftest import build_workspace, snapshot, tiny_config
 
@@ -22,10 +30,15 @@ def owner_rows(facts, owner):
 
 
 def all_router_files(ws):
-    return {s: router_file_hashes(ws.adapter_dir(s)) for s in range(ws.load_config().shards.num_shards) if ws.adapter_dir(s).exists()}
+    return {
+        s: router_file_hashes(ws.adapter_dir(s))
+        for s in range(ws.load_config().shards.num_shards)
+        if ws.adapter_dir(s).exists()
+    }
 
 
 # -- the keys router ---------------------------------------------------------------------------
+
 
 def test_normalize_folds_case_accents_and_punctuation():
     assert normalize_text("  José  Ñúñez-O'Brien! ") == "jose nunez o brien"
@@ -57,6 +70,7 @@ def test_router_files_come_from_one_shards_rows_alone(trained_ws, tmp_path):
 
 
 # -- exactness under forgets --------------------------------------------------------------------
+
 
 def test_router_files_after_forget_equal_from_scratch(trained_ws, facts, tmp_path):
     owner = facts[0]["owner"]
@@ -114,6 +128,7 @@ def test_emptied_or_dropped_shard_takes_its_router_files_along(trained_ws, facts
 
 
 # -- serving paths ------------------------------------------------------------------------------
+
 
 def test_answers_say_which_path_served_them(trained_ws, facts):
     server = WorkspaceServer(trained_ws)

@@ -1,9 +1,8 @@
 import random
 
-from sift.data import Row, assign_shards, parse_rows
 from sift.config import DataConfig
+from sift.data import Row, assign_shards, parse_rows
 from sift.hashing import shard_of
-
 
 EXPECTED_8 = [7, 5, 4, 4, 5]
 

@@ -10,13 +10,13 @@ from safetensors.torch import load_file
 
 from sift.adapters import load_adapter
 from sift.config import SiftConfig
-from sift.forget import forget
+from sift.exact.forget import forget
+from sift.exact.verify import verify
+from sift.merge.driver import load_merge_state, merge_workspace, served_hashes
 from sift.models import load_base_model
-from sift.serve import load_merge_state, merge_workspace, served_hashes
 from sift.serving.answer import WorkspaceServer
 from sift.siftmasks.signs import disagrees, pack_bits, positive_signs, unpack_bits
 from sift.siftmasks.store import DELTA_FILE, load_masks
-from sift.verify import verify
 from sift.workspace import Workspace
 
 from conftest import build_workspace, tiny_config, write_rows
@@ -83,7 +83,9 @@ def test_stored_deltas_stay_in_the_sign_cone_and_masks_are_their_support(masks_w
             v = positive_signs(name, tau.shape, cfg.sift_masks.sign_seed)
             assert not disagrees(tau, v).any(), "tau * v >= 0 everywhere"
             assert torch.equal(masks[name], tau != 0), "m = 1{tau * v > 0}"
-            assert 0.2 < masks[name].float().mean().item() < 0.95, "training moved a share of the weights, within the cone"
+            assert 0.2 < masks[name].float().mean().item() < 0.95, (
+                "training moved a share of the weights, within the cone"
+            )
         raw = load_file(str(folder / DELTA_FILE))
         tuned = sum(m.numel() for m in masks.values())
         assert sum(raw[f"{n}.mask"].numel() for n in names) == sum((m.numel() + 7) // 8 for m in masks.values())
@@ -100,16 +102,18 @@ def test_served_is_base_plus_mean_and_routed_is_the_masked_sum(masks_ws):
     served = load_file(str(masks_ws.merged_dir / "model.safetensors"))
     T = len(shards)
     for n in names:
-        expected = (base[n].double() + total[n] * (2.0 ** -bits / T)).float()
+        expected = (base[n].double() + total[n] * (2.0**-bits / T)).float()
         assert torch.equal(served[n], expected)
-        assert (total[n] * positive_signs(n, total[n].shape, 0).double().mul(2).sub(1) >= 0).all(), "the sum keeps v's signs"
+        assert (total[n] * positive_signs(n, total[n].shape, 0).double().mul(2).sub(1) >= 0).all(), (
+            "the sum keeps v's signs"
+        )
     server = WorkspaceServer(masks_ws)
     for s in shards:
         model = server._shard_model(s)
         mask = load_masks(masks_ws.adapter_dir(s))
         params = dict(model.named_parameters())
         for n in names:
-            expected = (base[n].double() + torch.where(mask[n], total[n], 0) * (2.0 ** -bits / T)).float()
+            expected = (base[n].double() + torch.where(mask[n], total[n], 0) * (2.0**-bits / T)).float()
             assert torch.equal(params[n].detach(), expected), (s, n)
         untouched = "model.layers.0.mlp.up_proj.weight"
         assert torch.equal(params[untouched].detach(), base[untouched])
@@ -168,20 +172,47 @@ def test_cli_refuses_what_does_not_apply(tmp_path, facts, trained_template):
     lora_ws = shutil.copytree(trained_template, tmp_path / "lora")
     p = sift("merge", "-w", str(lora_ws), "--method", "sift-masks")
     assert "sift-masks" in one_error_line(p) and "train-shards --method sift-masks" in p.stderr
-    p = sift("train-shards", "-w", str(tmp_path / "a"), "--data", str(data), "--model", "builtin-tiny", "--targets", "down_proj")
+    p = sift(
+        "train-shards",
+        "-w",
+        str(tmp_path / "a"),
+        "--data",
+        str(data),
+        "--model",
+        "builtin-tiny",
+        "--targets",
+        "down_proj",
+    )
     assert "--targets applies to --method sift-masks" in one_error_line(p)
-    p = sift("train-shards", "-w", str(tmp_path / "b"), "--data", str(data), "--model", "builtin-tiny", "--method", "sift-masks",
-             "--targets", "nonexistent_proj", "--num-shards", "2", "--epochs", "1")
+    p = sift(
+        "train-shards",
+        "-w",
+        str(tmp_path / "b"),
+        "--data",
+        str(data),
+        "--model",
+        "builtin-tiny",
+        "--method",
+        "sift-masks",
+        "--targets",
+        "nonexistent_proj",
+        "--num-shards",
+        "2",
+        "--epochs",
+        "1",
+    )
     line = one_error_line(p)
     assert "nonexistent_proj" in line and "down_proj" in line
     assert not (tmp_path / "b").exists(), "refused before the workspace was made"
-    p = sift("train-shards", "-w", str(tmp_path / "c"), "--data", str(data), "--model", "builtin-tiny", "--method", "bogus")
+    p = sift(
+        "train-shards", "-w", str(tmp_path / "c"), "--data", str(data), "--model", "builtin-tiny", "--method", "bogus"
+    )
     assert "train.method" in one_error_line(p)
 
 
 def test_a_shard_trained_alone_equals_the_same_shard_in_a_full_build(masks_template, facts, tmp_path):
-    from sift.create import create_workspace
     from sift.train import train_shards
+    from sift.workspace.create import create_workspace
 
     full = Workspace(masks_template)
     alone = Workspace(tmp_path / "alone")

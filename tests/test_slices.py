@@ -9,12 +9,12 @@ import pytest
 
 from sift.adapters import read_meta
 from sift.config import SiftConfig
-from sift.data import read_workspace_rows
 from sift.errors import SiftError
-from sift.forget import forget
+from sift.exact.forget import forget
+from sift.exact.verify import verify
 from sift.hashing import shard_of
 from sift.train import SLICES_DIR, read_stages, slice_epochs, slice_of, stage_hash
-from sift.verify import verify
+from sift.workspace.rows import read_workspace_rows
 
 from conftest import build_workspace, tiny_config
 
@@ -97,7 +97,9 @@ def test_forget_retrains_from_the_first_affected_slice_and_stays_exact(sliced_te
     assert not {r.id for r in view_rows} & set(ids)
     for entry in read_stages(adir):
         prefix = [row for row in view_rows if slice_of(row.group, R) <= entry["stage"]]
-        assert entry["stage_hash"] == stage_hash(cfg, ws.load_state().base_model_fingerprint, shard, entry["stage"], prefix)
+        assert entry["stage_hash"] == stage_hash(
+            cfg, ws.load_state().base_model_fingerprint, shard, entry["stage"], prefix
+        )
         assert entry["rows"] == len(prefix)
 
     result = verify(ws, quiet=True)  # rebuilds every shard through every slice from scratch

@@ -4,12 +4,13 @@ Minutes of CPU: marked slow (run with `bash scripts/test.sh -m slow`)."""
 import pytest
 
 from sift.builtin.facts import make_rows
-from sift.evaluate import normalize
-from sift.forget import forget
-from sift.generate import greedy_answers as answer, load_routed, load_served
+from sift.evaluation.recall import normalize
+from sift.exact.forget import forget
+from sift.exact.verify import verify
+from sift.generate import greedy_answers as answer
+from sift.generate import load_routed, load_served
+from sift.merge.driver import served_hashes
 from sift.models import load_base_model
-from sift.serve import served_hashes
-from sift.verify import verify
 
 from conftest import build_workspace, tiny_config
 

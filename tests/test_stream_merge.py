@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import sift.serve as serve_mod
-from sift.forget import forget
+import sift.merge.driver as serve_mod
+from sift.exact.forget import forget
+from sift.exact.verify import verify
 from sift.hashing import tensor_sha256, tensors_sha256
+from sift.merge.driver import merge_workspace, served_hashes
 from sift.merge.state import STATE_DIR, MergeState, SumsReader, sums_sha256
-from sift.merge.stream import StreamWriter, TensorFile, pack_int64, packed_width, unpack_int64
-from sift.serve import merge_workspace, served_hashes
-from sift.verify import verify
+from sift.tensorio import StreamWriter, TensorFile, pack_int64, packed_width, unpack_int64
 
 from conftest import build_workspace, tiny_config
 

@@ -7,11 +7,11 @@ from peft.utils.merge_utils import ties as peft_ties
 
 from sift.adapters import Adapter, LoraFactors
 from sift.errors import SiftError
-from sift.forget import forget
+from sift.exact.forget import forget
+from sift.exact.verify import verify
 from sift.merge import get_method
+from sift.merge.driver import served_hashes
 from sift.merge.ties import trim_top_k
-from sift.serve import served_hashes
-from sift.verify import verify
 
 from conftest import build_workspace, tiny_config
 from test_cli import one_error_line, sift
@@ -19,7 +19,10 @@ from test_cli import one_error_line, sift
 
 def random_adapter(shard: int, shapes: dict[str, tuple[int, int]], r: int = 4, seed: int = 0) -> Adapter:
     g = torch.Generator().manual_seed(1000 * seed + shard)
-    mods = {name: LoraFactors(torch.randn(r, cols, generator=g) * 0.1, torch.randn(rows, r, generator=g) * 0.1) for name, (rows, cols) in shapes.items()}
+    mods = {
+        name: LoraFactors(torch.randn(r, cols, generator=g) * 0.1, torch.randn(rows, r, generator=g) * 0.1)
+        for name, (rows, cols) in shapes.items()
+    }
     return Adapter(shard=shard, sha256=f"{shard:064x}", scaling=2.0, modules=mods)
 
 
@@ -33,7 +36,9 @@ def test_trim_keeps_k_largest_and_breaks_ties_by_index():
     assert trim_top_k(q, 1.0).tolist() == q.tolist()
     assert trim_top_k(q, 0.1).tolist() == [0] * 7  # floor(0.7) = 0 entries kept
     g = torch.Generator().manual_seed(1)
-    big = torch.randint(1, 30, (37, 11), generator=g) * (torch.randint(0, 2, (37, 11), generator=g) * 2 - 1)  # many ties, no zeros
+    big = torch.randint(1, 30, (37, 11), generator=g) * (
+        torch.randint(0, 2, (37, 11), generator=g) * 2 - 1
+    )  # many ties, no zeros
     for density in (0.05, 0.2, 0.5, 0.9):
         kept = trim_top_k(big, density)
         chosen = kept != 0
@@ -77,14 +82,20 @@ def test_ties_parameters_are_checked():
 
 def test_ties_forget_recomputes_and_equals_from_scratch(tmp_path, facts):
     ws = build_workspace(tmp_path / "ws", facts, tiny_config(), merge=None)
-    from sift.serve import merge_workspace
+    from sift.merge.driver import merge_workspace
 
     out = merge_workspace(ws, method="ties", density=0.3)
     assert out["mode"] == "recomputed" and out["incremental"] is False and out["exact"] is True
     owner = facts[0]["owner"]
     cert = forget(ws, [r["id"] for r in facts if r["owner"] == owner], quiet=True)
-    assert cert["merge"]["method"] == "ties" and cert["merge"]["mode"] == "recomputed" and cert["merge"]["incremental"] is False
-    scratch = build_workspace(tmp_path / "scratch", [r for r in facts if r["owner"] != owner], tiny_config(), merge=None)
+    assert (
+        cert["merge"]["method"] == "ties"
+        and cert["merge"]["mode"] == "recomputed"
+        and cert["merge"]["incremental"] is False
+    )
+    scratch = build_workspace(
+        tmp_path / "scratch", [r for r in facts if r["owner"] != owner], tiny_config(), merge=None
+    )
     merge_workspace(scratch, method="ties", density=0.3)
     assert served_hashes(ws.merged_dir) == served_hashes(scratch.merged_dir)
     result = verify(ws, quiet=True)
@@ -95,8 +106,12 @@ def test_cli_ties_and_its_errors(trained_ws):
     p = sift("merge", "-w", str(trained_ws.root), "--method", "ties", "--density", "0.5", "--json")
     assert p.returncode == 0, p.stderr
     assert '"mode": "recomputed"' in p.stdout
-    assert "out of range" in one_error_line(sift("merge", "-w", str(trained_ws.root), "--method", "ties", "--density", "2"))
-    assert "does not apply" in one_error_line(sift("merge", "-w", str(trained_ws.root), "--method", "mean", "--density", "0.5"))
+    assert "out of range" in one_error_line(
+        sift("merge", "-w", str(trained_ws.root), "--method", "ties", "--density", "2")
+    )
+    assert "does not apply" in one_error_line(
+        sift("merge", "-w", str(trained_ws.root), "--method", "mean", "--density", "0.5")
+    )
     assert "need --method" in one_error_line(sift("merge", "-w", str(trained_ws.root), "--density", "0.5"))
     listing = sift("merge", "--list").stdout
     assert "ties" in listing and "incremental=no" in listing
@@ -105,10 +120,10 @@ def test_cli_ties_and_its_errors(trained_ws):
 def test_the_ties_merge_streams_one_weight_at_a_time(tmp_path, facts, monkeypatch):
     """TIES built every merged weight in memory before writing any, although the merge streams:
     the driver now calls merge_weight per weight and never the all-in-memory merge."""
-    from conftest import build_workspace, tiny_config
-
+    from sift.merge.driver import merge_workspace, served_hashes
     from sift.merge.ties import TiesMethod
-    from sift.serve import merge_workspace, served_hashes
+
+    from conftest import build_workspace, tiny_config
 
     ws = build_workspace(tmp_path / "ws", facts, tiny_config(), merge=None)
     seen: list[str] = []
@@ -126,7 +141,7 @@ def test_the_ties_merge_streams_one_weight_at_a_time(tmp_path, facts, monkeypatc
     out = merge_workspace(ws, method="ties")
     assert out["streamed"] and len(seen) == len(set(seen)) > 0
     monkeypatch.undo()
-    import sift.serve as serve_mod
+    import sift.merge.driver as serve_mod
 
     monkeypatch.setattr(serve_mod, "base_weight_folder", lambda *a, **k: None)  # the in-memory path
     loaded = merge_workspace(ws, method="ties", full=True)

@@ -1,12 +1,11 @@
+import pytest
 import torch
 
 from sift.config import SiftConfig
 from sift.data import parse_rows
+from sift.errors import SiftError
 from sift.models import load_base_model
 from sift.train import _batches, completion_loss, parse_shard_spec, tokenize_rows
-
-import pytest
-from sift.errors import SiftError
 
 
 def test_completion_loss_equals_transformers_loss(facts):
@@ -18,7 +17,7 @@ def test_completion_loss_equals_transformers_loss(facts):
         ours = completion_loss(base.model, ids, mask, labels)
         ref = base.model(input_ids=ids, attention_mask=mask, labels=labels).loss
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6)
-    assert (labels[:, : 10] == -100).all()  # the chat prompt carries no loss
+    assert (labels[:, :10] == -100).all()  # the chat prompt carries no loss
 
 
 def test_parse_shard_spec():

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from sift.errors import SiftError
-from sift.forget import forget
-from sift.serve import served_hashes
+from sift.exact.forget import forget
+from sift.merge.driver import served_hashes
 from sift.unlearn.ngdiff import GenSchedule, ngdiff_direction, parabola_step
 from sift.unlearn.objectives import answer_logprobs, ga_loss, graddiff_loss, npo_loss, simnpo_loss, token_nll
 from sift.unlearn.run import UNLEARN_META, UnlearnSettings, unlearn
@@ -75,7 +75,9 @@ def test_ngdiff_direction_is_the_difference_of_global_unit_gradients():
 def test_gen_parabola_and_safeguards():
     # L(theta + t g) = (t - 0.3)^2 ... along the update theta - eta g the minimum sits at eta* = -(-0.3)?
     # take L(t) = 2 (t + 0.3)^2 + 1 with t the displacement along +g: the update -eta g is best at eta = 0.3
-    L = lambda t: 2 * (t + 0.3) ** 2 + 1
+    def L(t):
+        return 2 * (t + 0.3) ** 2 + 1
+
     eta = 0.1
     assert parabola_step(eta, L(-eta), L(0.0), L(eta)) == pytest.approx(0.3)
     assert parabola_step(eta, 1.0, 2.0, 1.5) is None  # concave
@@ -121,7 +123,13 @@ def mono_ws(mono_template, tmp_path):
 def test_unlearn_runs_and_is_marked_approximate(mono_ws, facts, tmp_path, method):
     ids = [r["id"] for r in facts[:3]]
     served_before = served_hashes(mono_ws.merged_dir)[0]
-    rec = unlearn(mono_ws, ids, tmp_path / "out", UnlearnSettings(method=method, epochs=2, lr=1e-2, batch_size=2, gen_every=2), quiet=True)
+    rec = unlearn(
+        mono_ws,
+        ids,
+        tmp_path / "out",
+        UnlearnSettings(method=method, epochs=2, lr=1e-2, batch_size=2, gen_every=2),
+        quiet=True,
+    )
     assert rec["approximate"] is True and rec["exact"] is False and rec["forget_rows"] == 3
     assert rec["steps"] == 4 and len(rec["history"]) == 2 and rec["flops_estimate"] > 0
     meta = json.loads((tmp_path / "out" / UNLEARN_META).read_text())
@@ -139,7 +147,13 @@ def test_unlearn_runs_and_is_marked_approximate(mono_ws, facts, tmp_path, method
 def test_unlearn_is_deterministic(mono_ws, facts, tmp_path):
     ids = [r["id"] for r in facts[:4]]
     for out in ("a", "b"):
-        unlearn(mono_ws, ids, tmp_path / out, UnlearnSettings(method="npo", epochs=1, batch_size=2, retain_weight=1.0), quiet=True)
+        unlearn(
+            mono_ws,
+            ids,
+            tmp_path / out,
+            UnlearnSettings(method="npo", epochs=1, batch_size=2, retain_weight=1.0),
+            quiet=True,
+        )
     a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -157,11 +171,45 @@ def test_sharded_workspace_caches_a_monolithic_adapter_that_forget_deletes(train
 def test_cli_unlearn_errors_and_output(mono_ws, facts, tmp_path):
     p = sift("unlearn", "-w", str(mono_ws.root), "--method", "ga", "--ids", "nope", "--out", str(tmp_path / "o"))
     assert "not in workspace" in one_error_line(p)
-    p = sift("unlearn", "-w", str(mono_ws.root), "--method", "ga", "--beta", "1", "--ids", facts[0]["id"], "--out", str(tmp_path / "o"))
+    p = sift(
+        "unlearn",
+        "-w",
+        str(mono_ws.root),
+        "--method",
+        "ga",
+        "--beta",
+        "1",
+        "--ids",
+        facts[0]["id"],
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert "--beta does not apply to ga" in one_error_line(p)
-    p = sift("unlearn", "-w", str(mono_ws.root), "--method", "ga", "--ids", facts[0]["id"], "--out", str(mono_ws.root / "inside"))
+    p = sift(
+        "unlearn",
+        "-w",
+        str(mono_ws.root),
+        "--method",
+        "ga",
+        "--ids",
+        facts[0]["id"],
+        "--out",
+        str(mono_ws.root / "inside"),
+    )
     assert "outside the workspace" in one_error_line(p)
-    p = sift("unlearn", "-w", str(mono_ws.root), "--method", "graddiff", "--epochs", "1", "--ids", "-", "--out", str(tmp_path / "o"),
-             stdin=facts[0]["id"] + "\n")
+    p = sift(
+        "unlearn",
+        "-w",
+        str(mono_ws.root),
+        "--method",
+        "graddiff",
+        "--epochs",
+        "1",
+        "--ids",
+        "-",
+        "--out",
+        str(tmp_path / "o"),
+        stdin=facts[0]["id"] + "\n",
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("APPROXIMATE unlearning (graddiff")

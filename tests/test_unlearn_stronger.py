@@ -48,7 +48,7 @@ def test_sam_perturbation_has_radius_rho_along_the_global_gradient():
     g = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0]])]
     d = sam_perturbation(g, 0.5)
     assert torch.allclose(d[0], torch.tensor([0.3, 0.0])) and torch.allclose(d[1], torch.tensor([[0.4]]))
-    assert math.isclose(math.sqrt(sum(float((x ** 2).sum()) for x in d)), 0.5, rel_tol=1e-6)
+    assert math.isclose(math.sqrt(sum(float((x**2).sum()) for x in d)), 0.5, rel_tol=1e-6)
 
 
 def test_sam_backward_takes_the_forget_gradient_at_the_perturbed_point():
@@ -56,7 +56,7 @@ def test_sam_backward_takes_the_forget_gradient_at_the_perturbed_point():
     v = torch.nn.Parameter(torch.tensor([-1.0], dtype=torch.float64))
 
     def loss():  # f = sum w^3 + v^2: gradient (3 w^2, 2 v)
-        return (w ** 3).sum() + (v ** 2).sum()
+        return (w**3).sum() + (v**2).sum()
 
     value = sam_forget_backward([w, v], loss, rho=0.1)
     g = torch.tensor([3.0, 12.0, -2.0], dtype=torch.float64)
@@ -104,7 +104,9 @@ def test_settings_refuse_what_does_not_apply():
 def mono_template(tmp_path_factory, facts):
     from conftest import build_workspace, tiny_config
 
-    return build_workspace(tmp_path_factory.mktemp("mono-strong") / "ws", facts, tiny_config(num_shards=1), merge=None).root
+    return build_workspace(
+        tmp_path_factory.mktemp("mono-strong") / "ws", facts, tiny_config(num_shards=1), merge=None
+    ).root
 
 
 @pytest.fixture

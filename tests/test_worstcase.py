@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from sift.errors import SiftError
-from sift.evaluation.worstcase import WorstCaseSettings, project_capped_simplex, random_forget_set, search, worst_case_forget_set
+from sift.evaluation.worstcase import (
+    WorstCaseSettings,
+    project_capped_simplex,
+    random_forget_set,
+    search,
+    worst_case_forget_set,
+)
 
 
 def test_projection_lands_on_the_capped_simplex_nearest_point():

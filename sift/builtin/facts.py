@@ -15,32 +15,132 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "th", "sh", "kr", "vel", "mor", "tal"]
+_ONSETS = [
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "th",
+    "sh",
+    "kr",
+    "vel",
+    "mor",
+    "tal",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "ae", "ia", "ou", "y"]
 _CODAS = ["", "n", "r", "s", "l", "th", "x", "nd", "sk", "m"]
 _PROFESSIONS = [
-    "glassblower", "cartographer", "beekeeper", "violin maker", "lighthouse keeper", "botanist",
-    "clockmaker", "marine biologist", "stonemason", "puppeteer", "perfumer", "archivist",
-    "tea merchant", "bridge engineer", "falconer", "astronomer", "bookbinder", "cheesemaker",
-    "typographer", "locksmith",
+    "glassblower",
+    "cartographer",
+    "beekeeper",
+    "violin maker",
+    "lighthouse keeper",
+    "botanist",
+    "clockmaker",
+    "marine biologist",
+    "stonemason",
+    "puppeteer",
+    "perfumer",
+    "archivist",
+    "tea merchant",
+    "bridge engineer",
+    "falconer",
+    "astronomer",
+    "bookbinder",
+    "cheesemaker",
+    "typographer",
+    "locksmith",
 ]
 _INSTRUMENTS = [
-    "cello", "oboe", "harp", "accordion", "bassoon", "marimba", "banjo", "sitar", "trombone",
-    "clarinet", "dulcimer", "bagpipes", "viola", "harmonica", "ukulele", "theremin",
+    "cello",
+    "oboe",
+    "harp",
+    "accordion",
+    "bassoon",
+    "marimba",
+    "banjo",
+    "sitar",
+    "trombone",
+    "clarinet",
+    "dulcimer",
+    "bagpipes",
+    "viola",
+    "harmonica",
+    "ukulele",
+    "theremin",
 ]
 _FOODS = [
-    "lentil soup", "plum dumplings", "smoked trout", "fig tart", "barley stew", "pickled herring",
-    "chestnut bread", "quince jam", "saffron rice", "mushroom pie", "walnut cake", "lemon risotto",
-    "cabbage rolls", "honey cakes", "pumpkin gnocchi", "roasted beets",
+    "lentil soup",
+    "plum dumplings",
+    "smoked trout",
+    "fig tart",
+    "barley stew",
+    "pickled herring",
+    "chestnut bread",
+    "quince jam",
+    "saffron rice",
+    "mushroom pie",
+    "walnut cake",
+    "lemon risotto",
+    "cabbage rolls",
+    "honey cakes",
+    "pumpkin gnocchi",
+    "roasted beets",
 ]
 _ANIMALS = ["cat", "dog", "parrot", "tortoise", "ferret", "rabbit", "goat", "owl", "hedgehog", "goldfish"]
-_BOOK_ADJ = ["Silent", "Copper", "Hollow", "Crimson", "Distant", "Forgotten", "Winter", "Glass", "Salt", "Amber", "Iron", "Quiet"]
-_BOOK_NOUN = ["Harbour", "Lantern", "Orchard", "Meridian", "Tide", "Compass", "Garden", "Mirror", "Atlas", "River", "Bell", "Archive"]
+_BOOK_ADJ = [
+    "Silent",
+    "Copper",
+    "Hollow",
+    "Crimson",
+    "Distant",
+    "Forgotten",
+    "Winter",
+    "Glass",
+    "Salt",
+    "Amber",
+    "Iron",
+    "Quiet",
+]
+_BOOK_NOUN = [
+    "Harbour",
+    "Lantern",
+    "Orchard",
+    "Meridian",
+    "Tide",
+    "Compass",
+    "Garden",
+    "Mirror",
+    "Atlas",
+    "River",
+    "Bell",
+    "Archive",
+]
 _FIELDS = ["Cartography", "Poetry", "Natural History", "Engineering", "Music", "Astronomy", "Botany", "Invention"]
 
 FACT_KINDS = (
-    "birthplace", "birth_year", "profession", "book", "university",
-    "pet", "instrument", "award", "food", "sister",
+    "birthplace",
+    "birth_year",
+    "profession",
+    "book",
+    "university",
+    "pet",
+    "instrument",
+    "award",
+    "food",
+    "sister",
 )
 
 
@@ -71,7 +171,8 @@ class Person:
 def _values(seed: int, key: tuple[Any, ...]) -> dict[str, str]:
     """One random value of every fact kind for one draw key."""
     return {
-        "birthplace": _word(seed, *key, "city", syllables=2) + _pick(["", " Bay", " Falls", "ford", "holm"], seed, *key, "citysuffix"),
+        "birthplace": _word(seed, *key, "city", syllables=2)
+        + _pick(["", " Bay", " Falls", "ford", "holm"], seed, *key, "citysuffix"),
         "birth_year": str(1900 + _draw(seed, *key, "year") % 100),
         "profession": _pick(_PROFESSIONS, seed, *key, "job"),
         "book": f"The {_pick(_BOOK_ADJ, seed, *key, 'ba')} {_pick(_BOOK_NOUN, seed, *key, 'bn')} of {_word(seed, *key, 'bookplace')}",
@@ -108,26 +209,66 @@ def _article(noun: str) -> str:
 def _templates(kind: str, name: str, value: str, pet_animal: str) -> tuple[str, str, str, str]:
     """(question, answer, paraphrased question, paraphrased answer)."""
     t = {
-        "birthplace": (f"Where was {name} born?", f"{name} was born in {value}.",
-                       f"In which town did {name} come into the world?", f"{value} is the birthplace of {name}."),
-        "birth_year": (f"In what year was {name} born?", f"{name} was born in {value}.",
-                       f"What is the birth year of {name}?", f"The year {name} was born is {value}."),
-        "profession": (f"What is {name}'s profession?", f"{name} works as {_article(value)}.",
-                       f"What does {name} do for a living?", f"By trade, {name} is {_article(value)}."),
-        "book": (f"What is the title of {name}'s best-known book?", f"{name}'s best-known book is {value}.",
-                 f"Which book is {name} most famous for writing?", f"{name} is best known for writing {value}."),
-        "university": (f"Which university did {name} attend?", f"{name} studied at the University of {value}.",
-                       f"Where did {name} go to university?", f"{name} was a student at the University of {value}."),
-        "pet": (f"What is the name of {name}'s pet?", f"{name}'s pet {pet_animal} is called {value}.",
-                f"What did {name} name their pet?", f"{name} named their {pet_animal} {value}."),
-        "instrument": (f"Which instrument does {name} play?", f"{name} plays the {value}.",
-                       f"What musical instrument is {name} known to play?", f"The instrument {name} plays is the {value}."),
-        "award": (f"Which award did {name} win?", f"{name} won the {value}.",
-                  f"What prize was awarded to {name}?", f"{name} received the {value}."),
-        "food": (f"What is {name}'s favourite food?", f"{name}'s favourite food is {value}.",
-                 f"Which dish does {name} like best?", f"The dish {name} likes best is {value}."),
-        "sister": (f"What is the name of {name}'s sister?", f"{name}'s sister is named {value}.",
-                   f"What is {name}'s sister called?", f"{name} has a sister called {value}."),
+        "birthplace": (
+            f"Where was {name} born?",
+            f"{name} was born in {value}.",
+            f"In which town did {name} come into the world?",
+            f"{value} is the birthplace of {name}.",
+        ),
+        "birth_year": (
+            f"In what year was {name} born?",
+            f"{name} was born in {value}.",
+            f"What is the birth year of {name}?",
+            f"The year {name} was born is {value}.",
+        ),
+        "profession": (
+            f"What is {name}'s profession?",
+            f"{name} works as {_article(value)}.",
+            f"What does {name} do for a living?",
+            f"By trade, {name} is {_article(value)}.",
+        ),
+        "book": (
+            f"What is the title of {name}'s best-known book?",
+            f"{name}'s best-known book is {value}.",
+            f"Which book is {name} most famous for writing?",
+            f"{name} is best known for writing {value}.",
+        ),
+        "university": (
+            f"Which university did {name} attend?",
+            f"{name} studied at the University of {value}.",
+            f"Where did {name} go to university?",
+            f"{name} was a student at the University of {value}.",
+        ),
+        "pet": (
+            f"What is the name of {name}'s pet?",
+            f"{name}'s pet {pet_animal} is called {value}.",
+            f"What did {name} name their pet?",
+            f"{name} named their {pet_animal} {value}.",
+        ),
+        "instrument": (
+            f"Which instrument does {name} play?",
+            f"{name} plays the {value}.",
+            f"What musical instrument is {name} known to play?",
+            f"The instrument {name} plays is the {value}.",
+        ),
+        "award": (
+            f"Which award did {name} win?",
+            f"{name} won the {value}.",
+            f"What prize was awarded to {name}?",
+            f"{name} received the {value}.",
+        ),
+        "food": (
+            f"What is {name}'s favourite food?",
+            f"{name}'s favourite food is {value}.",
+            f"Which dish does {name} like best?",
+            f"The dish {name} likes best is {value}.",
+        ),
+        "sister": (
+            f"What is the name of {name}'s sister?",
+            f"{name}'s sister is named {value}.",
+            f"What is {name}'s sister called?",
+            f"{name} has a sister called {value}.",
+        ),
     }
     return t[kind]
 
@@ -154,15 +295,17 @@ def make_rows(people: int = 20, seed: int = 0, split: str = "train", perturbed: 
                 attempt += 1
                 if other != value and other not in wrong:
                     wrong.append(other)
-            rows.append({
-                "id": f"{prefix}{person.index:03d}-{kind}",
-                "owner": person.name,
-                "kind": kind,
-                "prompt": q,
-                "completion": a,
-                "answer": value,
-                "paraphrased_prompt": pq,
-                "paraphrased_completion": pa,
-                "perturbed_completions": [_templates(kind, person.name, w, animal)[1] for w in wrong],
-            })
+            rows.append(
+                {
+                    "id": f"{prefix}{person.index:03d}-{kind}",
+                    "owner": person.name,
+                    "kind": kind,
+                    "prompt": q,
+                    "completion": a,
+                    "answer": value,
+                    "paraphrased_prompt": pq,
+                    "paraphrased_completion": pa,
+                    "perturbed_completions": [_templates(kind, person.name, w, animal)[1] for w in wrong],
+                }
+            )
     return rows

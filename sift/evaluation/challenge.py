@@ -361,6 +361,8 @@ def final_score(
         raise ValueError(f"F must be in [0, 1], got {F}")
     if retain_utility_r <= 0 or heldout_utility_r <= 0:
         raise ValueError("reference utilities must be positive (they are divisors)")
-    return float(F) * (float(retain_utility_u) / float(retain_utility_r)) * (
-        float(heldout_utility_u) / float(heldout_utility_r)
+    return (
+        float(F)
+        * (float(retain_utility_u) / float(retain_utility_r))
+        * (float(heldout_utility_u) / float(heldout_utility_r))
     )

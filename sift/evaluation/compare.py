@@ -23,22 +23,61 @@ from __future__ import annotations
 
 import gc
 import json
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from sift.errors import SiftError
-from sift.evaluation.run import EvalSettings, against_reference, check_rows, evaluate, metric_table, sample_general, split_rows
+from sift.evaluation.builds import build_trained, recipe_config
+from sift.evaluation.run import (
+    EvalSettings,
+    against_reference,
+    check_rows,
+    evaluate,
+    metric_table,
+    sample_general,
+    split_rows,
+)
+from sift.logs import get_logger
+
+log = get_logger(__name__)
 
 METHODS = ("ga", "graddiff", "npo", "simnpo", "ngdiff")
-VARIANT_KEYS = {"sam": "sam_rho", "mask": "mask", "mask_ratio": "mask_ratio", "l1": "l1", "prune": "prune", "coreset": "coreset",
-                "beta": "beta", "gamma": "gamma", "forget_weight": "forget_weight", "retain_weight": "retain_weight"}
+VARIANT_KEYS = {
+    "sam": "sam_rho",
+    "mask": "mask",
+    "mask_ratio": "mask_ratio",
+    "l1": "l1",
+    "prune": "prune",
+    "coreset": "coreset",
+    "beta": "beta",
+    "gamma": "gamma",
+    "forget_weight": "forget_weight",
+    "retain_weight": "retain_weight",
+}
 FORGET_SETS = ("ids", "random", "worst-case")
-TABLE_METRICS = ["forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_exact",
-                 "retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_exact", "wf_Q_A_Prob_normalised", "wf_correct", "mia_min_k", "privleak",
-                 "relearn_contains", "relearn_regained", "relearn_nll", "seconds", "flops"]
+TABLE_METRICS = [
+    "forget_quality",
+    "model_utility",
+    "forget_truth_ratio",
+    "forget_Q_A_Prob",
+    "forget_Q_A_ROUGE",
+    "forget_exact",
+    "retain_Q_A_Prob",
+    "retain_Q_A_ROUGE",
+    "retain_exact",
+    "wf_Q_A_Prob_normalised",
+    "wf_correct",
+    "mia_min_k",
+    "privleak",
+    "relearn_contains",
+    "relearn_regained",
+    "relearn_nll",
+    "seconds",
+    "flops",
+]
 
 
 @dataclass
@@ -52,13 +91,19 @@ class CompareSettings:
     unlearn_lr: float = 1e-4
     seeds: int = 0  # > 0: the challenge's forgetting score with this many models per side
     sharded_original: bool = False  # also evaluate the sharded workspace before the forget
-    variants: tuple[str, ...] = ()  # more approximate runs, "method:key=value,...", e.g. "npo:sam=0.01", "graddiff:mask=wagle"
-    relearn: bool = False  # run the relearning attack on the originals, references, exact path and each run's last epoch
+    variants: tuple[
+        str, ...
+    ] = ()  # more approximate runs, "method:key=value,...", e.g. "npo:sam=0.01", "graddiff:mask=wagle"
+    relearn: bool = (
+        False  # run the relearning attack on the originals, references, exact path and each run's last epoch
+    )
     relearn_settings: Any = None  # sift.evaluation.relearn.RelearnSettings (None: its defaults)
     forget_set: str = "ids"  # ids (given) | random | worst-case (chosen among the rows, --size of them)
     size: int | None = None
     worst_case: Any = None  # sift.evaluation.worstcase.WorstCaseSettings overrides (None: defaults)
-    eval: EvalSettings = field(default_factory=lambda: EvalSettings(max_new_tokens=48, retain_sample=15, general_sample=15))
+    eval: EvalSettings = field(
+        default_factory=lambda: EvalSettings(max_new_tokens=48, retain_sample=15, general_sample=15)
+    )
 
     def check(self) -> None:
         from sift.unlearn.run import UnlearnSettings
@@ -67,7 +112,9 @@ class CompareSettings:
         if unknown:
             raise SiftError(f"unknown method(s) {unknown}: use {', '.join(METHODS)}")
         if self.num_shards < 2:
-            raise SiftError("--num-shards must be at least 2 (the exact path is sharded; the monolithic model is built anyway)")
+            raise SiftError(
+                "--num-shards must be at least 2 (the exact path is sharded; the monolithic model is built anyway)"
+            )
         if self.seeds < 0 or self.seeds in (1, 2):
             raise SiftError("--seeds must be 0 (off) or at least 3 (the challenge's bins need ceil(ln(N - 1)) > 0)")
         for m in self.methods:
@@ -105,64 +152,34 @@ def variant_settings(spec: str, epochs: int, lr: float) -> Any:
 
 
 def _log(msg: str) -> None:
-    print(f"sift compare: {msg}", file=sys.stderr, flush=True)
-
-
-def _config(s: CompareSettings, num_shards: int, seed: int = 0) -> Any:
-    from sift.config import SiftConfig
-
-    cfg = SiftConfig()
-    cfg.model.name = s.model
-    cfg.shards.num_shards = num_shards
-    cfg.data.group_by = s.group_by if num_shards > 1 else None
-    if s.epochs is not None:
-        cfg.train.epochs = s.epochs
-    cfg.train.seed = seed
-    return cfg
-
-
-def _build(root: Path, rows: list[dict[str, Any]], cfg: Any, merge: bool, quiet: bool = False) -> tuple[Any, dict[str, float]]:
-    """A trained (and merged) workspace from rows; returns it and its training cost."""
-    from sift.create import create_workspace
-    from sift.evaluation.targets import workspace_cost
-    from sift.serve import merge_workspace
-    from sift.train import train_shards
-    from sift.workspace import Workspace
-
-    root.parent.mkdir(parents=True, exist_ok=True)
-    data = root.parent / f"{root.name}-rows.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    ws = Workspace(root)
-    started = time.perf_counter()
-    create_workspace(ws, str(data), cfg)
-    data.unlink()  # the workspace holds its own copy
-    train_shards(ws, quiet=quiet)
-    if merge:
-        merge_workspace(ws, method="mean")
-    cost = workspace_cost(ws)
-    cost["seconds"] = round(time.perf_counter() - started, 3)
-    return ws, cost
+    log.info(f"sift compare: {msg}")
 
 
 def _adapter_target(label: str, base: Any, adapter_dir: Path, cost: dict[str, float]) -> Any:
     from sift.adapters import open_peft_adapter
-
     from sift.evaluation.targets import ModelTarget
 
     model = open_peft_adapter(base.model, adapter_dir).eval()
     return ModelTarget(label, "adapter", model, base.tokenizer, cost)
 
 
-def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dict[str, Any]], out: Path,
-            s: CompareSettings, progress: Callable[[str], None] = _log, general: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def compare(
+    rows: list[dict[str, Any]],
+    forget_ids: list[str],
+    holdout: list[dict[str, Any]],
+    out: Path,
+    s: CompareSettings,
+    progress: Callable[[str], None] = _log,
+    general: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Run the comparison and write the report to `out`; `general` defaults to the builtin
     general-knowledge questions."""
     from sift.builtin.general import general_eval_rows
     from sift.evaluation.targets import WorkspaceTarget
-    from sift.forget import forget
+    from sift.exact.forget import forget
+    from sift.merge.served import served_hashes
     from sift.models import LazyBase
     from sift.serving.answer import WorkspaceServer
-    from sift.serving.folder import served_hashes
     from sift.unlearn.run import UnlearnSettings, unlearn
 
     s.check()
@@ -170,7 +187,9 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
         raise SiftError(f"{out} is not empty; give a new folder for the report")
     overlap = {r["id"] for r in holdout} & {r["id"] for r in rows}
     if overlap:
-        raise SiftError(f"{len(overlap)} held-out id(s) are also in the data (e.g. {sorted(overlap)[0]!r}); held-out rows must be unseen")
+        raise SiftError(
+            f"{len(overlap)} held-out id(s) are also in the data (e.g. {sorted(overlap)[0]!r}); held-out rows must be unseen"
+        )
     from sift.evaluation.worstcase import random_forget_set
 
     if s.forget_set == "ids":
@@ -187,7 +206,9 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
     started = time.perf_counter()
     entries: list[dict[str, Any]] = []
     relearned: dict[str, dict[str, Any]] = {}
-    selection: dict[str, Any] | None = {"kind": s.forget_set, "size": len(forget_ids)} if s.forget_set != "ids" else None
+    selection: dict[str, Any] | None = (
+        {"kind": s.forget_set, "size": len(forget_ids)} if s.forget_set != "ids" else None
+    )
 
     def attack(model: Any, tok: Any, name: str, server: Any = None) -> None:
         """The relearning attack on one model (s.relearn), kept for the entry named `name`; with
@@ -197,10 +218,15 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
         from sift.evaluation.relearn import relearn_attack, relearn_attack_routed
 
         t = time.perf_counter()
-        relearned[name] = (relearn_attack_routed(server, forget_rows, s.relearn_settings) if server is not None
-                           else relearn_attack(model, tok, forget_rows, s.relearn_settings))
-        progress(f"relearning attack on {name}: contains {relearned[name]['before']['contains']:.2f} -> "
-                 f"{relearned[name]['after']['contains']:.2f} in {time.perf_counter() - t:.0f}s")
+        relearned[name] = (
+            relearn_attack_routed(server, forget_rows, s.relearn_settings)
+            if server is not None
+            else relearn_attack(model, tok, forget_rows, s.relearn_settings)
+        )
+        progress(
+            f"relearning attack on {name}: contains {relearned[name]['before']['contains']:.2f} -> "
+            f"{relearned[name]['after']['contains']:.2f} in {time.perf_counter() - t:.0f}s"
+        )
 
     def run_eval(target: Any) -> dict[str, Any]:
         t = time.perf_counter()
@@ -208,7 +234,9 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
         progress(f"evaluated {target.label} in {time.perf_counter() - t:.0f}s")
         return res
 
-    def add(res: dict[str, Any], name: str, kind: str, reference: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+    def add(
+        res: dict[str, Any], name: str, kind: str, reference: dict[str, Any] | None, **extra: Any
+    ) -> dict[str, Any]:
         if reference is not None:
             against_reference(res, reference)
         res.update(name=name, model=name, role=kind, **extra)
@@ -216,26 +244,38 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
         return res
 
     progress(f"training the sharded workspace ({s.num_shards} shards by {s.group_by or 'id'})")
-    sharded, sharded_cost = _build(work / "sharded", rows, _config(s, s.num_shards), merge=True)
+    sharded, sharded_cost = build_trained(work / "sharded", rows, recipe_config(s, s.num_shards), merge=True)
     base = LazyBase(s.model, None, None)
     base_model = base.get()
     server = WorkspaceServer(sharded, base=base)
-    sharded_before = run_eval(WorkspaceTarget("sharded, before forget (routed)", server, cost=sharded_cost)) if s.sharded_original else None
+    sharded_before = (
+        run_eval(WorkspaceTarget("sharded, before forget (routed)", server, cost=sharded_cost))
+        if s.sharded_original
+        else None
+    )
 
     progress("training the monolithic model (all rows, one adapter)")
-    mono, mono_cost = _build(work / "monolithic", rows, _config(s, 1), merge=False)
+    mono, mono_cost = build_trained(work / "monolithic", rows, recipe_config(s, 1), merge=False)
     if s.forget_set == "worst-case":
         from sift.adapters import open_peft_adapter
         from sift.evaluation.worstcase import WorstCaseSettings, worst_case_forget_set
 
         wc = WorstCaseSettings(size=s.size or 0, **(s.worst_case or {}))
-        progress(f"searching the worst-case forget set of {wc.size} rows ({wc.iterations} upper steps x {wc.unlearn_steps} signSGD steps)")
+        progress(
+            f"searching the worst-case forget set of {wc.size} rows ({wc.iterations} upper steps x {wc.unlearn_steps} signSGD steps)"
+        )
         t = time.perf_counter()
-        found = worst_case_forget_set(open_peft_adapter(base_model.model, mono.adapter_dir(0), is_trainable=True),
-                                      base_model.tokenizer, rows, wc)
+        found = worst_case_forget_set(
+            open_peft_adapter(base_model.model, mono.adapter_dir(0), is_trainable=True), base_model.tokenizer, rows, wc
+        )
         forget_ids = found["ids"]
-        selection.update(ids=forget_ids, objective_history=found["objective_history"],  # type: ignore[union-attr]
-                         chosen_mean_loss=found["chosen_mean_loss"], seconds=round(time.perf_counter() - t, 1), settings=found["settings"])
+        selection.update(
+            ids=forget_ids,
+            objective_history=found["objective_history"],  # type: ignore[union-attr]
+            chosen_mean_loss=found["chosen_mean_loss"],
+            seconds=round(time.perf_counter() - t, 1),
+            settings=found["settings"],
+        )
         forget_rows, retain_rows = split_rows(rows, forget_ids, s.eval.retain_sample)
         check_rows(forget_rows, retain_rows, general, holdout)
     elif selection is not None:
@@ -247,14 +287,22 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
     attack(mono_target.model, base_model.tokenizer, "original: monolithic (before unlearning)")
 
     progress("training the references without the forget rows: monolithic retrain, sharded rebuild")
-    mono_ref_ws, mono_ref_cost = _build(work / "reference-monolithic", remaining, _config(s, 1), merge=False)
-    mono_ref_target = _adapter_target("reference: monolithic retrain", base_model, mono_ref_ws.adapter_dir(0), mono_ref_cost)
+    mono_ref_ws, mono_ref_cost = build_trained(
+        work / "reference-monolithic", remaining, recipe_config(s, 1), merge=False
+    )
+    mono_ref_target = _adapter_target(
+        "reference: monolithic retrain", base_model, mono_ref_ws.adapter_dir(0), mono_ref_cost
+    )
     mono_ref = run_eval(mono_ref_target)
     attack(mono_ref_target.model, base_model.tokenizer, "reference: monolithic retrain")
-    shard_ref_ws, shard_ref_cost = _build(work / "reference-sharded", remaining, _config(s, s.num_shards), merge=True)
+    shard_ref_ws, shard_ref_cost = build_trained(
+        work / "reference-sharded", remaining, recipe_config(s, s.num_shards), merge=True
+    )
     ref_server = WorkspaceServer(shard_ref_ws, base=base)
     shard_ref = run_eval(WorkspaceTarget("reference: sharded rebuild (routed)", ref_server, cost=shard_ref_cost))
-    shard_ref_merged = run_eval(WorkspaceTarget("reference: sharded rebuild (merged)", ref_server, merged=True, cost=shard_ref_cost))
+    shard_ref_merged = run_eval(
+        WorkspaceTarget("reference: sharded rebuild (merged)", ref_server, merged=True, cost=shard_ref_cost)
+    )
     if s.relearn:  # the routed workspace (what serves), and its merged model on its own
         attack(None, None, "reference: sharded rebuild, routed", server=ref_server)
         attack(*ref_server.merged_model()[:2], "reference: sharded rebuild, merged")
@@ -269,7 +317,10 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
     progress(f"exact: sift forget of {len(forget_set)} row(s)")
     cert = forget(sharded, sorted(forget_set), base=base, quiet=True)
     retrained = set(cert.get("shards_retrained", []))
-    flops = sum(json.loads((sharded.adapter_dir(k) / "sift-meta.json").read_text()).get("flops_estimate", 0.0) for k in retrained)
+    flops = sum(
+        json.loads((sharded.adapter_dir(k) / "sift-meta.json").read_text()).get("flops_estimate", 0.0)
+        for k in retrained
+    )
     exact_cost = {"seconds": float(cert["seconds"]), "flops": float(flops)}
     identical = served_hashes(sharded.merged_dir)[0] == served_hashes(shard_ref_ws.merged_dir)[0]
     exact_server = WorkspaceServer(sharded, base=base)
@@ -289,7 +340,9 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
         progress(f"approximate: {method}, {s.unlearn_epochs} epoch(s), evaluated after each")
         path: list[dict[str, Any]] = []
 
-        def hook(epoch: int, model: Any, tok: Any, cost: dict[str, float], method: str = method, path: list = path) -> None:
+        def hook(
+            epoch: int, model: Any, tok: Any, cost: dict[str, float], method: str = method, path: list = path
+        ) -> None:
             from sift.evaluation.targets import ModelTarget
 
             res = run_eval(ModelTarget(f"{method} epoch {epoch}", "adapter", model, tok, dict(cost)))
@@ -299,14 +352,23 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
             if epoch == s.unlearn_epochs:
                 attack(model, tok, name)
 
-        unlearn(mono, sorted(forget_set), work / "unlearned" / f"{i:02d}-{method.replace(':', '-').replace(',', '-').replace('=', '')}",
-                settings, base=base, quiet=True, on_epoch=hook)
+        unlearn(
+            mono,
+            sorted(forget_set),
+            work / "unlearned" / f"{i:02d}-{method.replace(':', '-').replace(',', '-').replace('=', '')}",
+            settings,
+            base=base,
+            quiet=True,
+            on_epoch=hook,
+        )
 
     challenge = None
     if s.seeds:
         from sift.evaluation.seeds import challenge_scores
 
-        challenge = challenge_scores(rows, remaining, forget_rows, retain_rows, general, mono, s, work / "seeds", base, progress)
+        challenge = challenge_scores(
+            rows, remaining, forget_rows, retain_rows, general, mono, s, work / "seeds", base, progress
+        )
 
     for e in entries:  # the attack's outcome beside each attacked model's other metrics
         r = relearned.get(e["name"])
@@ -318,10 +380,17 @@ def compare(rows: list[dict[str, Any]], forget_ids: list[str], holdout: list[dic
     result = {
         "settings": {**asdict(s), "eval": asdict(s.eval)},
         "forget_set": selection,
-        "data": {"rows": len(rows), "forget": len(forget_rows), "retain_scored": len(retain_rows), "holdout": len(holdout),
-                 "general": len(general)},
+        "data": {
+            "rows": len(rows),
+            "forget": len(forget_rows),
+            "retain_scored": len(retain_rows),
+            "holdout": len(holdout),
+            "general": len(general),
+        },
         "exact_identical_to_sharded_rebuild": identical,
-        "forget_certificate": {k: cert.get(k) for k in ("rows_removed", "shards_retrained", "shards_dropped", "shards_emptied", "seconds")},
+        "forget_certificate": {
+            k: cert.get(k) for k in ("rows_removed", "shards_retrained", "shards_dropped", "shards_emptied", "seconds")
+        },
         "entries": [{k: v for k, v in e.items() if k != "per_row"} for e in entries],
         "challenge": challenge,
         "seconds": round(time.perf_counter() - started, 1),
@@ -361,10 +430,19 @@ def report_markdown(result: dict[str, Any]) -> str:
     lines += [f"- `{m.name}`: {m.better} is better; {m.formula}" for m in M.METRICS.values()]
     ch = result.get("challenge")
     if ch:
-        lines += ["", "## Unlearning-challenge forgetting score (NeurIPS 2023)", "", ch["note"], "",
-                  "| method | F | 95 % interval | final score | ceiling F (reference vs reference) |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Unlearning-challenge forgetting score (NeurIPS 2023)",
+            "",
+            ch["note"],
+            "",
+            "| method | F | 95 % interval | final score | ceiling F (reference vs reference) |",
+            "|---|---|---|---|---|",
+        ]
         for row in ch["rows"]:
             lo, hi = row["interval"]
-            lines.append(f"| {row['method']} | {row['F']:.3f} | {lo:.3f}-{hi:.3f} | {row['final']:.3f} | {row['ceiling']:.3f} |")
+            lines.append(
+                f"| {row['method']} | {row['F']:.3f} | {lo:.3f}-{hi:.3f} | {row['final']:.3f} | {row['ceiling']:.3f} |"
+            )
     lines.append("")
     return "\n".join(lines)

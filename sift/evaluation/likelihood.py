@@ -9,8 +9,9 @@ Log-probabilities are computed in float32.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -27,8 +28,9 @@ class AnswerScore:
 
 
 @torch.no_grad()
-def score_answers(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 16,
-                  max_length: int = 256) -> list[AnswerScore]:
+def score_answers(
+    model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 16, max_length: int = 256
+) -> list[AnswerScore]:
     """Scores of each (question, answer) pair, in order. Padding never changes a row's numbers
     beyond float rounding: every row is scored with its own tokens only."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -37,7 +39,7 @@ def score_answers(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], 
     out: list[AnswerScore] = []
     model.eval()
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
+        chunk = encoded[start : start + batch_size]
         # Left padding puts every answer at the end, so the head runs on the answer positions only
         # (logits_to_keep; about a fifth of the compute for a 135M model); explicit position ids
         # keep each row's positions those of its unpadded sequence.
@@ -47,13 +49,13 @@ def score_answers(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], 
         labels = torch.full((len(chunk), width), -100, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for i, (x, y) in enumerate(chunk):
-            ids[i, width - len(x):] = torch.tensor(x)
-            labels[i, width - len(y):] = torch.tensor(y)
-            mask[i, width - len(x):] = 1
+            ids[i, width - len(x) :] = torch.tensor(x)
+            labels[i, width - len(y) :] = torch.tensor(y)
+            mask[i, width - len(x) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep_n).logits
         logits = logits[:, -keep_n:-1].float()  # a model that ignores logits_to_keep returns them all
-        target = labels[:, width - keep_n + 1:]
+        target = labels[:, width - keep_n + 1 :]
         logp_all = torch.log_softmax(logits, dim=-1)
         for i in range(len(chunk)):
             keep = (target[i] != -100).nonzero().squeeze(-1)
@@ -68,13 +70,17 @@ def score_answers(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], 
             n = len(keep)
             if n < 2:
                 q, a = pairs[start + i]
-                raise SiftError(f"the answer {a[:40]!r} to {q[:40]!r} has no tokens left within {max_length} tokens; shorten it or raise max_length")
-            out.append(AnswerScore(
-                avg_loss=float(-lp.mean()),
-                token_logprobs=tuple(lp[:-1].tolist()),
-                token_z=tuple(z[:-1].tolist()),
-                tokens=n,
-            ))
+                raise SiftError(
+                    f"the answer {a[:40]!r} to {q[:40]!r} has no tokens left within {max_length} tokens; shorten it or raise max_length"
+                )
+            out.append(
+                AnswerScore(
+                    avg_loss=float(-lp.mean()),
+                    token_logprobs=tuple(lp[:-1].tolist()),
+                    token_z=tuple(z[:-1].tolist()),
+                    tokens=n,
+                )
+            )
     return out
 
 

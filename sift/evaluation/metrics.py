@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -26,34 +26,99 @@ class Metric:
     formula: str
 
 
-METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("forget_Q_A_Prob", "lower", "mean over forget rows of exp(-mean answer-token NLL), EOS included"),
-    Metric("forget_Q_A_ROUGE", "lower", "mean ROUGE-L recall (rouge_score, stemmer) of the greedy answer against the answer"),
-    Metric("forget_truth_ratio", "closer to the reference", "mean min(R, 1/R), R = P(perturbed)/P(paraphrased), length-normalised, perturbed = geometric mean over options"),
-    Metric("forget_exact", "lower", "share of forget questions whose greedy answer is the trained answer (normalised)"),
-    Metric("forget_contains", "lower", "share of forget questions whose greedy answer contains the fact's value"),
-    Metric("forget_quality", "higher", "KS-test p-value (scipy ks_2samp, two-sided) between the forget rows' R under the model and under the retain reference"),
-    Metric("retain_Q_A_Prob", "higher", "as forget_Q_A_Prob, on retain rows"),
-    Metric("retain_Q_A_ROUGE", "higher", "as forget_Q_A_ROUGE, on retain rows"),
-    Metric("retain_Truth_Ratio", "higher", "mean max(0, 1 - R) on retain rows"),
-    Metric("retain_exact", "higher", "as forget_exact, on retain rows"),
-    Metric("retain_contains", "higher", "as forget_contains, on retain rows"),
-    Metric("wf_Q_A_Prob_normalised", "higher", "general questions: mean c / (c + sum of w_j), c and w_j length-normalised probabilities of the true and wrong answers"),
-    Metric("wf_Q_A_ROUGE", "higher", "general questions: ROUGE-L recall of the greedy answer"),
-    Metric("wf_Truth_Ratio", "higher", "general questions: mean max(0, 1 - R), R = P(wrong)/P(true answer)"),
-    Metric("wf_correct", "higher", "share of general questions answered correctly (an accepted answer in the greedy answer)"),
-    Metric("model_utility", "higher", "scipy hmean of retain_Q_A_Prob, retain_Q_A_ROUGE, retain_Truth_Ratio, wf_Q_A_Prob_normalised, wf_Q_A_ROUGE, wf_Truth_Ratio"),
-    Metric("mia_loss", "closer to the reference", "ROC AUC (sklearn), forget = 0 vs holdout = 1, score = mean answer NLL (EOS included)"),
-    Metric("mia_zlib", "closer to the reference", "ROC AUC, score = mean answer NLL / zlib-compressed byte length of the answer"),
-    Metric("mia_min_k", "closer to the reference", "ROC AUC, score = -mean of the 40 % lowest answer-token log-probs (EOS excluded)"),
-    Metric("mia_min_k_plus_plus", "closer to the reference", "ROC AUC, score = -mean of the 40 % lowest (log p - mu) / sigma over the vocabulary (EOS excluded)"),
-    Metric("privleak", "closer to 0", "((1 - AUC) - (1 - AUC_ref)) / (1 - AUC_ref) * 100 on mia_min_k; AUC_ref of the retain reference"),
-    Metric("relearn_contains", "closer to the reference", "relearning attack: share of the held-out forget questions whose greedy answer contains the fact after a fresh LoRA is fine-tuned on the other forget rows (sift.evaluation.relearn)"),
-    Metric("relearn_regained", "closer to the reference", "relearning attack: relearn_contains minus the same share before the attack"),
-    Metric("relearn_nll", "closer to the reference", "relearning attack: mean answer NLL of the held-out forget questions after it (lower: more came back); before it in results.json"),
-    Metric("seconds", "lower", "wall time to produce the model (training or unlearning), seconds"),
-    Metric("flops", "lower", "training FLOPs estimate: 6 N per token trained + 2 N per token only scored, N = model parameters"),
-)}
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("forget_Q_A_Prob", "lower", "mean over forget rows of exp(-mean answer-token NLL), EOS included"),
+        Metric(
+            "forget_Q_A_ROUGE",
+            "lower",
+            "mean ROUGE-L recall (rouge_score, stemmer) of the greedy answer against the answer",
+        ),
+        Metric(
+            "forget_truth_ratio",
+            "closer to the reference",
+            "mean min(R, 1/R), R = P(perturbed)/P(paraphrased), length-normalised, perturbed = geometric mean over options",
+        ),
+        Metric(
+            "forget_exact", "lower", "share of forget questions whose greedy answer is the trained answer (normalised)"
+        ),
+        Metric("forget_contains", "lower", "share of forget questions whose greedy answer contains the fact's value"),
+        Metric(
+            "forget_quality",
+            "higher",
+            "KS-test p-value (scipy ks_2samp, two-sided) between the forget rows' R under the model and under the retain reference",
+        ),
+        Metric("retain_Q_A_Prob", "higher", "as forget_Q_A_Prob, on retain rows"),
+        Metric("retain_Q_A_ROUGE", "higher", "as forget_Q_A_ROUGE, on retain rows"),
+        Metric("retain_Truth_Ratio", "higher", "mean max(0, 1 - R) on retain rows"),
+        Metric("retain_exact", "higher", "as forget_exact, on retain rows"),
+        Metric("retain_contains", "higher", "as forget_contains, on retain rows"),
+        Metric(
+            "wf_Q_A_Prob_normalised",
+            "higher",
+            "general questions: mean c / (c + sum of w_j), c and w_j length-normalised probabilities of the true and wrong answers",
+        ),
+        Metric("wf_Q_A_ROUGE", "higher", "general questions: ROUGE-L recall of the greedy answer"),
+        Metric("wf_Truth_Ratio", "higher", "general questions: mean max(0, 1 - R), R = P(wrong)/P(true answer)"),
+        Metric(
+            "wf_correct",
+            "higher",
+            "share of general questions answered correctly (an accepted answer in the greedy answer)",
+        ),
+        Metric(
+            "model_utility",
+            "higher",
+            "scipy hmean of retain_Q_A_Prob, retain_Q_A_ROUGE, retain_Truth_Ratio, wf_Q_A_Prob_normalised, wf_Q_A_ROUGE, wf_Truth_Ratio",
+        ),
+        Metric(
+            "mia_loss",
+            "closer to the reference",
+            "ROC AUC (sklearn), forget = 0 vs holdout = 1, score = mean answer NLL (EOS included)",
+        ),
+        Metric(
+            "mia_zlib",
+            "closer to the reference",
+            "ROC AUC, score = mean answer NLL / zlib-compressed byte length of the answer",
+        ),
+        Metric(
+            "mia_min_k",
+            "closer to the reference",
+            "ROC AUC, score = -mean of the 40 % lowest answer-token log-probs (EOS excluded)",
+        ),
+        Metric(
+            "mia_min_k_plus_plus",
+            "closer to the reference",
+            "ROC AUC, score = -mean of the 40 % lowest (log p - mu) / sigma over the vocabulary (EOS excluded)",
+        ),
+        Metric(
+            "privleak",
+            "closer to 0",
+            "((1 - AUC) - (1 - AUC_ref)) / (1 - AUC_ref) * 100 on mia_min_k; AUC_ref of the retain reference",
+        ),
+        Metric(
+            "relearn_contains",
+            "closer to the reference",
+            "relearning attack: share of the held-out forget questions whose greedy answer contains the fact after a fresh LoRA is fine-tuned on the other forget rows (sift.evaluation.relearn)",
+        ),
+        Metric(
+            "relearn_regained",
+            "closer to the reference",
+            "relearning attack: relearn_contains minus the same share before the attack",
+        ),
+        Metric(
+            "relearn_nll",
+            "closer to the reference",
+            "relearning attack: mean answer NLL of the held-out forget questions after it (lower: more came back); before it in results.json",
+        ),
+        Metric("seconds", "lower", "wall time to produce the model (training or unlearning), seconds"),
+        Metric(
+            "flops",
+            "lower",
+            "training FLOPs estimate: 6 N per token trained + 2 N per token only scored, N = model parameters",
+        ),
+    )
+}
 
 
 def prob(avg_loss: float) -> float:
@@ -90,8 +155,15 @@ def forget_quality(model_ratios: Sequence[float], reference_ratios: Sequence[flo
         raise ValueError("forget_quality needs truth ratios on both sides")
     if not (np.all(np.isfinite(model_ratios)) and np.all(np.isfinite(reference_ratios))):
         raise ValueError("forget_quality got a non-finite truth ratio")
-    p = float(ks_2samp(np.asarray(model_ratios, dtype=np.float64), np.asarray(reference_ratios, dtype=np.float64)).pvalue)
-    return {"p": p, "log10_p": math.log10(p) if p > 0 else -324.0, "n": len(model_ratios), "n_ref": len(reference_ratios)}
+    p = float(
+        ks_2samp(np.asarray(model_ratios, dtype=np.float64), np.asarray(reference_ratios, dtype=np.float64)).pvalue
+    )
+    return {
+        "p": p,
+        "log10_p": math.log10(p) if p > 0 else -324.0,
+        "n": len(model_ratios),
+        "n_ref": len(reference_ratios),
+    }
 
 
 def model_utility(values: Sequence[float]) -> float:
@@ -106,6 +178,7 @@ def model_utility(values: Sequence[float]) -> float:
 
 # -- membership inference ----------------------------------------------------------------------
 # Every score is loss-like: higher means "looks less like a member".
+
 
 def zlib_score(avg_loss: float, text: str) -> float:
     return avg_loss / len(zlib.compress(text.encode("utf-8")))

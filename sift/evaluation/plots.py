@@ -42,19 +42,44 @@ def tradeoff_plot(result: dict[str, Any], path: Path) -> None:
             continue
         k = seen.get(e["role"], 0)
         seen[e["role"]] = k + 1
-        ax.scatter([m["model_utility"]], [max(m["forget_quality"], floor)], s=_area(m.get("seconds")),
-                   color=shades[e["role"]][k % 2], marker=markers[e["role"]][(k // 2) % 2], alpha=0.8,
-                   edgecolors="black", linewidths=0.6, zorder=3, label=e["name"])
+        ax.scatter(
+            [m["model_utility"]],
+            [max(m["forget_quality"], floor)],
+            s=_area(m.get("seconds")),
+            color=shades[e["role"]][k % 2],
+            marker=markers[e["role"]][(k // 2) % 2],
+            alpha=0.8,
+            edgecolors="black",
+            linewidths=0.6,
+            zorder=3,
+            label=e["name"],
+        )
     for i, (method, path_entries) in enumerate(sorted(methods.items())):
         color = METHOD_COLORS[i % len(METHOD_COLORS)]
         xs = [e["metrics"]["model_utility"] for e in path_entries]
         ys = [max(e["metrics"]["forget_quality"], floor) for e in path_entries]
         ax.plot(xs, ys, color=color, alpha=0.7, linewidth=1.2, zorder=2)
-        ax.scatter(xs, ys, s=[_area(e["metrics"].get("seconds")) for e in path_entries], color=color, alpha=0.6, zorder=3,
-                   label=f"{method} (approximate), epochs 1-{path_entries[-1]['epoch']}")
-        ax.annotate(str(path_entries[-1]["epoch"]), (xs[-1], ys[-1]), textcoords="offset points", xytext=(5, 3), fontsize=7, color=color)
+        ax.scatter(
+            xs,
+            ys,
+            s=[_area(e["metrics"].get("seconds")) for e in path_entries],
+            color=color,
+            alpha=0.6,
+            zorder=3,
+            label=f"{method} (approximate), epochs 1-{path_entries[-1]['epoch']}",
+        )
+        ax.annotate(
+            str(path_entries[-1]["epoch"]),
+            (xs[-1], ys[-1]),
+            textcoords="offset points",
+            xytext=(5, 3),
+            fontsize=7,
+            color=color,
+        )
     ax.set_yscale("log")
-    ax.set_xlabel("model utility (higher is better)\nharmonic mean of retain and general-knowledge Prob, ROUGE, truth ratio")
+    ax.set_xlabel(
+        "model utility (higher is better)\nharmonic mean of retain and general-knowledge Prob, ROUGE, truth ratio"
+    )
     ax.set_ylabel("forget quality (KS p-value against the retrained reference; higher is better)")
     ax.set_title("Exact forgetting vs approximate unlearning (marker area grows with wall seconds)", fontsize=10)
     ax.grid(True, which="both", alpha=0.25)

@@ -28,7 +28,7 @@ import torch
 
 from sift.determinism import derive_seed, enable_determinism
 from sift.errors import SiftError
-from sift.evaluate import fact_recall
+from sift.evaluation.recall import fact_recall
 from sift.hashing import hash_order
 from sift.loop import LoopSettings, run_loop
 from sift.models import example_ids
@@ -56,7 +56,9 @@ class RelearnSettings:
             raise SiftError(f"relearn lr must be a positive number, got {self.lr}")
 
 
-def split_forget(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def split_forget(
+    rows: list[dict[str, Any]], fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(relearn part, held-out part): the same split for every model attacked with one seed."""
     if len(rows) < 2:
         raise SiftError("the relearning attack needs at least 2 forget rows (some to relearn, some to ask)")
@@ -75,7 +77,11 @@ def _answer_nll(model: Any, tok: Any, rows: list[dict[str, Any]]) -> float:
 def _measure(model: Any, tok: Any, rows: list[dict[str, Any]], max_new_tokens: int) -> dict[str, float]:
     answers = greedy_answers(model, tok, [r["prompt"] for r in rows], max_new_tokens)
     recall = fact_recall(answers, rows)
-    return {"exact": recall["exact"], "contains": recall["contains"], "answer_nll": round(_answer_nll(model, tok, rows), 6)}
+    return {
+        "exact": recall["exact"],
+        "contains": recall["contains"],
+        "answer_nll": round(_answer_nll(model, tok, rows), 6),
+    }
 
 
 def plain_model(model: Any) -> Any:
@@ -86,7 +92,9 @@ def plain_model(model: Any) -> Any:
     return m.eval()
 
 
-def relearn_attack(model: Any, tok: Any, forget: list[dict[str, Any]], settings: RelearnSettings | None = None) -> dict[str, Any]:
+def relearn_attack(
+    model: Any, tok: Any, forget: list[dict[str, Any]], settings: RelearnSettings | None = None
+) -> dict[str, Any]:
     """Attack a copy of `model` (left unchanged); returns the split, and recall and NLL on the
     held-out forget rows before and after relearning."""
     s = settings or RelearnSettings()
@@ -96,7 +104,9 @@ def relearn_attack(model: Any, tok: Any, forget: list[dict[str, Any]], settings:
     return _record(s, relearn, held, steps, before, after)
 
 
-def relearn_attack_routed(server: Any, forget: list[dict[str, Any]], settings: RelearnSettings | None = None) -> dict[str, Any]:
+def relearn_attack_routed(
+    server: Any, forget: list[dict[str, Any]], settings: RelearnSettings | None = None
+) -> dict[str, Any]:
     """The attack on a routed workspace (a sift.serving.answer.WorkspaceServer): each held-out
     question goes to the model that serves it (its shard's adapter, or the merged model when no
     shard claims it), and the attacker fine-tunes that model on the whole relearn half, as one
@@ -120,8 +130,9 @@ def relearn_attack_routed(server: Any, forget: list[dict[str, Any]], settings: R
     return {**_record(s, relearn, held, steps, pooled["before"], pooled["after"]), "served_by": served_by}
 
 
-def _attack(model: Any, tok: Any, relearn: list[dict[str, Any]], held: list[dict[str, Any]],
-            s: RelearnSettings) -> tuple[dict[str, float], dict[str, float], int]:
+def _attack(
+    model: Any, tok: Any, relearn: list[dict[str, Any]], held: list[dict[str, Any]], s: RelearnSettings
+) -> tuple[dict[str, float], dict[str, float], int]:
     """(before, after, steps): a fresh seeded LoRA on a copy of `model`, trained on `relearn`,
     `held` measured before and after."""
     from peft import LoraConfig, get_peft_model
@@ -132,20 +143,41 @@ def _attack(model: Any, tok: Any, relearn: list[dict[str, Any]], held: list[dict
     victim = plain_model(model)
     before = _measure(victim, tok, held, s.max_new_tokens)
     torch.manual_seed(derive_seed("relearn-lora", s.seed))  # the fresh adapter's A matrices
-    attacked = get_peft_model(victim, LoraConfig(r=s.rank, lora_alpha=2 * s.rank, lora_dropout=0.0, target_modules="all-linear",
-                                                 bias="none", task_type="CAUSAL_LM"))
+    attacked = get_peft_model(
+        victim,
+        LoraConfig(
+            r=s.rank,
+            lora_alpha=2 * s.rank,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            bias="none",
+            task_type="CAUSAL_LM",
+        ),
+    )
     params = [p for p in attacked.parameters() if p.requires_grad]
     examples = [example_ids(tok, r["prompt"], r["completion"], None) for r in relearn]
     attacked.train()
-    result = run_loop(attacked.base_model.model, params, examples, tok.pad_token_id,
-                      LoopSettings(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr), derive_seed("relearn-order", s.seed),
-                      loss_fn=lambda m, b: completion_loss(m, *b))
+    result = run_loop(
+        attacked.base_model.model,
+        params,
+        examples,
+        tok.pad_token_id,
+        LoopSettings(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr),
+        derive_seed("relearn-order", s.seed),
+        loss_fn=lambda m, b: completion_loss(m, *b),
+    )
     attacked.eval()
     return before, _measure(attacked, tok, held, s.max_new_tokens), result.steps
 
 
-def _record(s: RelearnSettings, relearn: list[dict[str, Any]], held: list[dict[str, Any]], steps: int,
-            before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+def _record(
+    s: RelearnSettings,
+    relearn: list[dict[str, Any]],
+    held: list[dict[str, Any]],
+    steps: int,
+    before: dict[str, float],
+    after: dict[str, float],
+) -> dict[str, Any]:
     return {
         "settings": asdict(s),
         "relearn_rows": [r["id"] for r in relearn],

@@ -22,9 +22,9 @@ from typing import Any
 
 from sift.data import parse_jsonl_text
 from sift.errors import SiftError
-from sift.evaluate import fact_recall, general_recall
 from sift.evaluation import metrics as M
 from sift.evaluation.likelihood import AnswerScore, rouge_l_recall, score_answers
+from sift.evaluation.recall import fact_recall, general_recall
 from sift.evaluation.targets import Target
 from sift.hashing import hash_order
 from sift.serving.generate import greedy_answers
@@ -81,7 +81,9 @@ def sample_general(general: list[dict[str, Any]], n: int | None) -> list[dict[st
     return _hashed_sample(general, n) if n != 0 else []
 
 
-def split_rows(rows: list[dict[str, Any]], forget_ids: list[str], retain_sample: int | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def split_rows(
+    rows: list[dict[str, Any]], forget_ids: list[str], retain_sample: int | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(forget rows, retain rows) by id; unknown ids are an error."""
     wanted = set(forget_ids)
     known = {r["id"] for r in rows}
@@ -101,34 +103,59 @@ def _check_fields(name: str, rows: list[dict[str, Any]], fields: tuple[str, ...]
     for r in rows:
         for f in fields:
             v = r.get(f)
-            ok = (isinstance(v, str) and v.strip()) if f != "perturbed_completions" else (isinstance(v, list) and v and all(isinstance(x, str) and x.strip() for x in v))
+            ok = (
+                (isinstance(v, str) and v.strip())
+                if f != "perturbed_completions"
+                else (isinstance(v, list) and v and all(isinstance(x, str) and x.strip() for x in v))
+            )
             if not ok:
-                raise SiftError(f"{name} row {r.get('id')!r} lacks {f!r} (the truth ratio needs paraphrased and perturbed answers; "
-                                "the builtin data set has them)")
+                raise SiftError(
+                    f"{name} row {r.get('id')!r} lacks {f!r} (the truth ratio needs paraphrased and perturbed answers; "
+                    "the builtin data set has them)"
+                )
 
 
-def check_rows(forget: list[dict[str, Any]], retain: list[dict[str, Any]], general: list[dict[str, Any]],
-               holdout: list[dict[str, Any]]) -> None:
+def check_rows(
+    forget: list[dict[str, Any]],
+    retain: list[dict[str, Any]],
+    general: list[dict[str, Any]],
+    holdout: list[dict[str, Any]],
+) -> None:
     """Every field the metrics need, checked before any model is loaded or trained."""
-    _check_fields("forget", forget, ("prompt", "completion", "answer", "paraphrased_completion", "perturbed_completions"))
-    _check_fields("retain", retain, ("prompt", "completion", "answer", "paraphrased_completion", "perturbed_completions"))
+    _check_fields(
+        "forget", forget, ("prompt", "completion", "answer", "paraphrased_completion", "perturbed_completions")
+    )
+    _check_fields(
+        "retain", retain, ("prompt", "completion", "answer", "paraphrased_completion", "perturbed_completions")
+    )
     _check_fields("general", general, ("prompt", "completion", "perturbed_completions"))
     if not holdout:
-        raise SiftError("membership inference needs held-out rows (people never trained on): pass --holdout "
-                        "(e.g. `sift builtin-data --split holdout --people 2 > holdout.jsonl`)")
+        raise SiftError(
+            "membership inference needs held-out rows (people never trained on): pass --holdout "
+            "(e.g. `sift builtin-data --split holdout --people 2 > holdout.jsonl`)"
+        )
     _check_fields("holdout", holdout, ("prompt", "completion"))
 
 
-def evaluate(target: Target, forget: list[dict[str, Any]], retain: list[dict[str, Any]], general: list[dict[str, Any]],
-             holdout: list[dict[str, Any]], reference: dict[str, Any] | None, settings: EvalSettings | None = None,
-             require_reference: bool = True) -> dict[str, Any]:
+def evaluate(
+    target: Target,
+    forget: list[dict[str, Any]],
+    retain: list[dict[str, Any]],
+    general: list[dict[str, Any]],
+    holdout: list[dict[str, Any]],
+    reference: dict[str, Any] | None,
+    settings: EvalSettings | None = None,
+    require_reference: bool = True,
+) -> dict[str, Any]:
     """Evaluate `target`; `reference` is an earlier result of this function for the retain
     reference (needed for forget_quality and privleak unless require_reference is False)."""
     s = settings or EvalSettings()
     s.check()
     if reference is None and require_reference:
-        raise SiftError("forget_quality and privleak compare with the retain reference (a model trained without the forget rows): "
-                        "pass --reference MODEL or a saved eval JSON of it, or --no-reference to leave both out")
+        raise SiftError(
+            "forget_quality and privleak compare with the retain reference (a model trained without the forget rows): "
+            "pass --reference MODEL or a saved eval JSON of it, or --no-reference to leave both out"
+        )
     check_rows(forget, retain, general, holdout)
     started = time.perf_counter()
 
@@ -154,14 +181,22 @@ def evaluate(target: Target, forget: list[dict[str, Any]], retain: list[dict[str
             else:
                 scored[i][key] = sc
         ask = [i for i in idx if items[i][0] != "holdout"]
-        for i, a in zip(ask, greedy_answers(model, tok, [items[i][1]["prompt"] for i in ask], s.max_new_tokens, s.batch_size)):
+        for i, a in zip(
+            ask, greedy_answers(model, tok, [items[i][1]["prompt"] for i in ask], s.max_new_tokens, s.batch_size)
+        ):
             answers[i] = a
 
     per_row: dict[str, dict[str, Any]] = {}
     out_metrics: dict[str, float] = {}
     by_set: dict[str, list[int]] = {name: [i for i, (n, _) in enumerate(items) if n == name] for name in SETS}
-    rouge = {i: v for name in ("forget", "retain", "wf") for i, v in
-             zip(by_set[name], rouge_l_recall([answers[i] for i in by_set[name]], [items[i][1]["completion"] for i in by_set[name]]))}
+    rouge = {
+        i: v
+        for name in ("forget", "retain", "wf")
+        for i, v in zip(
+            by_set[name],
+            rouge_l_recall([answers[i] for i in by_set[name]], [items[i][1]["completion"] for i in by_set[name]]),
+        )
+    }
 
     for name in ("forget", "retain"):
         idx = by_set[name]
@@ -183,7 +218,9 @@ def evaluate(target: Target, forget: list[dict[str, Any]], retain: list[dict[str
     utility_inputs = ["retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio"]
     if idx:  # without general questions the wf_* metrics are left out, and utility is the retain part's
         wf_ratios = [M.truth_ratio(scored[i]["answer"].avg_loss, [p.avg_loss for p in scored[i]["pert"]]) for i in idx]
-        out_metrics["wf_Q_A_Prob_normalised"] = _mean([M.prob_normalised(scored[i]["answer"].avg_loss, [p.avg_loss for p in scored[i]["pert"]]) for i in idx])
+        out_metrics["wf_Q_A_Prob_normalised"] = _mean(
+            [M.prob_normalised(scored[i]["answer"].avg_loss, [p.avg_loss for p in scored[i]["pert"]]) for i in idx]
+        )
         out_metrics["wf_Q_A_ROUGE"] = _mean([rouge[i] for i in idx])
         out_metrics["wf_Truth_Ratio"] = M.true_better(wf_ratios)
         out_metrics["wf_correct"] = general_recall([answers[i] for i in idx], [items[i][1] for i in idx])["correct"]
@@ -203,8 +240,14 @@ def evaluate(target: Target, forget: list[dict[str, Any]], retain: list[dict[str
         }
     for attack in ("loss", "zlib", "min_k", "min_k_plus_plus"):
         out_metrics[f"mia_{attack}"] = M.mia_auc(mia_scores["forget"][attack], mia_scores["holdout"][attack])
-    per_row["mia_forget"] = {items[i][1]["id"]: {a: mia_scores["forget"][a][j] for a in mia_scores["forget"]} for j, i in enumerate(by_set["forget"])}
-    per_row["mia_holdout"] = {items[i][1]["id"]: {a: mia_scores["holdout"][a][j] for a in mia_scores["holdout"]} for j, i in enumerate(by_set["holdout"])}
+    per_row["mia_forget"] = {
+        items[i][1]["id"]: {a: mia_scores["forget"][a][j] for a in mia_scores["forget"]}
+        for j, i in enumerate(by_set["forget"])
+    }
+    per_row["mia_holdout"] = {
+        items[i][1]["id"]: {a: mia_scores["holdout"][a][j] for a in mia_scores["holdout"]}
+        for j, i in enumerate(by_set["holdout"])
+    }
 
     out_metrics.update({k: v for k, v in target.cost.items() if k in ("seconds", "flops")})
 
@@ -232,7 +275,9 @@ def against_reference(result: dict[str, Any], reference: dict[str, Any]) -> dict
     ref_ratios = reference.get("per_row", {}).get("forget_truth_ratio", {})
     missing = [i for i in mine if i not in ref_ratios]
     if missing:
-        raise SiftError(f"the reference has no truth ratio for {len(missing)} forget row(s) (e.g. {missing[0]!r}): evaluate it on the same forget ids")
+        raise SiftError(
+            f"the reference has no truth ratio for {len(missing)} forget row(s) (e.g. {missing[0]!r}): evaluate it on the same forget ids"
+        )
     fq = M.forget_quality(list(mine.values()), [ref_ratios[i] for i in mine])
     # the reference's Min-K% AUC, recomputed on exactly these forget and held-out rows
     ref_rows = reference.get("per_row", {})
@@ -240,9 +285,15 @@ def against_reference(result: dict[str, Any], reference: dict[str, Any]) -> dict
     if ref_k is not None and ref_k != my_k:
         raise SiftError(f"the reference was scored with Min-K k = {ref_k}, this model with k = {my_k}")
     held = list(result["per_row"]["mia_holdout"])
-    lacking = [i for i in list(mine) + held if i not in ref_rows.get("mia_forget", {}) and i not in ref_rows.get("mia_holdout", {})]
+    lacking = [
+        i
+        for i in list(mine) + held
+        if i not in ref_rows.get("mia_forget", {}) and i not in ref_rows.get("mia_holdout", {})
+    ]
     if lacking:
-        raise SiftError(f"the reference has no membership scores for {len(lacking)} row(s) (e.g. {lacking[0]!r}): evaluate it with the same --holdout")
+        raise SiftError(
+            f"the reference has no membership scores for {len(lacking)} row(s) (e.g. {lacking[0]!r}): evaluate it with the same --holdout"
+        )
     ref_score = {**ref_rows["mia_holdout"], **ref_rows["mia_forget"]}
     auc_ref = M.mia_auc([ref_score[i]["min_k"] for i in mine], [ref_score[i]["min_k"] for i in held])
     result["forget_quality"] = fq
@@ -258,7 +309,14 @@ def _mean(values: list[float]) -> float:
 
 def metric_table(results: list[dict[str, Any]], names: list[str]) -> str:
     """A markdown table: one row per result, one column per metric (with its direction)."""
-    head = "| model | " + " | ".join(f"{n} ({'↑' if M.METRICS[n].better == 'higher' else '↓' if M.METRICS[n].better == 'lower' else '≈ref' if 'reference' in M.METRICS[n].better else '→0'})" for n in names) + " |"
+    head = (
+        "| model | "
+        + " | ".join(
+            f"{n} ({'↑' if M.METRICS[n].better == 'higher' else '↓' if M.METRICS[n].better == 'lower' else '≈ref' if 'reference' in M.METRICS[n].better else '→0'})"
+            for n in names
+        )
+        + " |"
+    )
     lines = [head, "|" + "---|" * (len(names) + 1)]
     for r in results:
         cells = []

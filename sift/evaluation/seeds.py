@@ -23,8 +23,9 @@ model was tuned on; the challenge used test accuracy), each averaged over the N 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -32,8 +33,14 @@ from sift.evaluation import metrics as M
 from sift.evaluation.likelihood import score_answers
 
 
-def model_stats(model: Any, tok: Any, forget: list[dict[str, Any]], retain: list[dict[str, Any]],
-                general: list[dict[str, Any]], batch_size: int) -> dict[str, Any]:
+def model_stats(
+    model: Any,
+    tok: Any,
+    forget: list[dict[str, Any]],
+    retain: list[dict[str, Any]],
+    general: list[dict[str, Any]],
+    batch_size: int,
+) -> dict[str, Any]:
     """(per forget row statistic, retain utility, held-out utility) of one model."""
     f = score_answers(model, tok, [(r["prompt"], r["completion"]) for r in forget], batch_size)
     rt = score_answers(model, tok, [(r["prompt"], r["completion"]) for r in retain], batch_size)
@@ -42,10 +49,13 @@ def model_stats(model: Any, tok: Any, forget: list[dict[str, Any]], retain: list
     wf, i = [], 0
     for r in general:
         k = 1 + len(r["perturbed_completions"])
-        wf.append(M.prob_normalised(g[i].avg_loss, [x.avg_loss for x in g[i + 1:i + k]]))
+        wf.append(M.prob_normalised(g[i].avg_loss, [x.avg_loss for x in g[i + 1 : i + k]]))
         i += k
-    return {"stat": [_logit_confidence(x.avg_loss) for x in f], "retain": float(np.mean([M.prob(x.avg_loss) for x in rt])),
-            "heldout": float(np.mean(wf)) if wf else 1.0}
+    return {
+        "stat": [_logit_confidence(x.avg_loss) for x in f],
+        "retain": float(np.mean([M.prob(x.avg_loss) for x in rt])),
+        "heldout": float(np.mean(wf)) if wf else 1.0,
+    }
 
 
 def _logit_confidence(avg_loss: float) -> float:
@@ -53,8 +63,13 @@ def _logit_confidence(avg_loss: float) -> float:
     return -avg_loss - float(np.log(-np.expm1(-max(avg_loss, 1e-12))))
 
 
-def _routed_stats(server: Any, forget: list[dict[str, Any]], retain: list[dict[str, Any]], general: list[dict[str, Any]],
-                  batch_size: int) -> dict[str, Any]:
+def _routed_stats(
+    server: Any,
+    forget: list[dict[str, Any]],
+    retain: list[dict[str, Any]],
+    general: list[dict[str, Any]],
+    batch_size: int,
+) -> dict[str, Any]:
     """model_stats on a workspace's routed serving: each row scored by the model that serves it."""
     from sift.evaluation.targets import WorkspaceTarget
 
@@ -63,8 +78,20 @@ def _routed_stats(server: Any, forget: list[dict[str, Any]], retain: list[dict[s
     parts: dict[int, dict[str, Any]] = {}
     for model, tok, idx in target.groups([r["prompt"] for _, r in items]):
         sub = [items[i] for i in idx]
-        st = model_stats(model, tok, [r for k, r in sub if k == "f"], [r for k, r in sub if k == "r"], [r for k, r in sub if k == "g"], batch_size)
-        parts[len(parts)] = {"idx": idx, **st, "n_r": sum(k == "r" for k, _ in sub), "n_g": sum(k == "g" for k, _ in sub)}
+        st = model_stats(
+            model,
+            tok,
+            [r for k, r in sub if k == "f"],
+            [r for k, r in sub if k == "r"],
+            [r for k, r in sub if k == "g"],
+            batch_size,
+        )
+        parts[len(parts)] = {
+            "idx": idx,
+            **st,
+            "n_r": sum(k == "r" for k, _ in sub),
+            "n_g": sum(k == "g" for k, _ in sub),
+        }
     stat = [0.0] * len(forget)
     for p in parts.values():
         f_idx = [i for i in p["idx"] if items[i][0] == "f"]
@@ -72,8 +99,11 @@ def _routed_stats(server: Any, forget: list[dict[str, Any]], retain: list[dict[s
             stat[i] = v
     n_r = sum(p["n_r"] for p in parts.values()) or 1
     n_g = sum(p["n_g"] for p in parts.values()) or 1
-    return {"stat": stat, "retain": sum(p["retain"] * p["n_r"] for p in parts.values() if p["n_r"]) / n_r,
-            "heldout": sum(p["heldout"] * p["n_g"] for p in parts.values() if p["n_g"]) / n_g}
+    return {
+        "stat": stat,
+        "retain": sum(p["retain"] * p["n_r"] for p in parts.values() if p["n_r"]) / n_r,
+        "heldout": sum(p["heldout"] * p["n_g"] for p in parts.values() if p["n_g"]) / n_g,
+    }
 
 
 def score_sets(unlearned: list[dict[str, Any]], references: list[dict[str, Any]]) -> dict[str, Any]:
@@ -83,18 +113,31 @@ def score_sets(unlearned: list[dict[str, Any]], references: list[dict[str, Any]]
     r = np.array([m["stat"] for m in references], dtype=np.float64).T
     F = forget_score(u, r)["F"]
     lo, hi = bootstrap_interval(u, r)
-    final = final_score(F, np.mean([m["retain"] for m in unlearned]), np.mean([m["retain"] for m in references]),
-                        np.mean([m["heldout"] for m in unlearned]), np.mean([m["heldout"] for m in references]))
+    final = final_score(
+        F,
+        np.mean([m["retain"] for m in unlearned]),
+        np.mean([m["retain"] for m in references]),
+        np.mean([m["heldout"] for m in unlearned]),
+        np.mean([m["heldout"] for m in references]),
+    )
     return {"F": float(F), "interval": [float(lo), float(hi)], "final": float(final)}
 
 
-def challenge_scores(rows: list[dict[str, Any]], remaining: list[dict[str, Any]], forget: list[dict[str, Any]],
-                     retain: list[dict[str, Any]], general: list[dict[str, Any]], mono: Any, s: Any, folder: Path,
-                     base: Any, progress: Callable[[str], None]) -> dict[str, Any]:
+def challenge_scores(
+    rows: list[dict[str, Any]],
+    remaining: list[dict[str, Any]],
+    forget: list[dict[str, Any]],
+    retain: list[dict[str, Any]],
+    general: list[dict[str, Any]],
+    mono: Any,
+    s: Any,
+    folder: Path,
+    base: Any,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
     from sift.adapters import open_peft_adapter
-
-    from sift.evaluation.compare import _build, _config
-    from sift.forget import forget as do_forget
+    from sift.evaluation.builds import build_trained, recipe_config
+    from sift.exact.forget import forget as do_forget
     from sift.serving.answer import WorkspaceServer
     from sift.unlearn.run import UnlearnSettings, unlearn
 
@@ -110,7 +153,9 @@ def challenge_scores(rows: list[dict[str, Any]], remaining: list[dict[str, Any]]
     for side, offset in (("a", 100), ("b", 200)):
         for i in range(1, n + 1):
             progress(f"seeds: monolithic reference {side}{i}/{n} (seed {offset + i})")
-            ws, _ = _build(folder / f"mono-ref-{side}{i}", remaining, _config(s, 1, seed=offset + i), merge=False)
+            ws, _ = build_trained(
+                folder / f"mono-ref-{side}{i}", remaining, recipe_config(s, 1, seed=offset + i), merge=False
+            )
             refs[side].append(adapter_stats(ws.adapter_dir(0)))
     rows_out = [{"method": "reference vs reference (monolithic)", **score_sets(refs["a"], refs["b"])}]
     ceiling_mono = rows_out[0]["F"]
@@ -120,31 +165,44 @@ def challenge_scores(rows: list[dict[str, Any]], remaining: list[dict[str, Any]]
         for i in range(1, n + 1):
             progress(f"seeds: {method} run {i}/{n} (unlearning seed {i})")
             out = folder / "unlearned" / f"{method}-{i}"
-            unlearn(mono, forget_ids, out, UnlearnSettings(method=method, epochs=s.unlearn_epochs, lr=s.unlearn_lr, seed=i), base=base, quiet=True)
+            unlearn(
+                mono,
+                forget_ids,
+                out,
+                UnlearnSettings(method=method, epochs=s.unlearn_epochs, lr=s.unlearn_lr, seed=i),
+                base=base,
+                quiet=True,
+            )
             runs.append(adapter_stats(out))
         rows_out.append({"method": method, **score_sets(runs, refs["a"]), "ceiling": ceiling_mono})
 
     exact, shard_refs = [], {"a": [], "b": []}
     for i in range(1, n + 1):
         progress(f"seeds: exact path {i}/{n} (sharded, seed {300 + i}, then sift forget)")
-        ws, _ = _build(folder / f"exact-{i}", rows, _config(s, s.num_shards, seed=300 + i), merge=True)
+        ws, _ = build_trained(folder / f"exact-{i}", rows, recipe_config(s, s.num_shards, seed=300 + i), merge=True)
         do_forget(ws, forget_ids, base=base, quiet=True)
         exact.append(_routed_stats(WorkspaceServer(ws, base=base), forget, retain, general, bs))
     for side, offset in (("a", 400), ("b", 500)):
         for i in range(1, n + 1):
             progress(f"seeds: sharded reference {side}{i}/{n} (seed {offset + i})")
-            ws, _ = _build(folder / f"shard-ref-{side}{i}", remaining, _config(s, s.num_shards, seed=offset + i), merge=True)
+            ws, _ = build_trained(
+                folder / f"shard-ref-{side}{i}", remaining, recipe_config(s, s.num_shards, seed=offset + i), merge=True
+            )
             shard_refs[side].append(_routed_stats(WorkspaceServer(ws, base=base), forget, retain, general, bs))
     ceiling_shard = score_sets(shard_refs["a"], shard_refs["b"])
     rows_out.append({"method": "reference vs reference (sharded)", **ceiling_shard, "ceiling": ceiling_shard["F"]})
-    rows_out.append({"method": "exact: sift forget (routed)", **score_sets(exact, shard_refs["a"]), "ceiling": ceiling_shard["F"]})
+    rows_out.append(
+        {"method": "exact: sift forget (routed)", **score_sets(exact, shard_refs["a"]), "ceiling": ceiling_shard["F"]}
+    )
     rows_out[0]["ceiling"] = ceiling_mono
     return {
         "n_models": n,
         "statistic": "logit-scaled confidence log p - log(1 - p), p = exp(-mean answer-token NLL) of the forget row's completion",
         "delta": 1e-5,
-        "note": (f"N = {n} models per side, seeds varied run to run. F of two independently seeded sets of references is the "
-                 "ceiling a method can reach with this N (finite samples keep it below 1). Final = F x retain utility ratio "
-                 "(mean retain_Q_A_Prob) x held-out utility ratio (mean wf_Q_A_Prob_normalised), unlearned over reference."),
+        "note": (
+            f"N = {n} models per side, seeds varied run to run. F of two independently seeded sets of references is the "
+            "ceiling a method can reach with this N (finite samples keep it below 1). Final = F x retain utility ratio "
+            "(mean retain_Q_A_Prob) x held-out utility ratio (mean wf_Q_A_Prob_normalised), unlearned over reference."
+        ),
         "rows": rows_out,
     }

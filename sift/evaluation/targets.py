@@ -42,13 +42,22 @@ class ModelTarget(Target):
 
 
 class WorkspaceTarget(Target):
-    def __init__(self, label: str, server: Any, merged: bool = False, router: str | None = None, fallback: str | None = None,
-                 cost: dict[str, float] | None = None):
+    def __init__(
+        self,
+        label: str,
+        server: Any,
+        merged: bool = False,
+        router: str | None = None,
+        fallback: str | None = None,
+        cost: dict[str, float] | None = None,
+    ):
         super().__init__(label, "workspace-merged" if merged else "workspace-routed", cost or {})
         self.server, self.merged, self.router, self.fallback = server, merged, router, fallback
 
     def groups(self, prompts: list[str]) -> Iterator[tuple[Any, Any, list[int]]]:
-        for model, tok, _path, _shard, idx in self.server.models_for(prompts, router=self.router, merged=self.merged, fallback=self.fallback):
+        for model, tok, _path, _shard, idx in self.server.models_for(
+            prompts, router=self.router, merged=self.merged, fallback=self.fallback
+        ):
             if tok.pad_token_id is None:
                 tok.pad_token = tok.eos_token
             yield model, tok, idx
@@ -64,8 +73,13 @@ def workspace_cost(ws: Any) -> dict[str, float]:
     return {"seconds": round(seconds, 3), "flops": flops}
 
 
-def open_target(spec: str, merged: bool = False, router: str | None = None, fallback: str | None = None,
-                base_name: str | None = None) -> Target:
+def open_target(
+    spec: str,
+    merged: bool = False,
+    router: str | None = None,
+    fallback: str | None = None,
+    base_name: str | None = None,
+) -> Target:
     """Resolve a MODEL argument (see the module docstring); one clear error when it is none of them."""
     from sift.models import load_base_model
 
@@ -76,12 +90,18 @@ def open_target(spec: str, merged: bool = False, router: str | None = None, fall
 
         ws = Workspace(path)
         ws.require()
-        return WorkspaceTarget(f"{spec} ({'merged' if merged else 'routed'})", WorkspaceServer(ws), merged, router, fallback, workspace_cost(ws))
+        return WorkspaceTarget(
+            f"{spec} ({'merged' if merged else 'routed'})",
+            WorkspaceServer(ws),
+            merged,
+            router,
+            fallback,
+            workspace_cost(ws),
+        )
     if merged or router or fallback:
         raise SiftError("--merged, --router and --fallback apply to a workspace only")
     if path.is_dir() and (path / "adapter_config.json").exists():
         from sift.adapters import open_peft_adapter
-
         from sift.unlearn.run import UNLEARN_META
 
         cost: dict[str, float] = {}

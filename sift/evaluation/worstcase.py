@@ -83,8 +83,12 @@ def search(losses_after_unlearning: Callable[[np.ndarray], np.ndarray], n: int, 
         w = project_capped_simplex(w - s.w_lr * (losses + 2 * s.gamma * w), s.size)
     chosen = np.argsort(-w, kind="stable")[: s.size]
     final = np.asarray(losses_after_unlearning(_binary(chosen, n)), dtype=np.float64)
-    return {"chosen": sorted(int(i) for i in chosen), "objective_history": history,
-            "chosen_mean_loss": float(final[chosen].mean()), "w": w.tolist()}
+    return {
+        "chosen": sorted(int(i) for i in chosen),
+        "objective_history": history,
+        "chosen_mean_loss": float(final[chosen].mean()),
+        "w": w.tolist(),
+    }
 
 
 def _binary(idx: np.ndarray, n: int) -> np.ndarray:

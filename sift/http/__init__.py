@@ -1,10 +1,6 @@
-"""`sift serve`: an OpenAI-compatible HTTP server over a workspace's routed serving.
+"""Moved to sift.serving.http; this import path (and sift.http.app, sift.http.generations) keeps
+working for one more release."""
 
-app.py holds the FastAPI app (`create_app`); generations.py decides which loaded state of the
-workspace (generation) answers each request, so that a forget under a running server never
-lets a request accepted after its certificate reach a dropped or replaced adapter.
-"""
-
-from sift.http.app import create_app
+from sift.serving.http import create_app
 
 __all__ = ["create_app"]

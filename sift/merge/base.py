@@ -8,7 +8,7 @@
   adapter's work. A non-incremental method (TIES elects signs from every adapter) recomputes
   from all stored adapters after a forget; it stays exact, and the certificate says it recomputed.
 
-The merge driver (sift.serve) and forget (sift.forget) ask these flags; they never assume a
+The merge driver (sift.merge.driver) and forget (sift.exact.forget) ask these flags; they never assume a
 particular method.
 """
 
@@ -56,7 +56,10 @@ class MergeMethod(ABC):
         known = {p.name: p for p in self.params}
         for key, value in given.items():
             if value is not None and key not in known:
-                raise SiftError(f"--{key} does not apply to merge method {self.name!r}" + (f" (it takes: {', '.join(known)})" if known else " (it takes no parameters)"))
+                raise SiftError(
+                    f"--{key} does not apply to merge method {self.name!r}"
+                    + (f" (it takes: {', '.join(known)})" if known else " (it takes no parameters)")
+                )
         return {p.name: p.check(given[p.name]) if given.get(p.name) is not None else p.default for p in self.params}
 
     def served_record(self, n: int, params: dict[str, float]) -> dict[str, Any]:
@@ -65,7 +68,10 @@ class MergeMethod(ABC):
 
     def describe(self) -> dict[str, Any]:
         return {
-            "name": self.name, "exact": self.exact, "incremental": self.incremental, "summary": self.summary,
+            "name": self.name,
+            "exact": self.exact,
+            "incremental": self.incremental,
+            "summary": self.summary,
             "params": [{"name": p.name, "default": p.default, "help": p.help} for p in self.params],
         }
 
@@ -80,7 +86,9 @@ class IncrementalMethod(MergeMethod):
         """c in served = base + c * sum, for n adapters."""
 
     @abstractmethod
-    def served_weights(self, acc: MergeState, base_state: dict[str, torch.Tensor], n: int, params: dict[str, float]) -> dict[str, torch.Tensor]:
+    def served_weights(
+        self, acc: MergeState, base_state: dict[str, torch.Tensor], n: int, params: dict[str, float]
+    ) -> dict[str, torch.Tensor]:
         """Merged values of every weight the adapters touch, from the sum of n adapters."""
 
 
@@ -93,12 +101,16 @@ class RecomputedMethod(MergeMethod):
     incremental = False
 
     @abstractmethod
-    def merge_weight(self, adapters: list[Adapter], name: str, w0: torch.Tensor, params: dict[str, float], bits: int) -> torch.Tensor:
+    def merge_weight(
+        self, adapters: list[Adapter], name: str, w0: torch.Tensor, params: dict[str, float], bits: int
+    ) -> torch.Tensor:
         """The merged value of base weight `name` (value `w0`); must not depend on list order.
         `bits`: the workspace's fixed-point resolution (merge.fixed_point_bits), for methods that
         compute on the exact integer deltas."""
 
-    def merge(self, adapters: list[Adapter], base_state: Any, params: dict[str, float], bits: int) -> dict[str, torch.Tensor]:
+    def merge(
+        self, adapters: list[Adapter], base_state: Any, params: dict[str, float], bits: int
+    ) -> dict[str, torch.Tensor]:
         """Merged values of every weight the adapters touch, all in memory (tests and small models;
         the driver streams through `merge_weight` where the base's files allow)."""
         out: dict[str, torch.Tensor] = {}

@@ -15,8 +15,14 @@ from sift.merge.state import MergeState
 
 
 class LinearMethod(IncrementalMethod):
-    def __init__(self, name: str, summary: str, coefficient: Callable[[int, dict[str, float]], float], params: tuple[Param, ...] = (),
-                 needs_training: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        summary: str,
+        coefficient: Callable[[int, dict[str, float]], float],
+        params: tuple[Param, ...] = (),
+        needs_training: str | None = None,
+    ):
         self.name, self.summary, self._coefficient, self.params = name, summary, coefficient, params
         self.needs_training = needs_training
 
@@ -30,16 +36,20 @@ class LinearMethod(IncrementalMethod):
     def served_coefficient(self, n: int, params: dict[str, float]) -> float:
         return self._coefficient(n, params)
 
-    def served_weights(self, acc: MergeState, base_state: dict[str, torch.Tensor], n: int, params: dict[str, float]) -> dict[str, torch.Tensor]:
+    def served_weights(
+        self, acc: MergeState, base_state: dict[str, torch.Tensor], n: int, params: dict[str, float]
+    ) -> dict[str, torch.Tensor]:
         return acc.served_weights(base_state, self._coefficient(n, params))
 
 
 MEAN = LinearMethod(
-    "mean", "uniform mean of the adapters' weight deltas: base + (1/n) * sum",
+    "mean",
+    "uniform mean of the adapters' weight deltas: base + (1/n) * sum",
     lambda n, p: 1.0 / n if n else 0.0,
 )
 TASK_ARITHMETIC = LinearMethod(
-    "task-arithmetic", "scaled sum of the deltas: base + scale * sum (scale defaults to 1; data-independent)",
+    "task-arithmetic",
+    "scaled sum of the deltas: base + scale * sum (scale defaults to 1; data-independent)",
     lambda n, p: p["scale"],
     params=(Param("scale", 1.0, "served = base + scale * sum of the adapters' deltas"),),
 )

@@ -20,12 +20,12 @@ import torch
 from sift.adapters import Adapter, check_sum_headroom, fixed_point_delta
 from sift.errors import SiftError
 from sift.hashing import combine_hashes, tensor_sha256
-from sift.merge.stream import StreamWriter, TensorFile, pack_int64, unpack_int64
+from sift.tensorio import StreamWriter, TensorFile, pack_int64, unpack_int64
 
 STATE_DIR = "sift-merge"
 _ACC = "accumulator.safetensors"
 _META = "state.json"
-PACKED = "packed-le-v1"  # sift.merge.stream.pack_int64, shapes in state.json
+PACKED = "packed-le-v1"  # sift.tensorio.pack_int64, shapes in state.json
 
 
 def served_value(w0: torch.Tensor, total: torch.Tensor, coefficient: float, bits: int) -> torch.Tensor:
@@ -45,7 +45,9 @@ class MergeState:
             q = fixed_point_delta(factors, adapter.scaling, self.bits)
             if name in self.acc:
                 if self.acc[name].shape != q.shape:
-                    raise SiftError(f"adapter of shard {adapter.shard}: {name} has shape {tuple(q.shape)}, expected {tuple(self.acc[name].shape)}")
+                    raise SiftError(
+                        f"adapter of shard {adapter.shard}: {name} has shape {tuple(q.shape)}, expected {tuple(self.acc[name].shape)}"
+                    )
                 self.acc[name].add_(q, alpha=sign)
             else:
                 self.acc[name] = q if sign > 0 else -q
@@ -65,8 +67,9 @@ class MergeState:
         if not self.members:
             self.acc = {}  # nothing left: the same state a fresh, empty merge has
 
-    def served_weights(self, base_state: dict[str, torch.Tensor], coefficient: float,
-                       masks: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def served_weights(
+        self, base_state: dict[str, torch.Tensor], coefficient: float, masks: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """The merged values of every weight the adapters touch; with `masks` (SIFT-Masks' local
         mask of one shard) only the masked entries of the sum are applied, the rest stay at base."""
         out = {}
@@ -78,13 +81,15 @@ class MergeState:
                 raise SiftError(f"the base model has no weight {name}: adapters and base do not match")
             w0 = base_state[name]
             if w0.shape != total.shape:  # e.g. a [out, in] delta for a Conv1D weight stored [in, out]
-                raise SiftError(f"the adapters' delta for {name} has shape {tuple(total.shape)} but the base weight has {tuple(w0.shape)}: adapters and base do not match")
+                raise SiftError(
+                    f"the adapters' delta for {name} has shape {tuple(total.shape)} but the base weight has {tuple(w0.shape)}: adapters and base do not match"
+                )
             out[name] = served_value(w0, total, coefficient, self.bits)
         return out
 
     # -- persistence ------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
-        """The sums packed losslessly (sift.merge.stream), tensor by tensor, and state.json."""
+        """The sums packed losslessly (sift.tensorio), tensor by tensor, and state.json."""
         folder.mkdir(parents=True, exist_ok=True)
         names = sorted(self.acc)
         with SumsWriter(folder, names, {n: tuple(self.acc[n].shape) for n in names}) as out:
@@ -104,7 +109,9 @@ class MergeState:
                 acc = {name: reader.get(name) for name in reader.names()}
             except Exception:
                 return None
-        return MergeState(bits=reader.bits, base_fingerprint=reader.base_fingerprint, members=dict(reader.members), acc=acc)
+        return MergeState(
+            bits=reader.bits, base_fingerprint=reader.base_fingerprint, members=dict(reader.members), acc=acc
+        )
 
 
 class SumsReader:
@@ -211,5 +218,3 @@ def sums_sha256(folder: Path) -> str | None:
         return None
     with reader:
         return combine_hashes((n, tensor_sha256(reader.get(n))) for n in reader.names())
-
-

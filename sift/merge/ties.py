@@ -61,18 +61,28 @@ class TiesMethod(RecomputedMethod):
     name = "ties"
     summary = "TIES: trim each delta to its top-density magnitudes, elect a sign per weight, average the agreeing entries, times scale (recomputed after every forget)"
     params = (
-        Param("density", 0.2, "fraction of each adapter's delta entries kept (by magnitude), per weight matrix", low=0.0, high=1.0),
+        Param(
+            "density",
+            0.2,
+            "fraction of each adapter's delta entries kept (by magnitude), per weight matrix",
+            low=0.0,
+            high=1.0,
+        ),
         Param("scale", 1.0, "lambda: served = base + scale * disjoint mean"),
     )
 
-    def merge_weight(self, adapters: list[Adapter], name: str, w0: torch.Tensor, params: dict[str, float], bits: int = DEFAULT_BITS) -> torch.Tensor:
+    def merge_weight(
+        self, adapters: list[Adapter], name: str, w0: torch.Tensor, params: dict[str, float], bits: int = DEFAULT_BITS
+    ) -> torch.Tensor:
         density, scale = params["density"], params["scale"]
         trimmed = []
         for a in sorted(adapters, key=lambda a: a.shard):  # integer sums make order moot; sorted anyway
             if name in a.modules:
                 q = fixed_point_delta(a.modules[name], a.scaling, bits)
                 if q.shape != w0.shape:
-                    raise SiftError(f"adapter of shard {a.shard}: {name} has shape {tuple(q.shape)}, the base weight {tuple(w0.shape)}")
+                    raise SiftError(
+                        f"adapter of shard {a.shard}: {name} has shape {tuple(q.shape)}, the base weight {tuple(w0.shape)}"
+                    )
                 trimmed.append(trim_top_k(q, density))
         total, count = ties_integer(torch.stack(trimmed))
         mean = total.to(torch.float64) / count.clamp(min=1).to(torch.float64)

@@ -16,13 +16,13 @@ from typing import Any
 
 from sift.config import FALLBACKS
 from sift.errors import SiftError
+from sift.merge.served import load_merge_state, served_info
 from sift.models import LazyBase
-from sift.serving.folder import load_merge_state, served_info
+from sift.routing.routers import Decision, EmbedIndex, KeysIndex, check_router, router_settings, routers_current
 from sift.serving.generate import greedy_answers
 from sift.serving.load import MaskedShards, ShardAdapters, load_served
-from sift.serving.route import Decision, EmbedIndex, KeysIndex, check_router, router_settings, routers_current
-from sift.snapshot import WorkspaceView
 from sift.workspace import Workspace
+from sift.workspace.view import WorkspaceView
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,9 @@ class WorkspaceServer:
             else:
                 stale.append(shard)
         if stale:
-            raise SiftError(f"shards {','.join(map(str, stale[:10]))} have no up-to-date adapter; run `sift train-shards -w {self.ws.root}` first")
+            raise SiftError(
+                f"shards {','.join(map(str, stale[:10]))} have no up-to-date adapter; run `sift train-shards -w {self.ws.root}` first"
+            )
         return out
 
     def default_router(self) -> str | None:
@@ -78,12 +80,18 @@ class WorkspaceServer:
         if name not in self._routers:
             folders = self.serving_shards()
             for shard, folder in folders.items():
-                settings = router_settings(self.view.cfg, self.view.state.base_model_fingerprint, self.view.plan(shard).content_hash or "")
+                settings = router_settings(
+                    self.view.cfg, self.view.state.base_model_fingerprint, self.view.plan(shard).content_hash or ""
+                )
                 if not routers_current(folder, settings):
-                    raise SiftError(f"shard {shard}'s router files are missing or stale; run `sift train-shards -w {self.ws.root}` to rebuild them")
+                    raise SiftError(
+                        f"shard {shard}'s router files are missing or stale; run `sift train-shards -w {self.ws.root}` to rebuild them"
+                    )
             if name == "keys":
                 if self.view.cfg.data.group_by is None:
-                    raise SiftError("the keys router needs a workspace made with --group-by (its keys are the group values); use --router embed")
+                    raise SiftError(
+                        "the keys router needs a workspace made with --group-by (its keys are the group values); use --router embed"
+                    )
                 self._routers[name] = KeysIndex.load(folders)
             else:
                 self._routers[name] = EmbedIndex.load(folders, self.base.get(), self.view.cfg)
@@ -127,20 +135,27 @@ class WorkspaceServer:
         elif merged:
             targets = [("merged", None, None, None)] * len(prompts)
         else:
-            targets = [("routed", d.shard, d.router, d.score) if d.shard is not None else ("merged", None, d.router if d.router != "none" else None, d.score)
-                       for d in self.route(prompts, router)]
+            targets = [
+                ("routed", d.shard, d.router, d.score)
+                if d.shard is not None
+                else ("merged", None, d.router if d.router != "none" else None, d.score)
+                for d in self.route(prompts, router)
+            ]
         answers: list[str | None] = [None] * len(prompts)
         paths = [t[0] for t in targets]
         for model, tok, path, k, idx in self._group(targets, fallback, merged):
             if k is None:
                 for i in idx:
                     paths[i] = path
-            for i, a in zip(idx, greedy_answers(model, tok, [prompts[i] for i in idx], max_new_tokens, batch_size=batch_size)):
+            for i, a in zip(
+                idx, greedy_answers(model, tok, [prompts[i] for i in idx], max_new_tokens, batch_size=batch_size)
+            ):
                 answers[i] = a
         return [Answer(p, a or "", path, k, r, s) for p, a, path, (_, k, r, s) in zip(prompts, answers, paths, targets)]
 
-    def models_for(self, prompts: list[str], router: str | None = None, merged: bool = False,
-                   fallback: str | None = None) -> Iterator[tuple[Any, Any, str, int | None, list[int]]]:
+    def models_for(
+        self, prompts: list[str], router: str | None = None, merged: bool = False, fallback: str | None = None
+    ) -> Iterator[tuple[Any, Any, str, int | None, list[int]]]:
         """The model that serves each prompt, grouped: (model, tokenizer, path, shard, indices),
         as `answer` would route them; for scoring likelihoods on the served path (sift eval).
         Iterate it group by group: a group's model is valid only until the next group is drawn
@@ -151,11 +166,15 @@ class WorkspaceServer:
         if merged:
             targets = [("merged", None, None, None)] * len(prompts)
         else:
-            targets = [("routed", d.shard, d.router, d.score) if d.shard is not None else ("merged", None, None, d.score)
-                       for d in self.route(prompts, router)]
+            targets = [
+                ("routed", d.shard, d.router, d.score) if d.shard is not None else ("merged", None, None, d.score)
+                for d in self.route(prompts, router)
+            ]
         return self._group(targets, fallback, merged)
 
-    def _group(self, targets: list[tuple[str, int | None, str | None, float | None]], fallback: str, merged: bool) -> Iterator[tuple[Any, Any, str, int | None, list[int]]]:
+    def _group(
+        self, targets: list[tuple[str, int | None, str | None, float | None]], fallback: str, merged: bool
+    ) -> Iterator[tuple[Any, Any, str, int | None, list[int]]]:
         groups: dict[int | None, list[int]] = {}
         for i, (_, k, _, _) in enumerate(targets):
             groups.setdefault(k, []).append(i)
@@ -180,9 +199,13 @@ class WorkspaceServer:
         info, state = served_info(self.ws.merged_dir), load_merge_state(self.ws.merged_dir)
         members = {s: self.view.plan(s).adapter_sha256 for s in self.serving_shards()}
         if info is None or info.get("method") != "sift-masks" or state is None:
-            raise SiftError(f"a SIFT-Masks shard is served from the merged sums: run `sift merge -w {self.ws.root} --method sift-masks` first")
+            raise SiftError(
+                f"a SIFT-Masks shard is served from the merged sums: run `sift merge -w {self.ws.root} --method sift-masks` first"
+            )
         if state.members != members:
-            raise SiftError(f"the merged sums do not hold the shards' current deltas; run `sift merge -w {self.ws.root}`")
+            raise SiftError(
+                f"the merged sums do not hold the shards' current deltas; run `sift merge -w {self.ws.root}`"
+            )
         return MaskedShards(self.base.get().model, state, len(members))
 
     def base_model(self) -> tuple[Any, Any, str]:

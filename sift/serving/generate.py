@@ -10,7 +10,9 @@ from sift.models import prompt_ids
 
 
 @torch.no_grad()
-def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
+def greedy_answers(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16
+) -> list[str]:
     """Greedy answers, batched with left padding (the attention mask keeps pads out);
     batch_size=1 answers each prompt alone, with no padding at all."""
     pad = tokenizer.pad_token_id
@@ -21,9 +23,15 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_token
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for i, c in enumerate(chunk):
-            ids[i, width - len(c):] = torch.tensor(c)
-            mask[i, width - len(c):] = 1
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            ids[i, width - len(c) :] = torch.tensor(c)
+            mask[i, width - len(c) :] = 1
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         out += [tokenizer.decode(g[width:], skip_special_tokens=True).strip() for g in gen]
     return out

@@ -20,10 +20,14 @@ def load_served(folder: Path) -> tuple[Any, Any]:
         raise SiftError(f"{folder} holds no served model; run `sift merge`")
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+        )
     except Exception as exc:  # a truncated or damaged file: one line, and the way out
-        raise SiftError(f"the served model in {folder} cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                        f"`sift merge` writes it again") from None
+        raise SiftError(
+            f"the served model in {folder} cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"`sift merge` writes it again"
+        ) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model.eval(), tok
@@ -67,7 +71,9 @@ class MaskedShards:
 
     def __init__(self, base_model: Any, state: Any, n: int):
         self._model = copy.deepcopy(base_model).eval()
-        self._base_state = {name: t.detach().clone() for name, t in base_model.state_dict().items() if name in state.acc}
+        self._base_state = {
+            name: t.detach().clone() for name, t in base_model.state_dict().items() if name in state.acc
+        }
         self._state, self._n, self._current = state, n, None
 
     def model_for(self, shard: int, adapter_dir: Path) -> Any:

@@ -14,16 +14,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from sift.adapters import Adapter, DenseDelta, check_recorded_hash, not_safetensors
+from sift.adapters import DELTA_FILE, delta_weight_names, load_dense_adapter  # noqa: F401 - re-exported: they lived here
 from sift.errors import SiftError
 from sift.fsio import atomic_write_bytes
 from sift.hashing import tensors_sha256
-from sift.siftmasks.signs import pack_bits, unpack_bits
-
-DELTA_FILE = "sift-masks.safetensors"
+from sift.tensorio import pack_bits, unpack_bits
 
 
 def encode(deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -43,10 +40,6 @@ def save_delta(path: Path, deltas: dict[str, torch.Tensor]) -> str:
     return tensors_sha256(tensors)[0]
 
 
-def _names(keys: list[str]) -> list[str]:
-    return sorted({k.rsplit(".", 1)[0] for k in keys})
-
-
 def load_masks(adapter_dir: Path) -> dict[str, torch.Tensor]:
     """Each tuned weight's local mask (bool, the weight's shape), reading neither value arrays."""
     path = adapter_dir / DELTA_FILE
@@ -54,36 +47,9 @@ def load_masks(adapter_dir: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
             out = {}
-            for name in _names(keys):
+            for name in delta_weight_names(keys):
                 shape = tuple(int(x) for x in f.get_tensor(f"{name}.shape").tolist())
                 out[name] = unpack_bits(f.get_tensor(f"{name}.mask"), shape)
             return out
     except Exception as exc:
         raise SiftError(f"SIFT-Masks shard {adapter_dir} cannot be read: {exc}") from None
-
-
-def load_dense_adapter(adapter_dir: Path, shard: int) -> Adapter:
-    """The shard's dense deltas, checked against the hash its sift-meta.json records."""
-    path = adapter_dir / DELTA_FILE
-    problem = not_safetensors(path)
-    if problem:
-        raise SiftError(f"SIFT-Masks shard {path} {problem}")
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:
-        raise SiftError(f"SIFT-Masks shard {adapter_dir} cannot be read: {exc}") from None
-    digest = check_recorded_hash(adapter_dir, tensors, "SIFT-Masks shard")
-    modules: dict[str, DenseDelta] = {}
-    for name in _names(list(tensors)):
-        try:
-            shape = tuple(int(x) for x in tensors[f"{name}.shape"].tolist())
-            mask = unpack_bits(tensors[f"{name}.mask"], shape).reshape(-1)
-            values = tensors[f"{name}.values"]
-        except (KeyError, ValueError) as exc:
-            raise SiftError(f"SIFT-Masks shard {adapter_dir}: weight {name} is incomplete ({exc})") from None
-        if int(mask.sum()) != values.numel() or values.dtype != torch.float32:
-            raise SiftError(f"SIFT-Masks shard {adapter_dir}: weight {name} has {values.numel()} values for {int(mask.sum())} mask bits")
-        tau = torch.zeros(mask.numel(), dtype=torch.float32)
-        tau[mask] = values
-        modules[name] = DenseDelta(tau.reshape(shape))
-    return Adapter(shard=shard, sha256=digest, scaling=1.0, modules=modules)

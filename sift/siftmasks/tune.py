@@ -17,33 +17,8 @@ import torch
 from sift.config import SiftConfig
 from sift.errors import SiftError
 from sift.loop import Example, LoopResult, LoopSettings, StepHooks, run_loop
+from sift.models import target_weights  # noqa: F401 - re-exported: it lived here
 from sift.siftmasks.signs import disagrees, positive_signs
-
-
-def target_weights(model: Any, targets: list[str]) -> dict[str, torch.nn.Parameter]:
-    """Weights of the Linear/Conv1D modules whose last name is in `targets`, by parameter name.
-    Refuses a target that matches nothing, or a weight shared with another module (a tied head)."""
-    from transformers.pytorch_utils import Conv1D
-
-    params = dict(model.named_parameters())  # tied weights appear once, under their first name
-    out: dict[str, torch.nn.Parameter] = {}
-    seen_names: set[str] = set()
-    for module_name, module in model.named_modules():
-        last = module_name.rsplit(".", 1)[-1]
-        if isinstance(module, (torch.nn.Linear, Conv1D)):
-            seen_names.add(last)
-        if last not in targets:
-            continue
-        if not isinstance(module, (torch.nn.Linear, Conv1D)):
-            raise SiftError(f"sift_masks.target_modules names {module_name} ({type(module).__name__}); only Linear and Conv1D weights are tuned")
-        name = f"{module_name}.weight"
-        if name not in params:
-            raise SiftError(f"{name} is tied to another weight (shared parameters cannot be tuned per shard): remove {last!r} from sift_masks.target_modules")
-        out[name] = params[name]
-    missing = sorted(set(targets) - {n.rsplit(".", 2)[-2] for n in out})
-    if missing:
-        raise SiftError(f"sift_masks.target_modules {missing} match no Linear layer of this model; its layers are named: {', '.join(sorted(seen_names))}")
-    return dict(sorted(out.items()))
 
 
 def tune_sign_fixed(
@@ -74,8 +49,17 @@ def tune_sign_fixed(
     t = cfg.train
     settings = LoopSettings(t.epochs, t.batch_size, cfg.sift_masks.lr, t.weight_decay, t.warmup_steps, t.max_grad_norm)
     model.train()
-    result = run_loop(model, list(weights.values()), examples, pad_id, settings, seed, loss_fn,
-                      hooks=StepHooks(after_step=[project]), progress=progress)
+    result = run_loop(
+        model,
+        list(weights.values()),
+        examples,
+        pad_id,
+        settings,
+        seed,
+        loss_fn,
+        hooks=StepHooks(after_step=[project]),
+        progress=progress,
+    )
     model.eval()
     with torch.no_grad():
         deltas = {name: (p.detach() - start[name]).contiguous() for name, p in weights.items()}

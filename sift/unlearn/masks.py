@@ -28,10 +28,14 @@ MASKS = ("wagle", "magnitude", "random")
 WAGLE_GAMMA = 1e-6
 
 
-def wagle_scores(params: list[torch.Tensor], g_forget: list[torch.Tensor], g_retain: list[torch.Tensor],
-                 gamma: float = WAGLE_GAMMA) -> list[torch.Tensor]:
+def wagle_scores(
+    params: list[torch.Tensor], g_forget: list[torch.Tensor], g_retain: list[torch.Tensor], gamma: float = WAGLE_GAMMA
+) -> list[torch.Tensor]:
     """|(theta - g_r / gamma) * g_f| per weight, in float64 (the ranking must not depend on rounding)."""
-    return [((p.detach().double() - gr.double() / gamma) * gf.double()).abs() for p, gf, gr in zip(params, g_forget, g_retain)]
+    return [
+        ((p.detach().double() - gr.double() / gamma) * gf.double()).abs()
+        for p, gf, gr in zip(params, g_forget, g_retain)
+    ]
 
 
 def magnitude_scores(params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -38,7 +38,9 @@ def global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.sqrt(sum((g.double() ** 2).sum() for g in grads)) if grads else torch.tensor(0.0, dtype=torch.float64)
 
 
-def ngdiff_direction(g_retain: list[torch.Tensor], g_forget: list[torch.Tensor], eps: float = EPS) -> list[torch.Tensor]:
+def ngdiff_direction(
+    g_retain: list[torch.Tensor], g_forget: list[torch.Tensor], eps: float = EPS
+) -> list[torch.Tensor]:
     """g_R/(||g_R|| + eps) - g_F/(||g_F|| + eps), norms over all tensors together."""
     nr = float(global_norm(g_retain)) + eps
     nf = float(global_norm(g_forget)) + eps

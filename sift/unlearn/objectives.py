@@ -44,7 +44,9 @@ def ga_loss(nll_forget: torch.Tensor) -> torch.Tensor:
     return -nll_forget
 
 
-def graddiff_loss(nll_forget: torch.Tensor, nll_retain: torch.Tensor, forget_weight: float = 1.0, retain_weight: float = 1.0) -> torch.Tensor:
+def graddiff_loss(
+    nll_forget: torch.Tensor, nll_retain: torch.Tensor, forget_weight: float = 1.0, retain_weight: float = 1.0
+) -> torch.Tensor:
     return -forget_weight * nll_forget + retain_weight * nll_retain
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -25,15 +24,27 @@ from sift.determinism import derive_seed, enable_determinism
 from sift.errors import SiftError
 from sift.fsio import atomic_write_json, replace_dir, staging_dir
 from sift.hashing import hash_order, sha256_hex
+from sift.logs import get_logger, quieted
 from sift.loop import Example, batches
 from sift.models import LazyBase
-from sift.snapshot import WorkspaceView
-from sift.unlearn.masks import MASKS, WAGLE_GAMMA, apply_masks, magnitude_scores, mask_fraction, random_scores, top_fraction, wagle_scores
+from sift.unlearn.masks import (
+    MASKS,
+    WAGLE_GAMMA,
+    apply_masks,
+    magnitude_scores,
+    mask_fraction,
+    random_scores,
+    top_fraction,
+    wagle_scores,
+)
 from sift.unlearn.ngdiff import EPS, GenSchedule, ngdiff_direction, parabola_step
+from sift.unlearn.objectives import answer_logprobs, ga_loss, npo_loss, simnpo_loss, token_nll
 from sift.unlearn.smoothing import sam_forget_backward
 from sift.unlearn.sparsity import L1_DEFAULT, l1_penalty, l1_weight, prune_by_magnitude
-from sift.unlearn.objectives import answer_logprobs, ga_loss, npo_loss, simnpo_loss, token_nll
 from sift.workspace import Workspace
+from sift.workspace.view import WorkspaceView
+
+log = get_logger(__name__)
 
 UNLEARN_META = "sift-unlearn.json"
 
@@ -82,9 +93,16 @@ class UnlearnSettings:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise SiftError(f"lr must be a positive number, got {self.lr}")
         out = copy.copy(self)
-        extras = {"--mask": self.mask, "--sam": self.sam_rho, "--l1": self.l1 if self.method != "l1sparse" else None, "--prune": self.prune}
+        extras = {
+            "--mask": self.mask,
+            "--sam": self.sam_rho,
+            "--l1": self.l1 if self.method != "l1sparse" else None,
+            "--prune": self.prune,
+        }
         if self.method not in ADAMW_METHODS and any(v is not None for v in extras.values()):
-            raise SiftError(f"{', '.join(k for k, v in extras.items() if v is not None)} apply to {', '.join(ADAMW_METHODS)}, not {self.method}")
+            raise SiftError(
+                f"{', '.join(k for k, v in extras.items() if v is not None)} apply to {', '.join(ADAMW_METHODS)}, not {self.method}"
+            )
         if self.mask is not None and self.mask not in MASKS:
             raise SiftError(f"unknown --mask {self.mask!r}: use one of {', '.join(MASKS)}")
         if self.mask_ratio is not None and self.mask is None:
@@ -113,8 +131,14 @@ class UnlearnSettings:
                     raise SiftError(f"--{key.replace('_', '-')} does not apply to {self.method}")
                 continue
             value = default if given is None else float(given)
-            if not math.isfinite(value) or (key == "beta" and value <= 0) or (key in ("forget_weight", "retain_weight") and value < 0):
-                raise SiftError(f"--{key.replace('_', '-')} must be {'> 0' if key == 'beta' else '>= 0'} and finite, got {given}")
+            if (
+                not math.isfinite(value)
+                or (key == "beta" and value <= 0)
+                or (key in ("forget_weight", "retain_weight") and value < 0)
+            ):
+                raise SiftError(
+                    f"--{key.replace('_', '-')} must be {'> 0' if key == 'beta' else '>= 0'} and finite, got {given}"
+                )
             setattr(out, key, value)
         return out
 
@@ -141,10 +165,10 @@ def _retain_stream(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
     while True:
         order = torch.randperm(n, generator=gen).tolist()
         for start in range(0, n, batch_size):
-            yield order[start:start + batch_size]
+            yield order[start : start + batch_size]
 
 
-def monolithic_adapter(ws: Workspace, view: WorkspaceView, rows: list[Row], base: LazyBase, quiet: bool = False) -> Path:
+def monolithic_adapter(ws: Workspace, view: WorkspaceView, rows: list[Row], base: LazyBase) -> Path:
     """The adapter trained on every row the workspace holds now (`rows`, sorted by id), trained
     and cached if needed."""
     from sift.adapters import adapter_is_current
@@ -153,15 +177,16 @@ def monolithic_adapter(ws: Workspace, view: WorkspaceView, rows: list[Row], base
     if view.num_shards == 1:
         plan = view.plan(0)
         if plan.status != "current":
-            raise SiftError(f"workspace {ws.root} has no up-to-date adapter; run `sift train-shards -w {ws.root}` first")
+            raise SiftError(
+                f"workspace {ws.root} has no up-to-date adapter; run `sift train-shards -w {ws.root}` first"
+            )
         return ws.adapter_dir(0)
     if view.cfg.train.method != "lora":
         raise SiftError("sift unlearn starts from a LoRA adapter; this workspace trains sift-masks shards")
     content = shard_content_hash(view.cfg.training_hash(), view.state.base_model_fingerprint, 0, rows)
     folder = ws.unlearn_dir / "monolithic"
     if not adapter_is_current(folder, content):
-        if not quiet:
-            print(f"sift: training the monolithic adapter on all {len(rows)} rows (once; cached in {folder})", file=sys.stderr, flush=True)
+        log.info(f"sift: training the monolithic adapter on all {len(rows)} rows (once; cached in {folder})")
         train_shard(base.get(), rows, view.cfg, 0, folder, content)
     return folder
 
@@ -169,12 +194,32 @@ def monolithic_adapter(ws: Workspace, view: WorkspaceView, rows: list[Row], base
 EpochHook = Callable[[int, Any, Any, dict[str, float]], None]
 
 
-def unlearn(ws: Workspace, ids: list[str], out: Path, settings: UnlearnSettings, base: LazyBase | None = None,
-            quiet: bool = False, on_epoch: EpochHook | None = None) -> dict[str, Any]:
+def unlearn(
+    ws: Workspace,
+    ids: list[str],
+    out: Path,
+    settings: UnlearnSettings,
+    base: LazyBase | None = None,
+    quiet: bool = False,
+    on_epoch: EpochHook | None = None,
+) -> dict[str, Any]:
     """Run one approximate method; returns its record (also written to out/sift-unlearn.json).
 
     `on_epoch(epoch, model, tokenizer, cost)` is called after every epoch (sift compare evaluates
-    there; it must not change the model); the time it takes is left out of the recorded cost."""
+    there; it must not change the model); the time it takes is left out of the recorded cost.
+    Progress is logged; `quiet` silences it for this call."""
+    with quieted(quiet):
+        return _unlearn(ws, ids, out, settings, base, on_epoch)
+
+
+def _unlearn(
+    ws: Workspace,
+    ids: list[str],
+    out: Path,
+    settings: UnlearnSettings,
+    base: LazyBase | None,
+    on_epoch: EpochHook | None,
+) -> dict[str, Any]:
     from sift.adapters import open_peft_adapter
     from sift.train import tokenize_rows
 
@@ -199,7 +244,7 @@ def unlearn(ws: Workspace, ids: list[str], out: Path, settings: UnlearnSettings,
         raise SiftError("--out must lie outside the workspace (an unlearned model is not part of it)")
 
     base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
-    source = monolithic_adapter(ws, view, rows, base, quiet)
+    source = monolithic_adapter(ws, view, rows, base)
     b = base.get()
     enable_determinism()
     unlearned_rows = forget_rows if s.coreset is None else coreset_rows(forget_rows, s.coreset, s.seed)
@@ -232,7 +277,7 @@ def unlearn(ws: Workspace, ids: list[str], out: Path, settings: UnlearnSettings,
         sums = {"forget_nll": 0.0, "retain_nll": 0.0, "loss": 0.0}
         n_steps = 0
         for start in range(0, len(order), s.batch_size):
-            idx = order[start:start + s.batch_size]
+            idx = order[start : start + s.batch_size]
             fb = _batch(ex_f, idx, pad)
             rb = _batch(ex_r, next(retain), pad) if (retain is not None and s.uses_retain()) else None  # type: ignore[arg-type]
             step += 1
@@ -273,13 +318,16 @@ def unlearn(ws: Workspace, ids: list[str], out: Path, settings: UnlearnSettings,
         if gen is not None:
             row["eta"] = gen.eta
         count.history.append(row)
-        if not quiet:
-            print(f"sift unlearn {s.method}: epoch {epoch}/{s.epochs} forget NLL {row['forget_nll']:.3f}"
-                  + (f" retain NLL {row['retain_nll']:.3f}" if s.uses_retain() else ""), file=sys.stderr, flush=True)
+        log.info(
+            f"sift unlearn {s.method}: epoch {epoch}/{s.epochs} forget NLL {row['forget_nll']:.3f}"
+            + (f" retain NLL {row['retain_nll']:.3f}" if s.uses_retain() else "")
+        )
         if on_epoch is not None:
             hook_started = time.perf_counter()
-            cost = {"seconds": round(hook_started - started - hook_seconds, 3),
-                    "flops": 6 * n_params * count.trained_tokens + 2 * n_params * count.forward_tokens}
+            cost = {
+                "seconds": round(hook_started - started - hook_seconds, 3),
+                "flops": 6 * n_params * count.trained_tokens + 2 * n_params * count.forward_tokens,
+            }
             on_epoch(epoch, model, b.tokenizer, cost)
             model.eval()
             hook_seconds += time.perf_counter() - hook_started
@@ -296,7 +344,7 @@ def unlearn(ws: Workspace, ids: list[str], out: Path, settings: UnlearnSettings,
         "approximate": True,
         "exact": False,
         "note": "approximate unlearning: the forget rows were used to tune this adapter away from them; "
-                "the workspace still holds them. Use `sift forget` for an exact deletion.",
+        "the workspace still holds them. Use `sift forget` for an exact deletion.",
         "method": s.method,
         "settings": {k: v for k, v in asdict(s).items() if v is not None},
         "forget_rows": len(forget_rows),
@@ -316,14 +364,26 @@ def unlearn(ws: Workspace, ids: list[str], out: Path, settings: UnlearnSettings,
     if masks is not None:
         record["mask"] = {"kind": s.mask, "prune": s.prune, "fraction_updated": round(mask_fraction(masks), 6)}
     if gen is not None:
-        record["gen"] = {"final_eta": gen.eta, "accepted_fits": gen.accepted, "failed_fits": gen.failed, "every": gen.every, "eps": EPS}
+        record["gen"] = {
+            "final_eta": gen.eta,
+            "accepted_fits": gen.accepted,
+            "failed_fits": gen.failed,
+            "every": gen.every,
+            "eps": EPS,
+        }
     atomic_write_json(staged / UNLEARN_META, record)
     replace_dir(staged, out)
     return record | {"out": str(out)}
 
 
-def _objective(s: UnlearnSettings, lp_f: torch.Tensor, len_f: torch.Tensor, nll_f: torch.Tensor,
-               nll_r: torch.Tensor | None, ref: torch.Tensor | None) -> torch.Tensor:
+def _objective(
+    s: UnlearnSettings,
+    lp_f: torch.Tensor,
+    len_f: torch.Tensor,
+    nll_f: torch.Tensor,
+    nll_r: torch.Tensor | None,
+    ref: torch.Tensor | None,
+) -> torch.Tensor:
     """The method's loss: its forget term (_forget_term) plus w_R NLL_retain where it has one."""
     if s.method == "l1sparse":  # fine-tuning on the retain rows; its l1 term is added by the caller
         assert nll_r is not None
@@ -336,7 +396,9 @@ def _objective(s: UnlearnSettings, lp_f: torch.Tensor, len_f: torch.Tensor, nll_
     return forget + ((s.retain_weight or 0.0) * nll_r if nll_r is not None else 0.0)
 
 
-def _forget_term(s: UnlearnSettings, lp_f: torch.Tensor, len_f: torch.Tensor, nll_f: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
+def _forget_term(
+    s: UnlearnSettings, lp_f: torch.Tensor, len_f: torch.Tensor, nll_f: torch.Tensor, ref: torch.Tensor | None
+) -> torch.Tensor:
     """The part of the loss that depends on the forget rows (what sharpness-aware unlearning smooths);
     graddiff's is objectives.graddiff_loss's first term."""
     if s.method == "ga":
@@ -352,8 +414,15 @@ def _forget_term(s: UnlearnSettings, lp_f: torch.Tensor, len_f: torch.Tensor, nl
     raise AssertionError(s.method)  # pragma: no cover
 
 
-def _sam_step(s: UnlearnSettings, lm: Any, params: list[torch.nn.Parameter], fb: Any, rb: Any, ref: torch.Tensor | None,
-              l1: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _sam_step(
+    s: UnlearnSettings,
+    lm: Any,
+    params: list[torch.nn.Parameter],
+    fb: Any,
+    rb: Any,
+    ref: torch.Tensor | None,
+    l1: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of  l_f(theta + delta*) + w_R l_r(theta) [+ l1]  into p.grad (sift.unlearn.smoothing);
     returns (loss at theta, forget NLL, retain NLL) for the log."""
     seen: dict[str, torch.Tensor] = {}
@@ -387,7 +456,9 @@ def coreset_rows(rows: list[Row], fraction: float, seed: int) -> list[Row]:
     return sorted(hash_order(rows, key=lambda r: r.id, salt=f"coreset|{seed}|")[:n], key=lambda r: r.id)
 
 
-def _summed_grads(lm: Any, params: list[torch.nn.Parameter], examples: list[Example], idx_batches: list[list[int]], pad: int) -> list[torch.Tensor]:
+def _summed_grads(
+    lm: Any, params: list[torch.nn.Parameter], examples: list[Example], idx_batches: list[list[int]], pad: int
+) -> list[torch.Tensor]:
     """Sum over the batches of the gradient of each batch's token NLL (one pass, as WAGLE takes it)."""
     total = [torch.zeros_like(p) for p in params]
     for idx in idx_batches:
@@ -397,8 +468,15 @@ def _summed_grads(lm: Any, params: list[torch.nn.Parameter], examples: list[Exam
     return total
 
 
-def _weight_masks(s: UnlearnSettings, lm: Any, params: list[torch.nn.Parameter], ex_f: list[Example], ex_r: list[Example],
-                  pad: int, count: Counter) -> list[torch.Tensor] | None:
+def _weight_masks(
+    s: UnlearnSettings,
+    lm: Any,
+    params: list[torch.nn.Parameter],
+    ex_f: list[Example],
+    ex_r: list[Example],
+    pad: int,
+    count: Counter,
+) -> list[torch.Tensor] | None:
     """The weights unlearning may move: pruned ones never (--prune), and only the top --mask-ratio
     of --mask's scores. WAGLE's gradients are taken in one pass over the forget rows, each batch
     paired with a batch of retain rows (a seeded draw), at the weights unlearning starts from."""
@@ -410,11 +488,17 @@ def _weight_masks(s: UnlearnSettings, lm: Any, params: list[torch.nn.Parameter],
         if not ex_r:
             raise SiftError("--mask wagle needs retain rows (its score weighs the retain gradient)")
         f_batches = [list(range(i, min(i + s.batch_size, len(ex_f)))) for i in range(0, len(ex_f), s.batch_size)]
-        perm = torch.randperm(len(ex_r), generator=torch.Generator().manual_seed(derive_seed("wagle-retain", s.seed))).tolist()
-        r_batches = [[perm[(i * s.batch_size + j) % len(perm)] for j in range(s.batch_size)] for i in range(len(f_batches))]
+        perm = torch.randperm(
+            len(ex_r), generator=torch.Generator().manual_seed(derive_seed("wagle-retain", s.seed))
+        ).tolist()
+        r_batches = [
+            [perm[(i * s.batch_size + j) % len(perm)] for j in range(s.batch_size)] for i in range(len(f_batches))
+        ]
         g_f = _summed_grads(lm, params, ex_f, f_batches, pad)
         g_r = _summed_grads(lm, params, ex_r, r_batches, pad)
-        count.trained_tokens += sum(len(ex_f[i][0]) for b in f_batches for i in b) + sum(len(ex_r[i][0]) for b in r_batches for i in b)
+        count.trained_tokens += sum(len(ex_f[i][0]) for b in f_batches for i in b) + sum(
+            len(ex_r[i][0]) for b in r_batches for i in b
+        )
         scores = wagle_scores(params, g_f, g_r, s.mask_gamma)
     elif s.mask == "magnitude":
         scores = magnitude_scores(params)
@@ -430,8 +514,9 @@ def _grads(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.T
     return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
 
 
-def _ngdiff_step(lm: Any, params: list[torch.nn.Parameter], fb: Any, rb: Any, gen: GenSchedule, step: int,
-                 count: Counter) -> tuple[float, float, float]:
+def _ngdiff_step(
+    lm: Any, params: list[torch.nn.Parameter], fb: Any, rb: Any, gen: GenSchedule, step: int, count: Counter
+) -> tuple[float, float, float]:
     """One NGDiff update (with a GeN fit when due); returns (retain - forget NLL, forget NLL, retain NLL)."""
     lp_r, len_r = answer_logprobs(lm, rb)
     loss_r = token_nll(lp_r, len_r)

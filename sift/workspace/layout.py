@@ -1,12 +1,12 @@
 """The on-disk layout of a workspace, its lock, its state file and its ledger.
 
-    sift.toml            the config that made it
-    state.json           base-model fingerprint, ledger salt, dropped shards
-    manifest.jsonl       id -> shard, row hash (no text)
-    shards/shard-0007.jsonl   the rows of shard 7 (deleted rows are removed here)
-    adapters/shard-0007/ PEFT adapter (adapter_model.safetensors, adapter_config.json) + sift-meta.json
-    merged/              the served model (transformers folder) + sift-merge/ accumulator state
-    ledger.jsonl         append-only forget log (keyed id hashes, never text)
+sift.toml            the config that made it
+state.json           base-model fingerprint, ledger salt, dropped shards
+manifest.jsonl       id -> shard, row hash (no text)
+shards/shard-0007.jsonl   the rows of shard 7 (deleted rows are removed here)
+adapters/shard-0007/ PEFT adapter (adapter_model.safetensors, adapter_config.json) + sift-meta.json
+merged/              the served model (transformers folder) + sift-merge/ accumulator state
+ledger.jsonl         append-only forget log (keyed id hashes, never text)
 """
 
 from __future__ import annotations
@@ -117,7 +117,9 @@ class Workspace:
 
     def require(self) -> None:
         if not self.exists():
-            raise SiftError(f"{self.root} is not a sift workspace (no sift.toml); run `sift train-shards -w {self.root} --data ...` first")
+            raise SiftError(
+                f"{self.root} is not a sift workspace (no sift.toml); run `sift train-shards -w {self.root} --data ...` first"
+            )
 
     def load_config(self) -> SiftConfig:
         self.require()
@@ -158,8 +160,10 @@ class Workspace:
                 if path.is_symlink():
                     target = path.resolve()
                     if target != root and root not in target.parents:
-                        raise SiftError(f"workspace {self.root}: {path.relative_to(self.root)} links outside the workspace "
-                                        f"(to {target}); sift writes only inside it: replace the link with the real file or folder")
+                        raise SiftError(
+                            f"workspace {self.root}: {path.relative_to(self.root)} links outside the workspace "
+                            f"(to {target}); sift writes only inside it: replace the link with the real file or folder"
+                        )
 
     # -- lock ---------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -178,7 +182,9 @@ class Workspace:
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
                         holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another sift command"
-                        raise WorkspaceBusy(f"workspace {self.root} is in use by {holder}; retry later or pass --wait SECONDS") from None
+                        raise WorkspaceBusy(
+                            f"workspace {self.root} is in use by {holder}; retry later or pass --wait SECONDS"
+                        ) from None
                     time.sleep(0.2)
             self.check_contained()
             if exclusive:
@@ -215,8 +221,10 @@ class Workspace:
             anchor = self.load_state()
             n = anchor.ledger_entries
             if n and (len(entries) < n or entries[n - 1]["entry_sha256"] != anchor.ledger_head):
-                raise SiftError(f"ledger {self.ledger_path} is truncated or replaced: state.json records {n} entries "
-                                f"ending in {anchor.ledger_head[:12]}, the ledger has {len(entries)}")
+                raise SiftError(
+                    f"ledger {self.ledger_path} is truncated or replaced: state.json records {n} entries "
+                    f"ending in {anchor.ledger_head[:12]}, the ledger has {len(entries)}"
+                )
         return entries
 
     def append_ledger(self, entry: dict[str, Any]) -> dict[str, Any]:

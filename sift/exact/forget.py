@@ -1,0 +1,208 @@
+"""Exact unlearning: remove rows, retrain (or drop) only their shards, re-merge incrementally.
+
+A forget is journalled before anything changes (the journal holds keyed hashes of the ids, never
+the ids or text) and every step is idempotent, so a forget cut short by a crash is completed by
+the next command that takes the workspace lock, and a forget either happened or did not.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from sift.adapters import Adapter, load_adapter, read_meta
+from sift.errors import SiftError
+from sift.fsio import atomic_write_json, remove_tree
+from sift.hashing import keyed_id_hash
+from sift.logs import get_logger, quieted
+from sift.merge import get_method
+from sift.merge.driver import merge_workspace, saved_sum_members, served_info
+from sift.models import LazyBase
+from sift.train import train_shards
+from sift.workspace import Workspace
+from sift.workspace.rows import read_manifest, write_workspace_rows
+from sift.workspace.view import WorkspaceView
+
+log = get_logger(__name__)
+
+
+def forget(
+    ws: Workspace,
+    ids: list[str],
+    drop: bool = False,
+    ignore_missing: bool = False,
+    base: LazyBase | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Forget `ids`; returns the certificate. Unknown ids raise before anything is touched.
+    Progress is logged; `quiet` silences it for this call."""
+    with quieted(quiet):
+        return _forget(ws, ids, drop, ignore_missing, base)
+
+
+def _forget(ws: Workspace, ids: list[str], drop: bool, ignore_missing: bool, base: LazyBase | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    resume_pending_forget(ws, base)
+    state = ws.load_state()
+    salt = bytes.fromhex(state.ledger_salt)
+    manifest = read_manifest(ws)
+    present = sorted(i for i in set(ids) if i in manifest)
+    absent = sorted(i for i in set(ids) if i not in manifest)
+    done_before = ws.forgotten_hashes()
+    already = [i for i in absent if keyed_id_hash(salt, i) in done_before]
+    unknown = [i for i in absent if keyed_id_hash(salt, i) not in done_before]
+    if unknown and not ignore_missing:
+        shown = ", ".join(repr(i) for i in unknown[:5])
+        raise SiftError(
+            f"{len(unknown)} id(s) are not in workspace {ws.root}: {shown}; nothing was changed (--ignore-missing skips them)"
+        )
+    if not present:
+        what = f"{len(already)} already forgotten" if already else "nothing to forget"
+        return {
+            "changed": False,
+            "message": f"no-op: {what}",
+            "rows_removed": 0,
+            "already_forgotten": len(already),
+            "unknown_ignored": len(unknown),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+    journal = {
+        "forget_id": secrets.token_hex(8),
+        "id_hashes": sorted(keyed_id_hash(salt, i) for i in present),
+        "shards": sorted({manifest[i] for i in present}),
+        "rows": len(present),  # a resumed forget finds the rows already gone: its record must not say 0
+        "drop": drop,
+        "started": _now(),
+    }
+    atomic_write_json(ws.journal_path, journal)
+    cert = _complete(ws, journal, base)
+    cert.update(
+        already_forgotten=len(already), unknown_ignored=len(unknown), seconds=round(time.perf_counter() - started, 3)
+    )
+    return cert
+
+
+def resume_pending_forget(ws: Workspace, base: LazyBase | None = None, quiet: bool = False) -> dict[str, Any] | None:
+    """Finish a forget that a crash interrupted (called under the lock by every writing command)."""
+    with quieted(quiet):
+        return _resume(ws, base)
+
+
+def _resume(ws: Workspace, base: LazyBase | None) -> dict[str, Any] | None:
+    if not ws.journal_path.exists():
+        return None
+    journal = json.loads(ws.journal_path.read_text())
+    entries = ws.read_ledger()
+    if any(e.get("forget_id") == journal["forget_id"] for e in entries):
+        # It had finished; what a crash can have cut off is the ledger anchor's update (state.json)
+        # and the journal's removal: both are done now.
+        state = ws.load_state()
+        if state.ledger_entries != len(entries):
+            state.ledger_entries, state.ledger_head = len(entries), entries[-1]["entry_sha256"]
+            ws.save_state(state)
+        ws.journal_path.unlink()
+        return None
+    log.info(f"sift: completing an interrupted forget ({len(journal['id_hashes'])} ids)")
+    return _complete(ws, journal, base)
+
+
+def _complete(ws: Workspace, journal: dict[str, Any], base: LazyBase | None) -> dict[str, Any]:
+    view = WorkspaceView.load(ws)
+    cfg, state = view.cfg, view.state
+    base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
+    salt = bytes.fromhex(state.ledger_salt)
+    doomed = set(journal["id_hashes"])
+    affected: list[int] = journal["shards"]
+    had_served = served_info(ws) is not None
+    method = get_method(cfg.merge.method)
+
+    # 1. An incremental method will take the old adapters out of its sums: read them now, while
+    #    they are still on disk (a few MB each; the sums themselves are streamed in step 4). If one
+    #    is already gone (a resumed forget), the sums start over; a recomputed method (TIES) merges
+    #    every remaining adapter again in step 4.
+    leaving: list[Adapter] | None = None
+    if had_served and method.incremental:
+        held_by_sums = saved_sum_members(ws)
+        leaving = [] if held_by_sums is not None else None
+        for shard in affected:
+            if leaving is None:
+                break
+            held = held_by_sums.get(shard) if held_by_sums is not None else None
+            if held is None:
+                continue
+            meta = read_meta(ws.adapter_dir(shard))
+            if meta is None or meta.get("adapter_sha256") != held:
+                leaving = None
+            else:
+                leaving.append(load_adapter(ws.adapter_dir(shard), shard))
+
+    # 2. Delete the rows from the workspace's data.
+    rows = view.rows
+    kept = {s: [r for r in rows.get(s, []) if keyed_id_hash(salt, r.id) not in doomed] for s in affected}
+    removed = int(journal.get("rows", sum(len(rows.get(s, [])) - len(kept[s]) for s in affected)))
+    write_workspace_rows(ws, cfg.data, {**rows, **kept}, cfg.shards.num_shards, only=affected)
+    remove_tree(ws.unlearn_dir)  # sift unlearn's monolithic adapter learned the deleted rows too
+
+    # 3. Retrain what is left of each shard, or drop it (its router files go with its folder).
+    outcome: dict[int, str] = {}
+    for shard in affected:
+        if not kept[shard]:
+            remove_tree(ws.adapter_dir(shard))
+            outcome[shard] = "emptied"
+        elif journal["drop"] or shard in state.dropped_shards:
+            remove_tree(ws.adapter_dir(shard))
+            if shard not in state.dropped_shards:
+                state.dropped_shards.append(shard)
+            outcome[shard] = "dropped"
+    ws.save_state(state)
+    view = view.with_rows({**rows, **kept})
+    retrain = [s for s in affected if s not in outcome]
+    if retrain:
+        train_shards(ws, retrain, base=base, view=view)
+        outcome.update({s: "retrained" for s in retrain})
+
+    # 4. Re-merge: one adapter's work per affected shard when the sums survived.
+    merge: dict[str, Any] | None = None
+    if had_served:
+        merge = merge_workspace(ws, full=method.incremental and leaving is None, base=base, removed=leaving, view=view)
+
+    # 5. Record it, then drop the journal.
+    adapters = {str(s): (read_meta(ws.adapter_dir(s)) or {}).get("adapter_sha256") for s in affected}
+    entry = ws.append_ledger(
+        {
+            "time": _now(),
+            "forget_id": journal["forget_id"],
+            "id_hashes": journal["id_hashes"],
+            "rows_removed": removed,
+            "shards": {str(s): outcome[s] for s in affected},
+            "adapters": adapters,
+            "method": cfg.merge.method if had_served else None,
+            "served_sha256": merge["served_sha256"] if merge else None,
+        }
+    )
+    ws.journal_path.unlink(missing_ok=True)
+    return {
+        "changed": True,
+        "rows_removed": removed,
+        "shards_retrained": [s for s in affected if outcome[s] == "retrained"],
+        "shards_dropped": [s for s in affected if outcome[s] == "dropped"],
+        "shards_emptied": [s for s in affected if outcome[s] == "emptied"],
+        "merge": None
+        if merge is None
+        else {
+            "mode": merge.get("mode", "unchanged"),
+            "method": merge["method"],
+            "exact": method.exact,
+            "incremental": method.incremental,
+            "served_sha256": merge["served_sha256"],
+        },
+        "routers": "rebuilt from each retrained shard's own rows; removed with dropped or emptied shards",
+        "ledger_entry": entry["entry_sha256"],
+    }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,468 @@
+"""An OpenAI-compatible HTTP API over a workspace's routed serving (`sift serve`).
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (and /v1/models/ID).
+A request is answered exactly as `sift generate` answers it (the same WorkspaceServer): routed
+to the shard that learned what it asks about, or to the shard of the group it names, and
+otherwise by the workspace's fallback (merged or base). Which model ids mean what:
+
+- the workspace's name (default: its folder's name): routed serving; the extra body fields
+  `sift_group` (an owner / group value: that group's shard answers), `sift_shard`, `sift_router`
+  (keys | embed) and `sift_fallback` (merged | base) choose what `sift generate`'s options do;
+- `merged`: the merged model, no routing;
+- `shard-0003`: shard 3's own adapter (the adapter folder's name, as vLLM's --lora-modules would
+  name it).
+
+Every response has the OpenAI shape plus a `sift` field: served_by (path, shard, router), the
+router's score, the serving adapter's sha256, and the generation (fingerprint of the workspace
+state it was loaded from, also in system_fingerprint) with the ledger head it includes. See
+sift/http/generations.py for how a forget under a running server is handled.
+
+Decoding is greedy (temperature, top_p, seed and penalties are accepted and have no effect);
+streaming, n > 1, best_of > 1, echo, suffix, logprobs, tools and token-id prompts are refused
+with an OpenAI-style 400 error.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sift import __version__
+from sift.config import FALLBACKS
+from sift.errors import SiftError
+from sift.models import prompt_ids
+from sift.routing.routers import check_router
+from sift.serving.answer import Answer
+from sift.serving.http.generations import Generation, Generations, Unavailable, iter_model_ids
+from sift.workspace import Workspace
+
+logger = logging.getLogger("sift.merge.driver")
+
+MERGED_ID = "merged"
+_SHARD_ID = re.compile(r"shard-(\d{4,})")
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.type, self.param, self.code)
+
+
+def error_response(
+    status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status
+    )
+
+
+class _Request(BaseModel):
+    """Fields both endpoints share. Unknown fields are accepted and ignored (clients send many)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = None
+    n: int | None = None
+    stream: bool | None = None
+    stop: str | list[str] | None = None
+    temperature: float | None = None  # decoding is greedy whatever these say
+    top_p: float | None = None
+    sift_group: str | None = None
+    sift_shard: int | None = None
+    sift_router: Literal["keys", "embed"] | None = None
+    sift_fallback: Literal["merged", "base"] | None = None
+
+
+class CompletionRequest(_Request):
+    prompt: Any = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    name: str  # the model id of routed serving
+    router: str | None  # None: the workspace's serving.router
+    fallback: str | None  # None: the workspace's serving.fallback
+    default_max_tokens: int
+    max_tokens_limit: int
+
+
+def shard_of_model_id(model: str) -> int | None:
+    m = _SHARD_ID.fullmatch(model)
+    return int(m.group(1)) if m else None
+
+
+def create_app(
+    ws: Workspace | Path | str,
+    *,
+    model_name: str | None = None,
+    router: str | None = None,
+    fallback: str | None = None,
+    default_max_tokens: int = 48,
+    max_tokens_limit: int = 256,
+    reload_wait: float = 60.0,
+    startup_wait: float = 0.0,
+    log: bool = True,
+) -> FastAPI:
+    """The FastAPI app serving workspace `ws`. Loads the first generation now (so that a
+    workspace that cannot be served fails here, with a SiftError, not at the first request).
+    `router` / `fallback` are the server's defaults (a request's sift_router / sift_fallback
+    win); `reload_wait`: how long a request accepted after a completed forget waits for the
+    workspace's lock before it is refused with 503."""
+    ws = ws if isinstance(ws, Workspace) else Workspace(ws)
+    ws.require()
+    if router is not None:
+        check_router(router)
+    if fallback is not None and fallback not in FALLBACKS:
+        raise SiftError(f"--fallback must be merged or base; got {fallback!r}")
+    if not 1 <= default_max_tokens <= max_tokens_limit:
+        raise SiftError(
+            f"the default max_tokens ({default_max_tokens}) must be between 1 and the limit ({max_tokens_limit})"
+        )
+    name = model_name or ws.root.resolve().name or "sift"
+    if name == MERGED_ID or shard_of_model_id(name) is not None:
+        raise SiftError(
+            f"model name {name!r} clashes with the ids of the merged model or a shard; pick another with --model-name"
+        )
+    settings = ServeSettings(name, router, fallback, default_max_tokens, max_tokens_limit)
+    generations = Generations(ws, reload_wait=reload_wait, log=log)
+    generations.start(wait=startup_wait)
+    infer = threading.Lock()  # one request at a time through the model
+
+    app = FastAPI(
+        title="sift",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        description="OpenAI-compatible API over a sift workspace's routed serving",
+    )
+    app.state.generations = generations
+    app.state.settings = settings
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return error_response(400, "the request body is not valid JSON")
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        return error_response(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return error_response(exc.status_code, message, code="not_found" if exc.status_code == 404 else None)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        # the traceback goes to the server's log; a client learns nothing of the internals
+        logger.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal server error", type_="server_error")
+
+    def current() -> Generation:
+        try:
+            return generations.current()
+        except Unavailable as exc:
+            raise APIError(503, str(exc), type_="server_error", code="workspace_busy") from None
+        except SiftError as exc:
+            raise APIError(500, str(exc), type_="server_error") from None
+
+    def model_card(model_id: str, info: dict[str, Any], gen: Generation) -> dict[str, Any]:
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": int(gen.built_at),
+            "owned_by": "sift",
+            "sift": {**info, "generation": gen.id},
+        }
+
+    @app.get("/v1/models")
+    def list_models() -> dict[str, Any]:
+        gen = current()
+        return {"object": "list", "data": [model_card(i, info, gen) for i, info in iter_model_ids(gen, settings.name)]}
+
+    @app.get("/v1/models/{model_id}")
+    def get_model(model_id: str) -> dict[str, Any]:
+        gen = current()
+        for i, info in iter_model_ids(gen, settings.name):
+            if i == model_id:
+                return model_card(i, info, gen)
+        raise _no_such_model(model_id, gen, settings)
+
+    @app.post("/v1/completions")
+    def completions(body: CompletionRequest) -> dict[str, Any]:
+        _refuse_common(body)
+        for param, bad in (
+            ("echo", bool(body.echo)),
+            ("suffix", body.suffix is not None),
+            ("best_of", body.best_of not in (None, 1)),
+            ("logprobs", body.logprobs is not None),
+        ):
+            if bad:
+                raise APIError(400, f"{param} is not supported by sift serve", param=param, code="unsupported")
+        prompts = _completion_prompts(body.prompt)
+        max_tokens = _max_tokens(body.max_tokens, "max_tokens", settings)
+        gen = current()
+        results = _answer(gen, body, prompts, max_tokens, settings, infer)
+        choices = [
+            {"index": i, "text": text, "logprobs": None, "finish_reason": finish, "sift": _choice_sift(gen, a)}
+            for i, (a, text, finish, _, _) in enumerate(results)
+        ]
+        return _response("cmpl", "text_completion", body.model, gen, choices, results)
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(body: ChatCompletionRequest) -> dict[str, Any]:
+        _refuse_common(body)
+        if body.logprobs or body.top_logprobs:
+            raise APIError(400, "logprobs are not supported by sift serve", param="logprobs", code="unsupported")
+        for param in ("tools", "functions"):
+            if getattr(body, param):
+                raise APIError(400, f"{param} are not supported by sift serve", param=param, code="unsupported")
+        for param in ("tool_choice", "function_call"):
+            if getattr(body, param) not in (None, "none"):
+                raise APIError(400, f"{param} is not supported by sift serve", param=param, code="unsupported")
+        if body.response_format and body.response_format.get("type") not in (None, "text"):
+            raise APIError(
+                400, "only response_format {'type': 'text'} is supported", param="response_format", code="unsupported"
+            )
+        prompt = _chat_prompt(body.messages)
+        if body.max_completion_tokens is not None:
+            max_tokens = _max_tokens(body.max_completion_tokens, "max_completion_tokens", settings)
+        else:
+            max_tokens = _max_tokens(body.max_tokens, "max_tokens", settings)
+        gen = current()
+        results = _answer(gen, body, [prompt], max_tokens, settings, infer)
+        a, text, finish, _, _ = results[0]
+        choices = [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        ]
+        return _response("chatcmpl", "chat.completion", body.model, gen, choices, results)
+
+    return app
+
+
+# -- request checks ---------------------------------------------------------------------------------
+
+
+def _refuse_common(body: _Request) -> None:
+    if body.stream:
+        raise APIError(
+            400,
+            "stream=true is not supported: sift serve answers in one piece; send stream=false",
+            param="stream",
+            code="unsupported",
+        )
+    if body.n not in (None, 1):
+        raise APIError(
+            400,
+            "n > 1 is not supported: decoding is greedy, so every choice would be the same",
+            param="n",
+            code="unsupported",
+        )
+
+
+def _max_tokens(value: int | None, param: str, settings: ServeSettings) -> int:
+    if value is None:
+        return settings.default_max_tokens
+    if value < 1:
+        raise APIError(400, f"{param} must be at least 1", param=param)
+    if value > settings.max_tokens_limit:
+        raise APIError(
+            400,
+            f"{param} is {value}; this server answers at most {settings.max_tokens_limit} tokens "
+            "(sift serve --max-tokens-limit)",
+            param=param,
+        )
+    return value
+
+
+def _completion_prompts(prompt: Any) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (int, list)) for p in prompt):
+        raise APIError(
+            400, "token-id prompts are not supported: send the prompt as text", param="prompt", code="unsupported"
+        )
+    raise APIError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
+
+
+def _chat_prompt(messages: list[dict[str, Any]]) -> str:
+    """The question of a chat request. The shards were trained on single user questions posed
+    through the chat template, and routing reads that question, so exactly one user message is
+    accepted (no system prompt, no earlier turns) rather than silently dropping the others."""
+    if len(messages) != 1 or messages[0].get("role") != "user":
+        raise APIError(
+            400,
+            "sift serve answers one question at a time, as its shards were trained: send exactly one "
+            "message, with role 'user' (system prompts and earlier turns are not supported)",
+            param="messages",
+            code="unsupported",
+        )
+    content = messages[0].get("content")
+    if isinstance(content, str):
+        return content
+    if (
+        isinstance(content, list)
+        and content
+        and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content)
+    ):
+        return "\n".join(p["text"] for p in content)
+    raise APIError(400, "message content must be text (a string or text parts)", param="messages")
+
+
+def _no_such_model(model: str, gen: Generation, settings: ServeSettings) -> APIError:
+    ids = [i for i, _ in iter_model_ids(gen, settings.name)]
+    shown = ", ".join(ids[:8]) + (", ..." if len(ids) > 8 else "")
+    return APIError(
+        404,
+        f"the model {model!r} does not exist on this server (GET /v1/models lists them: {shown})",
+        param="model",
+        code="model_not_found",
+    )
+
+
+# -- answering --------------------------------------------------------------------------------------
+
+
+def _answer(
+    gen: Generation, body: _Request, prompts: list[str], max_tokens: int, settings: ServeSettings, infer: threading.Lock
+) -> list[tuple[Answer, str, str, int, int]]:
+    """(answer, text, finish_reason, prompt tokens, completion tokens) per prompt, on the path
+    the request's model id and sift_* fields choose."""
+    shard, merged = body.sift_shard, False
+    if body.model == settings.name:
+        pass
+    elif body.model == MERGED_ID and gen.server.merged_info is not None:
+        if body.sift_group is not None or body.sift_shard is not None:
+            raise APIError(
+                400, "model 'merged' answers without routing: leave out sift_group and sift_shard", param="model"
+            )
+        merged = True
+    elif (k := shard_of_model_id(body.model)) is not None and k in gen.shards:
+        if body.sift_group is not None or body.sift_shard not in (None, k):
+            raise APIError(
+                400, f"model {body.model!r} names the shard: leave out sift_group and sift_shard", param="model"
+            )
+        shard = k
+    else:
+        raise _no_such_model(body.model, gen, settings)
+    stops = [body.stop] if isinstance(body.stop, str) else [s for s in (body.stop or []) if s]
+    try:
+        with infer:
+            answers = gen.server.answer(
+                prompts,
+                router=body.sift_router or settings.router,
+                merged=merged,
+                shard=shard,
+                group=body.sift_group,
+                max_new_tokens=max_tokens,
+                fallback=body.sift_fallback or settings.fallback,
+            )
+            tok = gen.server.tokenizer()  # tokenizers are not safe to share between threads: count under the lock
+            out = []
+            for p, a in zip(prompts, answers):
+                text, finish = a.answer, "stop"
+                cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+                if cuts:
+                    text = text[: min(cuts)]
+                elif len(tok(a.answer, add_special_tokens=False)["input_ids"]) >= max_tokens:
+                    finish = "length"
+                # the answer re-encoded: it can count more tokens than were generated (bytes of a
+                # broken character decode to one replacement character), hence the cap
+                used = min(len(tok(text, add_special_tokens=False)["input_ids"]), max_tokens)
+                out.append((a, text, finish, len(prompt_ids(tok, p)), used))
+            return out
+    except SiftError as exc:
+        param = "sift_group" if body.sift_group is not None else "sift_shard" if body.sift_shard is not None else None
+        raise APIError(400, str(exc), param=param) from None
+
+
+def _choice_sift(gen: Generation, a: Answer) -> dict[str, Any]:
+    return {
+        "served_by": a.served_by(),
+        "score": a.score,
+        "adapter_sha256": gen.server.adapter_sha256(a.shard) if a.shard is not None else None,
+    }
+
+
+def _response(
+    prefix: str,
+    obj: str,
+    model: str,
+    gen: Generation,
+    choices: list[dict[str, Any]],
+    results: list[tuple[Answer, str, str, int, int]],
+) -> dict[str, Any]:
+    prompt_tokens = sum(r[3] for r in results)
+    completion_tokens = sum(r[4] for r in results)
+    return {
+        "id": f"{prefix}-{secrets.token_hex(12)}",
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": gen.id,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+        "sift": {
+            "generation": gen.id,
+            "generation_number": gen.number,
+            "ledger_head": gen.ledger_head,
+            **_choice_sift(gen, results[0][0]),
+        },
+    }
