@@ -90,9 +90,29 @@ class ShardConfig:
 @dataclass
 class MergeConfig:
     method: str = "mean"
-    scale: float | None = None  # task-arithmetic: base + scale * sum of deltas; ties: lambda
-    density: float | None = None  # ties: fraction of each delta's entries kept (default 0.2)
+    scale: float | None = None  # alias of params.scale (sift.toml files of the previous release)
+    density: float | None = None  # alias of params.density (likewise)
     fixed_point_bits: int = 40  # resolution 2**-bits of the exact int64 merge accumulator
+    # the method's own parameters, [merge.params] in sift.toml: each method declares what it takes
+    # (sift merge --list), so nothing here names one
+    params: dict[str, float] = field(default_factory=dict)
+
+    def given_params(self) -> dict[str, float]:
+        """The parameters the workspace gives its method: [merge.params], and the two keys the
+        previous release kept at the top of [merge]."""
+        return merge_param_aliases(self.params, {"scale": self.scale, "density": self.density})
+
+
+def merge_param_aliases(params: dict[str, float], aliases: dict[str, float | None]) -> dict[str, float]:
+    """`params` with the alias values that are set; an alias that contradicts its param is an error."""
+    out = dict(params)
+    for key, value in aliases.items():
+        if value is None:
+            continue
+        if key in out and out[key] != value:
+            raise SiftError(f"merge parameter {key} is given twice ({out[key]:g} and {value:g})")
+        out[key] = float(value)
+    return out
 
 
 ROUTERS = ("keys", "embed")
@@ -229,6 +249,12 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SiftError(f"config: {section}.{key} must be a number")
         return float(value)
+    if key == "params":  # [merge.params]: a table of numbers, keyed by parameter name
+        if not isinstance(value, dict) or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) for v in value.values()
+        ):
+            raise SiftError(f"config: [{section}.{key}] must be a table of numbers")
+        return {str(k): float(v) for k, v in sorted(value.items())}
     if key == "target_modules":
         if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
             raise SiftError(f"config: {section}.{key} must be a string or a list of strings")
@@ -274,10 +300,16 @@ def config_to_toml(cfg: SiftConfig) -> str:
     lines: list[str] = ["# written by sift; later commands read it, so edit with care", ""]
     for section, values in dataclasses.asdict(cfg).items():
         lines.append(f"[{section}]")
+        tables = {k: v for k, v in values.items() if isinstance(v, dict)}
         for key, value in values.items():
-            if value is not None:
+            if value is not None and key not in tables:
                 lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
+        for key, table in tables.items():
+            if table:  # an empty table is left out: files of the previous release keep their bytes
+                lines.append(f"[{section}.{key}]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in sorted(table.items())]
+                lines.append("")
     return "\n".join(lines)
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable, Iterable, Mapping
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
+if TYPE_CHECKING:  # torch loads when a tensor is hashed: a command that refuses its input starts fast
+    import torch
 
 
 def sha256_hex(data: bytes) -> str:
@@ -39,6 +40,8 @@ def keyed_id_hash(salt: bytes, row_id: str) -> str:
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
+    import torch
+
     t = tensor.detach().to("cpu").contiguous()
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")

@@ -63,3 +63,27 @@ def test_num_shards_is_bounded_by_the_merge_sums_headroom():
     check_sum_headroom(MAX_MERGE_MEMBERS)
     with pytest.raises(SiftError, match="exceeds the 1024"):
         check_sum_headroom(MAX_MERGE_MEMBERS + 1)
+
+
+def test_merge_params_table_round_trips_and_old_keys_stay_aliases(tmp_path):
+    """A method's parameters live in [merge.params]; [merge] scale/density of the previous
+    release still reach the method, and a config without params writes the bytes it wrote."""
+    from sift.config import config_to_toml
+
+    cfg = config_from_dict({"merge": {"method": "ties", "params": {"density": 0.3, "scale": 1}}})
+    assert cfg.merge.params == {"density": 0.3, "scale": 1.0} and cfg.merge.given_params() == {
+        "density": 0.3,
+        "scale": 1.0,
+    }
+    text = config_to_toml(cfg)
+    assert "[merge.params]\ndensity = 0.3\nscale = 1.0\n" in text
+    path = tmp_path / "sift.toml"
+    path.write_text(text)
+    assert load_config(path) == cfg
+    old = config_from_dict({"merge": {"method": "ties", "density": 0.5}})
+    assert old.merge.given_params() == {"density": 0.5}
+    assert "[merge.params]" not in config_to_toml(SiftConfig())
+    with pytest.raises(SiftError, match="table of numbers"):
+        config_from_dict({"merge": {"params": {"density": "high"}}})
+    with pytest.raises(SiftError, match="given twice"):
+        config_from_dict({"merge": {"density": 0.5, "params": {"density": 0.4}}}).merge.given_params()

@@ -146,3 +146,31 @@ def test_the_ties_merge_streams_one_weight_at_a_time(tmp_path, facts, monkeypatc
     monkeypatch.setattr(serve_mod, "base_weight_folder", lambda *a, **k: None)  # the in-memory path
     loaded = merge_workspace(ws, method="ties", full=True)
     assert not loaded["streamed"] and loaded["served_sha256"] == out["served_sha256"] == served_hashes(ws.merged_dir)[0]
+
+
+def test_merge_params_reach_the_method_from_the_cli_and_the_config(trained_ws, facts):
+    """`--param key=value` is the generic way (--density is its alias): same bytes, saved as the
+    workspace's [merge.params], used again by the forget's re-merge and by verify's rebuild."""
+    from sift.config import load_config
+
+    root = str(trained_ws.root)
+    p = sift("merge", "-w", root, "--method", "ties", "--param", "density=0.3", "--json")
+    assert p.returncode == 0, p.stderr
+    by_param = served_hashes(trained_ws.merged_dir)
+    assert load_config(trained_ws.root / "sift.toml").merge.params == {"density": 0.3}  # as given
+    p = sift("merge", "-w", root, "--method", "ties", "--density", "0.3", "--full", "--json")
+    assert p.returncode == 0, p.stderr
+    assert served_hashes(trained_ws.merged_dir) == by_param
+    assert "expected key=value" in one_error_line(sift("merge", "-w", root, "--method", "ties", "--param", "density"))
+    assert "needs a number" in one_error_line(sift("merge", "-w", root, "--method", "ties", "--param", "density=x"))
+    assert "does not apply to merge method 'mean'" in one_error_line(
+        sift("merge", "-w", root, "--method", "mean", "--param", "density=0.3")
+    )
+    assert "given twice" in one_error_line(
+        sift("merge", "-w", root, "--method", "ties", "--param", "density=0.3", "--density", "0.4")
+    )
+    owner = facts[0]["owner"]
+    cert = forget(trained_ws, [r["id"] for r in facts if r["owner"] == owner], quiet=True)
+    assert cert["merge"]["method"] == "ties"
+    result = verify(trained_ws, quiet=True)
+    assert result["identical"] and result["method"] == "ties"

@@ -135,7 +135,7 @@ def unlearn(
 
 
 def _eval_help() -> str:
-    from sift.evaluation.run import metrics_help
+    from sift.evaluation.metrics import metrics_help
 
     return (
         "Evaluate one model against a retain reference, with open-unlearning's metric names and definitions.\n\n"

@@ -18,16 +18,16 @@ def merge(
     method: Annotated[
         Optional[str], typer.Option(help="Merge method (see --list); default: the workspace's (mean).")
     ] = None,
-    scale: Annotated[
-        Optional[float],
+    param: Annotated[
+        Optional[list[str]],
         typer.Option(
-            help="task-arithmetic: served = base + scale * sum of deltas; ties: lambda, served = base + scale * disjoint mean (default 1)."
+            "--param",
+            help="A parameter of the method, key=value (repeatable); `sift merge --list` shows each method's. "
+            "Saved as the workspace's [merge.params].",
         ),
     ] = None,
-    density: Annotated[
-        Optional[float],
-        typer.Option(help="ties only: fraction of each adapter's delta entries kept, by magnitude (default 0.2)."),
-    ] = None,
+    scale: Annotated[Optional[float], typer.Option(help="Alias of --param scale=VALUE.")] = None,
+    density: Annotated[Optional[float], typer.Option(help="Alias of --param density=VALUE.")] = None,
     full: Annotated[
         bool, typer.Option("--full", help="Recompute from every adapter instead of updating the saved sums.")
     ] = False,
@@ -45,12 +45,17 @@ def merge(
             as_json,
             lambda r: "\n".join(
                 f"{m['name']:<16} exact={'yes' if m['exact'] else 'no':<3} incremental={'yes' if m['incremental'] else 'no':<3} {m['summary']}"
+                + "".join(
+                    f"\n{'':<16} --param {p['name']}=VALUE  {p['help']} (default {p['default']:g})" for p in m["params"]
+                )
                 for m in r["methods"]
             ),
         )
         return
+    from sift.config import merge_param_aliases
     from sift.exact.forget import resume_pending_forget
     from sift.merge import get_method
+    from sift.merge.base import parse_params
     from sift.merge.driver import merge_workspace
     from sift.workspace import Workspace
 
@@ -58,15 +63,14 @@ def merge(
         raise SiftError("--workspace/-w is required")
     ws = Workspace(workspace)
     ws.require()
+    given = merge_param_aliases(parse_params(param), {"scale": scale, "density": density})
+    if given and method is None:
+        raise SiftError("merge parameters (--param, --scale, --density) need --method")
     if method is not None:
-        get_method(method)
-    if (scale is not None or density is not None) and method is None:
-        raise SiftError("--scale and --density need --method (task-arithmetic or ties)")
+        get_method(method).resolve(given)  # refuse before any work
     with ws.lock(wait=wait, command="merge"):
         resume_pending_forget(ws)
-        if method is not None:
-            get_method(method).resolve({"scale": scale, "density": density})  # refuse before any work
-        result = merge_workspace(ws, method=method, scale=scale, full=full, density=density)
+        result = merge_workspace(ws, method=method, full=full, params=given)
     _emit(
         result,
         as_json,

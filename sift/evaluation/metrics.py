@@ -205,3 +205,8 @@ def privleak(auc: float, auc_reference: float) -> float:
     near -100 for one that remembers every forget row."""
     score, ref = 1.0 - auc, 1.0 - auc_reference
     return (score - ref) / (ref + TINY) * 100.0
+
+
+def metrics_help() -> str:
+    """One line per registered metric (direction; formula): `sift eval --help` and the docs."""
+    return "\n".join(f"  {m.name}: {m.better} is better; {m.formula}" for m in METRICS.values())

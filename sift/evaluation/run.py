@@ -335,5 +335,4 @@ def _fmt(v: float) -> str:
     return f"{v:.3f}"
 
 
-def metrics_help() -> str:
-    return "\n".join(f"  {m.name}: {m.better} is better; {m.formula}" for m in M.METRICS.values())
+metrics_help = M.metrics_help  # its old home; the registry keeps it now

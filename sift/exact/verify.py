@@ -87,7 +87,13 @@ def _verify(ws: Workspace, tmp_dir: str | None, base: LazyBase | None) -> dict[s
         raise SiftError(f"workspace {ws.root} has no served model to verify; run `sift merge -w {ws.root}`")
     served_overall, served_per = served_hashes(ws.merged_dir)
     base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
-    cfg.merge.method, cfg.merge.scale, cfg.merge.density = info["method"], info["scale"], info.get("density")
+    # rebuild with the method and parameters the served model was merged with (its record)
+    cfg.merge.method, cfg.merge.params, cfg.merge.scale, cfg.merge.density = (
+        info["method"],
+        dict(info["params"]),
+        None,
+        None,
+    )
     with tempfile.TemporaryDirectory(prefix="sift-verify-", dir=tmp_dir) as tmp:
         fresh = Workspace(Path(tmp) / "ws")
         fresh.root.mkdir()

@@ -57,7 +57,7 @@ class MergeMethod(ABC):
         for key, value in given.items():
             if value is not None and key not in known:
                 raise SiftError(
-                    f"--{key} does not apply to merge method {self.name!r}"
+                    f"merge parameter {key!r} does not apply to merge method {self.name!r}"
                     + (f" (it takes: {', '.join(known)})" if known else " (it takes no parameters)")
                 )
         return {p.name: p.check(given[p.name]) if given.get(p.name) is not None else p.default for p in self.params}
@@ -119,3 +119,22 @@ class RecomputedMethod(MergeMethod):
                 raise SiftError(f"the base model has no weight {name}: adapters and base do not match")
             out[name] = self.merge_weight(adapters, name, base_state[name], params, bits)
         return out
+
+
+def parse_params(specs: list[str] | None) -> dict[str, float]:
+    """`--param key=value` (repeatable) as a {key: number} mapping; which keys a method takes is
+    its own business (MergeMethod.resolve)."""
+    out: dict[str, float] = {}
+    for spec in specs or []:
+        key, sep, value = spec.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SiftError(f"--param {spec!r}: expected key=value, e.g. --param density=0.3")
+        try:
+            number = float(value)
+        except ValueError:
+            raise SiftError(f"--param {spec!r}: {key} needs a number, got {value.strip()!r}") from None
+        if key in out and out[key] != number:
+            raise SiftError(f"--param {key} is given twice")
+        out[key] = number
+    return out

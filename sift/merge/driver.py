@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from sift.adapters import Adapter, check_fits_base, check_sum_headroom, fixed_point_delta, load_adapter
+from sift.config import merge_param_aliases
 from sift.errors import SiftError
 from sift.logs import get_logger
 from sift.merge import IncrementalMethod, MergeMethod, MergeState, RecomputedMethod, get_method
@@ -75,29 +76,36 @@ def current_adapters(view: WorkspaceView) -> dict[int, str]:
 
 
 def method_params(view: WorkspaceView, m: MergeMethod) -> dict[str, float]:
-    return m.resolve({"scale": view.cfg.merge.scale, "density": view.cfg.merge.density})
+    return m.resolve(view.cfg.merge.given_params())
 
 
 def merge_workspace(
     ws: Workspace,
     method: str | None = None,
-    scale: float | None = None,
     full: bool = False,
-    density: float | None = None,
     base: LazyBase | None = None,
     removed: list[Adapter] | None = None,
     view: WorkspaceView | None = None,
+    params: dict[str, float] | None = None,
+    **param_values: float | None,
 ) -> dict[str, Any]:
     """Bring ws/merged up to date with the adapters. An incremental method updates the saved sums
     by the adapters that left (`removed`, handed in by a forget that read them before deleting
     them) and those that arrived, and starts over when the sums hold anything else; a recomputed
     method merges every adapter again. Both stream the base and the sums one tensor at a time
-    when the base's safetensors files are on disk, and load the base otherwise."""
+    when the base's safetensors files are on disk, and load the base otherwise.
+
+    `params` (or keyword values, e.g. ``density=0.3``) are the method's parameters, checked by the
+    method; given with `method`, both become the workspace's defaults for later merges."""
     started = time.perf_counter()
     view = view or WorkspaceView.load(ws)
     cfg, state = view.cfg, view.state
+    given = merge_param_aliases(params or {}, param_values)
+    if given and method is None:
+        raise SiftError("merge parameters need a method: give it too (sift merge --method NAME --param key=value)")
     if method is not None:  # an explicit choice becomes the workspace's default for later forgets
-        cfg.merge.method, cfg.merge.scale, cfg.merge.density = method, scale, density
+        get_method(method).resolve(given)  # refuse before the config changes
+        cfg.merge.method, cfg.merge.params, cfg.merge.scale, cfg.merge.density = method, given, None, None
     m = get_method(cfg.merge.method)
     if m.needs_training is not None and cfg.train.method != m.needs_training:
         raise SiftError(
@@ -115,8 +123,6 @@ def merge_workspace(
     record = {
         "method": m.name,
         "params": params,
-        "scale": cfg.merge.scale,
-        "density": cfg.merge.density,
         "members": {str(k): v for k, v in sorted(members.items())},
         "base_fingerprint": state.base_model_fingerprint,
         **m.served_record(n, params),
