@@ -404,11 +404,11 @@ def stderr_progress(label: str) -> Callable[[int, int, float], None]:
 
         return update
 
-    def log(step: int, total: int, loss: float) -> None:
+    def report(step: int, total: int, loss: float) -> None:
         if total >= 20 and step < total and step % (total // 4) == 0:
             log.info(f"{label}: step {step}/{total} loss {loss:.4f}")
 
-    return log
+    return report
 
 
 def parse_shard_spec(spec: str | None, num_shards: int) -> list[int]:

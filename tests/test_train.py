@@ -27,3 +27,19 @@ def test_parse_shard_spec():
         parse_shard_spec("7-8", 8)
     with pytest.raises(SiftError, match="bad shard list"):
         parse_shard_spec("a", 8)
+
+
+def test_progress_lines_on_a_pipe_name_the_step_and_loss(caplog, monkeypatch):
+    """A training of 20 steps or more logs a line at each quarter when stderr is not a terminal
+    (the helper once shadowed the module's logger and raised instead)."""
+    import io
+
+    from sift.train import stderr_progress
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    report = stderr_progress("shard   0 (40 rows)")
+    with caplog.at_level("INFO", logger="sift"):
+        for step in range(1, 21):
+            report(step, 20, 1.0 / step)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [f"shard   0 (40 rows): step {s}/20 loss {1.0 / s:.4f}" for s in (5, 10, 15)]

@@ -19,7 +19,7 @@ def unlearn(
     method: Annotated[
         str,
         typer.Option(
-            "--method", help="ga | graddiff | npo | simnpo | ngdiff | l1sparse (see the README for each loss)."
+            "--method", help="ga | graddiff | npo | simnpo | ngdiff | l1sparse (docs/unlearning.md gives each loss)."
         ),
     ],
     out: Annotated[

@@ -210,3 +210,9 @@ def privleak(auc: float, auc_reference: float) -> float:
 def metrics_help() -> str:
     """One line per registered metric (direction; formula): `sift eval --help` and the docs."""
     return "\n".join(f"  {m.name}: {m.better} is better; {m.formula}" for m in METRICS.values())
+
+
+def metrics_markdown() -> str:
+    """The metric table of docs/evaluation.md, from the registry (tests/test_docs.py checks it)."""
+    rows = [f"| `{m.name}` | {m.better} | {m.formula.replace('|', '/')} |" for m in METRICS.values()]
+    return "\n".join(["| metric | better | definition |", "|---|---|---|", *rows])

@@ -160,8 +160,9 @@ def _complete(ws: Workspace, journal: dict[str, Any], base: LazyBase | None) -> 
     ws.save_state(state)
     view = view.with_rows({**rows, **kept})
     retrain = [s for s in affected if s not in outcome]
+    steps = 0
     if retrain:
-        train_shards(ws, retrain, base=base, view=view)
+        steps = train_shards(ws, retrain, base=base, view=view)["steps"]
         outcome.update({s: "retrained" for s in retrain})
 
     # 4. Re-merge: one adapter's work per affected shard when the sums survived.
@@ -188,6 +189,7 @@ def _complete(ws: Workspace, journal: dict[str, Any], base: LazyBase | None) -> 
         "changed": True,
         "rows_removed": removed,
         "shards_retrained": [s for s in affected if outcome[s] == "retrained"],
+        "steps": steps,  # optimizer steps of the retraining (a resumed forget counts what it ran)
         "shards_dropped": [s for s in affected if outcome[s] == "dropped"],
         "shards_emptied": [s for s in affected if outcome[s] == "emptied"],
         "merge": None

@@ -21,6 +21,7 @@ from sift.models import LazyBase
 from sift.routing.routers import router_file_hashes
 from sift.train import SLICES_DIR, train_shards
 from sift.workspace import Workspace, WorkspaceState
+from sift.workspace.layout import shard_name
 from sift.workspace.rows import write_workspace_rows
 from sift.workspace.view import WorkspaceView
 
@@ -105,7 +106,7 @@ def _verify(ws: Workspace, tmp_dir: str | None, base: LazyBase | None) -> dict[s
         write_workspace_rows(fresh, cfg.data, view.rows, cfg.shards.num_shards)
         fresh.save_config(cfg)
         log.info(f"verify: rebuilding {len(view.rows)} shard(s) from scratch in {fresh.root}")
-        train_shards(fresh, base=base)
+        steps = train_shards(fresh, base=base)["steps"]
         merge_workspace(fresh, full=True, base=base)
         rebuilt_overall, rebuilt_per = served_hashes(fresh.merged_dir)
         adapter_diff: list[int] = []
@@ -122,7 +123,7 @@ def _verify(ws: Workspace, tmp_dir: str | None, base: LazyBase | None) -> dict[s
             for name in sorted((set(a) | set(b)) - {WEIGHTS}):
                 routers += 1
                 if a.get(name) != b.get(name):
-                    router_diff.append(f"shard-{shard:04d}/{name}")
+                    router_diff.append(f"{shard_name(shard)}/{name}")
         sums_match = accumulator_sha256(ws) == accumulator_sha256(fresh)
         mine, theirs = served_files(ws.merged_dir), served_files(fresh.merged_dir)
         file_diff = sorted(n for n in set(mine) | set(theirs) if mine.get(n) != theirs.get(n))
@@ -154,5 +155,6 @@ def _verify(ws: Workspace, tmp_dir: str | None, base: LazyBase | None) -> dict[s
         "served_record_matches_files": record_matches,
         "method": info["method"],
         "rows": sum(len(r) for r in view.rows.values()),
+        "steps": steps,  # optimizer steps of the rebuild
         "seconds": round(time.perf_counter() - started, 3),
     }

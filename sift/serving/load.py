@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from sift.errors import SiftError
+from sift.workspace.layout import shard_name
 
 
 def load_served(folder: Path) -> tuple[Any, Any]:
@@ -52,7 +53,7 @@ class ShardAdapters:
     def model_for(self, shard: int, adapter_dir: Path) -> Any:
         from sift.adapters import open_peft_adapter, require_safetensors_adapter
 
-        name = f"shard-{shard:04d}"
+        name = shard_name(shard)
         if self._model is None:
             self._model = open_peft_adapter(self._base_model, adapter_dir, adapter_name=name)
         elif shard not in self._loaded:

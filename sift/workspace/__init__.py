@@ -2,6 +2,6 @@
 its rows and shard plans (view.py), its row files and manifest (rows.py), and its creation from a
 data set (create.py)."""
 
-from sift.workspace.layout import STATE_FORMAT, Workspace, WorkspaceState
+from sift.workspace.layout import STATE_FORMAT, Workspace, WorkspaceState, shard_name
 
-__all__ = ["STATE_FORMAT", "Workspace", "WorkspaceState"]
+__all__ = ["STATE_FORMAT", "Workspace", "WorkspaceState", "shard_name"]

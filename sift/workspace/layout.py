@@ -30,6 +30,12 @@ from sift.hashing import sha256_hex
 STATE_FORMAT = 1
 
 
+def shard_name(shard: int) -> str:
+    """The one name of shard `shard` everywhere: its row file, adapter folder, lock, served model
+    id and peft adapter name (shard-0007)."""
+    return f"shard-{shard:04d}"
+
+
 @dataclass
 class WorkspaceState:
     base_model_fingerprint: str
@@ -106,10 +112,10 @@ class Workspace:
         return self.root / "forget-journal.json"
 
     def shard_file(self, shard: int) -> Path:
-        return self.shards_dir / f"shard-{shard:04d}.jsonl"
+        return self.shards_dir / f"{shard_name(shard)}.jsonl"
 
     def adapter_dir(self, shard: int) -> Path:
-        return self.adapters_dir / f"shard-{shard:04d}"
+        return self.adapters_dir / shard_name(shard)
 
     # -- existence, config, state ------------------------------------------------------------
     def exists(self) -> bool:
@@ -201,7 +207,7 @@ class Workspace:
         lock (ranks of one launch, or shell/Slurm jobs with --shards) never write one shard at once."""
         folder = self.root / ".locks"
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / f"shard-{shard:04d}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(folder / f"{shard_name(shard)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

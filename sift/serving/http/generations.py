@@ -47,6 +47,7 @@ from sift.models import LazyBase
 from sift.serving.answer import WorkspaceServer
 from sift.serving.load import MaskedShards
 from sift.workspace import Workspace
+from sift.workspace.layout import shard_name
 from sift.workspace.view import WorkspaceView
 
 log = get_logger(__name__)
@@ -380,4 +381,4 @@ def iter_model_ids(gen: Generation, name: str) -> Iterator[tuple[str, dict[str, 
 
 
 def shard_model_id(shard: int) -> str:
-    return f"shard-{shard:04d}"
+    return shard_name(shard)
