@@ -265,19 +265,7 @@ def eval_cmd(
     if out is not None:
         atomic_write_json(out, result)
     summary = {k: v for k, v in result.items() if k != "per_row"}
-    names = [
-        "forget_quality",
-        "model_utility",
-        "forget_truth_ratio",
-        "forget_Q_A_Prob",
-        "forget_Q_A_ROUGE",
-        "forget_exact",
-        "retain_Q_A_Prob",
-        "retain_Q_A_ROUGE",
-        "wf_correct",
-        "mia_min_k",
-        "privleak",
-    ]
+    from sift.evaluation.metrics import EVAL_TABLE as names
 
     def human(r: dict[str, Any]) -> str:
         rows_ = [r] + (

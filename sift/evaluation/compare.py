@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from sift.errors import SiftError
+from sift.evaluation import metrics as M
 from sift.evaluation.builds import build_trained, recipe_config
 from sift.evaluation.run import (
     EvalSettings,
@@ -58,26 +59,7 @@ VARIANT_KEYS = {
     "retain_weight": "retain_weight",
 }
 FORGET_SETS = ("ids", "random", "worst-case")
-TABLE_METRICS = [
-    "forget_quality",
-    "model_utility",
-    "forget_truth_ratio",
-    "forget_Q_A_Prob",
-    "forget_Q_A_ROUGE",
-    "forget_exact",
-    "retain_Q_A_Prob",
-    "retain_Q_A_ROUGE",
-    "retain_exact",
-    "wf_Q_A_Prob_normalised",
-    "wf_correct",
-    "mia_min_k",
-    "privleak",
-    "relearn_contains",
-    "relearn_regained",
-    "relearn_nll",
-    "seconds",
-    "flops",
-]
+TABLE_METRICS = M.COMPARE_TABLE  # the report's columns, from the metric registry
 
 
 @dataclass
@@ -412,7 +394,6 @@ def write_report(result: dict[str, Any], out: Path) -> None:
 
 
 def report_markdown(result: dict[str, Any]) -> str:
-    from sift.evaluation import metrics as M
 
     entries = result["entries"]
     lines = [

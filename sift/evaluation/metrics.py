@@ -216,3 +216,43 @@ def metrics_markdown() -> str:
     """The metric table of docs/evaluation.md, from the registry (tests/test_docs.py checks it)."""
     rows = [f"| `{m.name}` | {m.better} | {m.formula.replace('|', '/')} |" for m in METRICS.values()]
     return "\n".join(["| metric | better | definition |", "|---|---|---|", *rows])
+
+
+# The columns each table shows, by registered name (checked below, so a renamed metric cannot
+# leave a table pointing at nothing).
+EVAL_TABLE = [
+    "forget_quality",
+    "model_utility",
+    "forget_truth_ratio",
+    "forget_Q_A_Prob",
+    "forget_Q_A_ROUGE",
+    "forget_exact",
+    "retain_Q_A_Prob",
+    "retain_Q_A_ROUGE",
+    "wf_correct",
+    "mia_min_k",
+    "privleak",
+]  # sift eval
+COMPARE_TABLE = [
+    "forget_quality",
+    "model_utility",
+    "forget_truth_ratio",
+    "forget_Q_A_Prob",
+    "forget_Q_A_ROUGE",
+    "forget_exact",
+    "retain_Q_A_Prob",
+    "retain_Q_A_ROUGE",
+    "retain_exact",
+    "wf_Q_A_Prob_normalised",
+    "wf_correct",
+    "mia_min_k",
+    "privleak",
+    "relearn_contains",
+    "relearn_regained",
+    "relearn_nll",
+    "seconds",
+    "flops",
+]  # sift compare's report
+_unknown = sorted(set(EVAL_TABLE + COMPARE_TABLE) - set(METRICS))
+if _unknown:  # a renamed metric must not leave a table pointing at nothing
+    raise RuntimeError(f"tables name unregistered metrics: {_unknown}")
