@@ -22,6 +22,7 @@ A request no router claims is answered by the merged model, and the answer says 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,11 +102,12 @@ def embed_file_bytes(base: Any, rows: list[Row], layer: int) -> bytes:
 def build_routers(base: Any, rows: list[Row], cfg: SiftConfig, folder: Path, content_hash: str) -> dict[str, str]:
     """Write one shard's router files into its adapter folder (atomically, router.json last) and
     return {file name: sha256 of its bytes}."""
-    files: dict[str, bytes] = {EMBED_FILE: embed_file_bytes(base, rows, cfg.serving.embed_layer)}
-    if cfg.data.group_by is not None:
-        files[KEYS_FILE] = keys_file_bytes(rows)
-    else:
-        (folder / KEYS_FILE).unlink(missing_ok=True)
+    files: dict[str, bytes] = {}
+    for kind in ROUTER_KINDS.values():
+        if kind.applies(cfg):
+            files[kind.file] = kind.build(base, rows, cfg)
+        else:  # e.g. keys in a workspace without --group-by
+            (folder / kind.file).unlink(missing_ok=True)
     digests = {}
     for name, data in sorted(files.items()):
         atomic_write_bytes(folder / name, data)
@@ -138,7 +140,7 @@ def routers_current(folder: Path, settings: str) -> bool:
 def router_file_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every router file in a shard folder, as the bytes on disk (for verify)."""
     out = {}
-    for name in (ROUTER_META, KEYS_FILE, EMBED_FILE):
+    for name in (ROUTER_META, *(kind.file for kind in ROUTER_KINDS.values())):
         path = folder / name
         if path.exists():
             out[name] = sha256_hex(path.read_bytes())
@@ -216,6 +218,44 @@ class EmbedIndex:
         if score < self.min_score:
             return Decision(None, self.name, score)
         return Decision(best, self.name, score)
+
+
+@dataclass(frozen=True)
+class RouterKind:
+    """A router: the one file it keeps per shard, built from that shard's rows alone (so a forget
+    that changes a shard changes only its file), whether a workspace has it, and how the served
+    shards' files load into an index whose `route(prompt)` gives a Decision."""
+
+    name: str
+    file: str
+    applies: Callable[[SiftConfig], bool]
+    build: Callable[[Any, list[Row], SiftConfig], bytes]
+    load: Callable[[dict[int, Path], Any, SiftConfig], Any]  # (shard folders, LazyBase, config)
+    unavailable: str = ""  # why a workspace without it cannot use it
+
+
+ROUTER_KINDS: dict[str, RouterKind] = {
+    k.name: k
+    for k in (
+        RouterKind(
+            "keys",
+            KEYS_FILE,
+            applies=lambda cfg: cfg.data.group_by is not None,
+            build=lambda base, rows, cfg: keys_file_bytes(rows),
+            load=lambda folders, base, cfg: KeysIndex.load(folders),
+            unavailable="the keys router needs a workspace made with --group-by (its keys are the group values); use --router embed",
+        ),
+        RouterKind(
+            "embed",
+            EMBED_FILE,
+            applies=lambda cfg: True,
+            build=lambda base, rows, cfg: embed_file_bytes(base, rows, cfg.serving.embed_layer),
+            load=lambda folders, base, cfg: EmbedIndex.load(folders, base.get(), cfg),
+        ),
+    )
+}
+if tuple(ROUTER_KINDS) != tuple(ROUTERS):  # config validates names before routing loads
+    raise RuntimeError(f"sift.config.ROUTERS {ROUTERS} and the routers defined here {tuple(ROUTER_KINDS)} differ")
 
 
 def check_router(name: str) -> str:

@@ -18,7 +18,15 @@ from sift.config import FALLBACKS
 from sift.errors import SiftError
 from sift.merge.served import load_merge_state, served_info
 from sift.models import LazyBase
-from sift.routing.routers import Decision, EmbedIndex, KeysIndex, check_router, router_settings, routers_current
+from sift.routing.routers import (
+    ROUTER_KINDS,
+    Decision,
+    EmbedIndex,
+    KeysIndex,
+    check_router,
+    router_settings,
+    routers_current,
+)
 from sift.serving.generate import greedy_answers
 from sift.serving.load import MaskedShards, ShardAdapters, load_served
 from sift.workspace import Workspace
@@ -87,14 +95,10 @@ class WorkspaceServer:
                     raise SiftError(
                         f"shard {shard}'s router files are missing or stale; run `sift train-shards -w {self.ws.root}` to rebuild them"
                     )
-            if name == "keys":
-                if self.view.cfg.data.group_by is None:
-                    raise SiftError(
-                        "the keys router needs a workspace made with --group-by (its keys are the group values); use --router embed"
-                    )
-                self._routers[name] = KeysIndex.load(folders)
-            else:
-                self._routers[name] = EmbedIndex.load(folders, self.base.get(), self.view.cfg)
+            kind = ROUTER_KINDS[name]
+            if not kind.applies(self.view.cfg):
+                raise SiftError(kind.unavailable or f"this workspace keeps no {name} router files")
+            self._routers[name] = kind.load(folders, self.base, self.view.cfg)
         return self._routers[name]
 
     def route(self, prompts: list[str], router: str | None = None) -> list[Decision]:

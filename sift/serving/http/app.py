@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sift import __version__
-from sift.config import FALLBACKS
+from sift.config import FALLBACKS, ROUTERS
 from sift.errors import SiftError
 from sift.models import prompt_ids
 from sift.routing.routers import check_router
@@ -94,8 +94,8 @@ class _Request(BaseModel):
     top_p: float | None = None
     sift_group: str | None = None
     sift_shard: int | None = None
-    sift_router: Literal["keys", "embed"] | None = None
-    sift_fallback: Literal["merged", "base"] | None = None
+    sift_router: Literal[ROUTERS] | None = None  # the registered routers (sift.routing)
+    sift_fallback: Literal[FALLBACKS] | None = None
 
 
 class CompletionRequest(_Request):
