@@ -135,6 +135,7 @@ def test_rows_read_through_datasets_leave_no_copy_in_its_cache(facts, tmp_path, 
     assert report.searched.get("datasets", "").startswith(str(cache))
 
 
+@pytest.mark.slow  # over 35 s here; run with scripts/test.sh -m slow
 def test_commands_write_nothing_outside_the_workspace(tmp_path):
     """The README's commands, run with HOME and TMPDIR pointing at empty folders: every file
     they leave is inside the workspace (the model cache, SIFT_CACHE_DIR, aside; verify's

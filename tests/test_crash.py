@@ -34,6 +34,7 @@ def test_fingerprint_sees_staging_leftovers_and_ignores_only_clock_fields(harnes
     assert harness.fingerprint(tmp_path) != before
 
 
+@pytest.mark.slow  # over 35 s here; run with scripts/test.sh -m slow
 def test_kills_then_rerun_equal_an_uninterrupted_run(harness, tmp_path):
     data = tmp_path / "rows.jsonl"
     harness.make_rows(data, people=4)

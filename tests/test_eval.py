@@ -165,6 +165,7 @@ def test_the_exact_path_scores_exactly_as_its_sharded_reference(trained_ws, tmp_
     assert again["metrics"]["forget_quality"] == 1.0 and again["metrics"]["privleak"] == 0.0
 
 
+@pytest.mark.slow  # over 35 s here; run with scripts/test.sh -m slow
 def test_sift_eval_cli(trained_ws, tmp_path, facts):
     data = write_rows(tmp_path / "rows.jsonl", facts)
     held = write_rows(tmp_path / "held.jsonl", make_rows(people=1, seed=0, split="holdout"))

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from sift.adapters import read_meta
 from sift.train import rank_shards
 from sift.workspace import Workspace
@@ -71,6 +73,7 @@ def test_two_ranks_train_disjoint_shards_with_the_bytes_of_one_process(tmp_path)
     assert _adapters(tmp_path / "ranks") == _adapters(tmp_path / "alone")
 
 
+@pytest.mark.slow  # over 35 s here; run with scripts/test.sh -m slow
 def test_overlapping_shell_jobs_do_not_train_a_shard_twice(tmp_path):
     data = _data()
     rows = tmp_path / "rows.jsonl"
@@ -98,6 +101,7 @@ def test_rank_split_is_balanced_and_covers_every_shard(tmp_path, facts):
     assert max(load) - min(load) <= max(len(r) for r in view.rows.values())
 
 
+@pytest.mark.slow  # over 35 s here; run with scripts/test.sh -m slow
 def test_accelerate_launch_splits_the_shards(tmp_path):
     """The real launcher: on CPU, `accelerate launch --multi_gpu` starts torchrun-style workers
     (its `--cpu` with several processes needs mpirun); sift needs only their RANK / WORLD_SIZE."""
