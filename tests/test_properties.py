@@ -3,8 +3,11 @@ for any input, not just the examples the other tests chose."""
 
 from __future__ import annotations
 
+import io
+from unittest import mock
+
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sift.adapters import Adapter, LoraFactors
@@ -19,13 +22,20 @@ ids_text = st.text(
 
 
 @given(st.lists(ids_text, min_size=1, max_size=20))
+@example(["-"])
 def test_parse_ids_from_a_comma_list_and_from_a_file_agree(tmp_path_factory, ids):
     wanted = sorted({i.strip() for i in ids if i.strip()})
     if not wanted:
         return
     f = tmp_path_factory.mktemp("ids") / "ids.txt"
     f.write_text("\n".join(ids) + "\n", encoding="utf-8")
-    assert parse_ids(",".join(ids), None) == wanted
+    spec = ",".join(ids)
+    if spec == "-":
+        # `--ids -` is the documented stdin marker, so a one-id list spelled "-" reads stdin
+        with mock.patch("sys.stdin", io.StringIO("\n".join(ids) + "\n")):
+            assert parse_ids(spec, None) == wanted
+    else:
+        assert parse_ids(spec, None) == wanted
     assert parse_ids(None, str(f)) == wanted
 
 
