@@ -73,3 +73,14 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"
     }
+
+
+@pytest.fixture(scope="session")
+def mono_template(tmp_path_factory, facts) -> Path:
+    """One shard holding every row, merged: the monolithic model the unlearning tests start from."""
+    return build_workspace(tmp_path_factory.mktemp("mono") / "ws", facts, tiny_config(num_shards=1), merge="mean").root
+
+
+@pytest.fixture
+def mono_ws(mono_template, tmp_path) -> Workspace:
+    return Workspace(shutil.copytree(mono_template, tmp_path / "ws"))

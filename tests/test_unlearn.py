@@ -107,18 +107,6 @@ def test_settings_fill_defaults_and_refuse_what_does_not_apply():
         UnlearnSettings(method="ga", lr=-1).resolved()
 
 
-@pytest.fixture(scope="module")
-def mono_template(tmp_path_factory, facts):
-    from conftest import build_workspace, tiny_config
-
-    return build_workspace(tmp_path_factory.mktemp("mono") / "ws", facts, tiny_config(num_shards=1), merge="mean").root
-
-
-@pytest.fixture
-def mono_ws(mono_template, tmp_path):
-    return Workspace(shutil.copytree(mono_template, tmp_path / "ws"))
-
-
 @pytest.mark.parametrize("method", ["ga", "graddiff", "npo", "simnpo", "ngdiff"])
 def test_unlearn_runs_and_is_marked_approximate(mono_ws, facts, tmp_path, method):
     ids = [r["id"] for r in facts[:3]]

@@ -3,7 +3,6 @@ the SAM perturbation, the l1 term and its schedule, pruning, the coreset) agains
 out by hand, and each one end to end on the tiny model."""
 
 import math
-import shutil
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from sift.unlearn.masks import apply_masks, magnitude_scores, top_fraction, wagl
 from sift.unlearn.run import UnlearnSettings, coreset_rows, unlearn
 from sift.unlearn.smoothing import sam_forget_backward, sam_perturbation
 from sift.unlearn.sparsity import l1_penalty, l1_weight, prune_by_magnitude
-from sift.workspace import Workspace
 
 
 def test_wagle_score_is_the_closed_form():
@@ -98,20 +96,6 @@ def test_settings_refuse_what_does_not_apply():
         UnlearnSettings(method="l1sparse", sam_rho=0.01).resolved()
     assert UnlearnSettings(method="l1sparse").resolved().l1 == 1e-4
     assert UnlearnSettings(method="graddiff", mask="wagle").resolved().mask_ratio == 0.8
-
-
-@pytest.fixture(scope="module")
-def mono_template(tmp_path_factory, facts):
-    from conftest import build_workspace, tiny_config
-
-    return build_workspace(
-        tmp_path_factory.mktemp("mono-strong") / "ws", facts, tiny_config(num_shards=1), merge=None
-    ).root
-
-
-@pytest.fixture
-def mono_ws(mono_template, tmp_path):
-    return Workspace(shutil.copytree(mono_template, tmp_path / "ws"))
 
 
 def _run(ws, facts, out, **kw):

@@ -10,6 +10,7 @@ import typer
 
 from sift.cli.app import AsJson, Wait, Ws, _command, _emit, app
 from sift.errors import SiftError
+from sift.unlearn.methods import UNLEARN_METHODS
 
 
 @app.command()
@@ -19,7 +20,8 @@ def unlearn(
     method: Annotated[
         str,
         typer.Option(
-            "--method", help="ga | graddiff | npo | simnpo | ngdiff | l1sparse (docs/unlearning.md gives each loss)."
+            "--method",
+            help=" | ".join(UNLEARN_METHODS) + " (the registered methods; docs/unlearning.md gives each loss).",
         ),
     ],
     out: Annotated[

@@ -45,7 +45,7 @@ from sift.logs import get_logger
 
 log = get_logger(__name__)
 
-METHODS = ("ga", "graddiff", "npo", "simnpo", "ngdiff")
+METHODS = ("ga", "graddiff", "npo", "simnpo", "ngdiff")  # the default baselines; --methods takes any registered one
 VARIANT_KEYS = {
     "sam": "sam_rho",
     "mask": "mask",
@@ -88,11 +88,12 @@ class CompareSettings:
     )
 
     def check(self) -> None:
+        from sift.unlearn.methods import UNLEARN_METHODS
         from sift.unlearn.run import UnlearnSettings
 
-        unknown = sorted(set(self.methods) - set(METHODS))
+        unknown = sorted(set(self.methods) - set(UNLEARN_METHODS))
         if unknown:
-            raise SiftError(f"unknown method(s) {unknown}: use {', '.join(METHODS)}")
+            raise SiftError(f"unknown method(s) {unknown}: use {', '.join(UNLEARN_METHODS)}")
         if self.num_shards < 2:
             raise SiftError(
                 "--num-shards must be at least 2 (the exact path is sharded; the monolithic model is built anyway)"

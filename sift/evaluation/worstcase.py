@@ -10,7 +10,7 @@ w in {0,1}^N, sum w = K:
 
 The upper objective is the unlearned model's loss on the rows it was asked to forget; minimising
 it picks the rows the model still fits after unlearning: the hardest to forget. As in the
-paper, the lower level is a few signSGD steps, theta <- theta - beta * sign(grad), whose
+paper, the lower level is a few signSGD steps (full-batch, on the one training loop), theta <- theta - beta * sign(grad), whose
 Jacobian with respect to w vanishes almost everywhere, so the upper gradient is the partial
 one, l_i(theta_u) + 2 gamma w_i; w is relaxed to [0, 1]^N, moved by projected gradient descent
 onto {0 <= w <= 1, sum w = K} (the capped simplex, by bisection on the shift), and the top K
@@ -100,7 +100,7 @@ def _binary(idx: np.ndarray, n: int) -> np.ndarray:
 def worst_case_forget_set(model: Any, tok: Any, rows: list[dict[str, Any]], s: WorstCaseSettings) -> dict[str, Any]:
     """Search on a trainable peft model (its LoRA factors are the lower level's variables; they
     are restored after every lower-level run and at the end)."""
-    from sift.loop import batches
+    from sift.loop import LoopSettings, SignDescent, StepInput, batches, optimise
     from sift.models import example_ids
     from sift.unlearn.objectives import answer_logprobs
 
@@ -123,19 +123,27 @@ def worst_case_forget_set(model: Any, tok: Any, rows: list[dict[str, Any]], s: W
             out.append(-lp / ln.clamp(min=1))
         return torch.cat(out)
 
+    loop = LoopSettings(
+        epochs=s.unlearn_steps, batch_size=len(rows), lr=s.theta_lr, max_grad_norm=0.0, schedule="constant"
+    )
+
     def losses_after_unlearning(w: np.ndarray) -> np.ndarray:
         wt = torch.tensor(w, dtype=torch.float32)
+
+        def soft_graddiff(_item: StepInput, _step: int) -> torch.Tensor:
+            """The lower level's loss on every row at once, its gradient into p.grad."""
+            nll = per_row_nll()
+            forget = (wt * nll).sum() / wt.sum().clamp(min=1e-12)
+            keep = 1.0 - wt
+            retain = (keep * nll).sum() / keep.sum().clamp(min=1e-12)
+            loss = -forget + retain
+            for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
+                p.grad = g
+            return loss
+
+        full_batch = [StepInput(k, order, None) for k in range(1, s.unlearn_steps + 1)]
         try:
-            for _ in range(s.unlearn_steps):
-                nll = per_row_nll()
-                forget = (wt * nll).sum() / wt.sum().clamp(min=1e-12)
-                keep = 1.0 - wt
-                retain = (keep * nll).sum() / keep.sum().clamp(min=1e-12)
-                grads = torch.autograd.grad(-forget + retain, params, allow_unused=True)
-                with torch.no_grad():
-                    for p, g in zip(params, grads):
-                        if g is not None:
-                            p.sub_(s.theta_lr * torch.sign(g))
+            optimise(params, full_batch, s.unlearn_steps, loop, soft_graddiff, lambda p, ls: SignDescent(p, ls.lr))
             with torch.no_grad():
                 return per_row_nll().double().numpy()
         finally:

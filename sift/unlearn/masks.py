@@ -24,8 +24,18 @@ from __future__ import annotations
 
 import torch
 
-MASKS = ("wagle", "magnitude", "random")
-WAGLE_GAMMA = 1e-6
+from sift.unlearn.settings import MASKS, WAGLE_GAMMA
+
+__all__ = [
+    "MASKS",
+    "WAGLE_GAMMA",
+    "apply_masks",
+    "magnitude_scores",
+    "mask_fraction",
+    "random_scores",
+    "top_fraction",
+    "wagle_scores",
+]
 
 
 def wagle_scores(

@@ -83,3 +83,20 @@ class GenSchedule:
 
     def clipped(self, proposed: float) -> float:
         return min(max(proposed, self.eta / 2.0), 2.0 * self.eta)
+
+
+class GenDescent(torch.optim.Optimizer):
+    """theta <- theta - eta * grad with eta read from the GenSchedule at every step, so GeN's
+    refits (made by NGDiff's step before the optimizer steps) move the rate."""
+
+    def __init__(self, params: list[torch.nn.Parameter], gen: GenSchedule) -> None:
+        super().__init__(params, {"lr": gen.eta})
+        self.gen = gen
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:  # type: ignore[override]  # noqa: ANN001
+        for group in self.param_groups:
+            group["lr"] = self.gen.eta
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.sub_(self.gen.eta * p.grad)

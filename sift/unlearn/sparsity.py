@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 
 from sift.unlearn.masks import top_fraction
+from sift.unlearn.methods import L1_DEFAULT
 
-L1_DEFAULT = 1e-4
+__all__ = ["L1_DEFAULT", "l1_penalty", "l1_weight", "prune_by_magnitude"]
 
 
 def l1_weight(gamma: float, epoch: int, epochs: int) -> float:
