@@ -356,9 +356,7 @@ def compare(
     for e in entries:  # the attack's outcome beside each attacked model's other metrics
         r = relearned.get(e["name"])
         if r is not None:
-            e["metrics"]["relearn_contains"] = r["after"]["contains"]
-            e["metrics"]["relearn_regained"] = r["regained_contains"]
-            e["metrics"]["relearn_nll"] = r["after"]["answer_nll"]
+            e["metrics"].update(M.compute_metrics("relearn", M.MetricInputs(values=dict(e["metrics"]), relearn=r)))
             e["relearn"] = r
     result = {
         "settings": {**asdict(s), "eval": asdict(s.eval)},

@@ -11,114 +11,83 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 TINY = 1e-10  # open-unlearning's guard in every ratio
 
 
+SOURCES = ("model", "reference", "relearn", "cost")
+
+
+@dataclass
+class SetScores:
+    """One row set's scores under one model, row by row (rows sorted by id): the answer's mean
+    token NLL and its token log-probs and z-scores, the paraphrased and perturbed answers' NLLs
+    (the sets that carry them), the greedy answer and its ROUGE-L recall."""
+
+    rows: list[dict[str, Any]]
+    answer_loss: list[float]
+    token_logprobs: list[Sequence[float]]
+    token_z: list[Sequence[float]]
+    para_loss: list[float] = field(default_factory=list)
+    pert_losses: list[list[float]] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    rouge: list[float] = field(default_factory=list)
+
+
+@dataclass
+class ReferenceScores:
+    """What the retain reference gives: the KS test on the forget rows' truth ratios, and its
+    Min-K% AUC on the same forget and held-out rows."""
+
+    forget_quality: dict[str, float | int]
+    auc_min_k: float
+
+
+@dataclass
+class MetricInputs:
+    """Everything a metric computes from; each source fills its part. `values`: the metrics
+    computed so far (model_utility reads them)."""
+
+    sets: dict[str, SetScores] = field(default_factory=dict)  # forget, retain, wf, holdout
+    min_k: float = 0.4
+    values: dict[str, float] = field(default_factory=dict)
+    reference: ReferenceScores | None = None
+    relearn: dict[str, Any] | None = None  # sift.evaluation.relearn's record
+    cost: dict[str, float] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Metric:
+    """A registered metric: `compute(inputs)` gives its value, or None where it does not apply
+    (the wf_* metrics without general questions). `source` says what it needs: "model" one
+    model's scores (sift eval), "reference" the retain reference as well, "relearn" the
+    relearning attack's record (sift compare), "cost" the run's cost record."""
+
     name: str
     better: str  # "higher" | "lower" | "closer to the reference" | "closer to 0"
     formula: str
+    compute: Callable[[MetricInputs], float | None]
+    source: str = "model"
 
 
-METRICS: dict[str, Metric] = {
-    m.name: m
-    for m in (
-        Metric("forget_Q_A_Prob", "lower", "mean over forget rows of exp(-mean answer-token NLL), EOS included"),
-        Metric(
-            "forget_Q_A_ROUGE",
-            "lower",
-            "mean ROUGE-L recall (rouge_score, stemmer) of the greedy answer against the answer",
-        ),
-        Metric(
-            "forget_truth_ratio",
-            "closer to the reference",
-            "mean min(R, 1/R), R = P(perturbed)/P(paraphrased), length-normalised, perturbed = geometric mean over options",
-        ),
-        Metric(
-            "forget_exact", "lower", "share of forget questions whose greedy answer is the trained answer (normalised)"
-        ),
-        Metric("forget_contains", "lower", "share of forget questions whose greedy answer contains the fact's value"),
-        Metric(
-            "forget_quality",
-            "higher",
-            "KS-test p-value (scipy ks_2samp, two-sided) between the forget rows' R under the model and under the retain reference",
-        ),
-        Metric("retain_Q_A_Prob", "higher", "as forget_Q_A_Prob, on retain rows"),
-        Metric("retain_Q_A_ROUGE", "higher", "as forget_Q_A_ROUGE, on retain rows"),
-        Metric("retain_Truth_Ratio", "higher", "mean max(0, 1 - R) on retain rows"),
-        Metric("retain_exact", "higher", "as forget_exact, on retain rows"),
-        Metric("retain_contains", "higher", "as forget_contains, on retain rows"),
-        Metric(
-            "wf_Q_A_Prob_normalised",
-            "higher",
-            "general questions: mean c / (c + sum of w_j), c and w_j length-normalised probabilities of the true and wrong answers",
-        ),
-        Metric("wf_Q_A_ROUGE", "higher", "general questions: ROUGE-L recall of the greedy answer"),
-        Metric("wf_Truth_Ratio", "higher", "general questions: mean max(0, 1 - R), R = P(wrong)/P(true answer)"),
-        Metric(
-            "wf_correct",
-            "higher",
-            "share of general questions answered correctly (an accepted answer in the greedy answer)",
-        ),
-        Metric(
-            "model_utility",
-            "higher",
-            "scipy hmean of retain_Q_A_Prob, retain_Q_A_ROUGE, retain_Truth_Ratio, wf_Q_A_Prob_normalised, wf_Q_A_ROUGE, wf_Truth_Ratio",
-        ),
-        Metric(
-            "mia_loss",
-            "closer to the reference",
-            "ROC AUC (sklearn), forget = 0 vs holdout = 1, score = mean answer NLL (EOS included)",
-        ),
-        Metric(
-            "mia_zlib",
-            "closer to the reference",
-            "ROC AUC, score = mean answer NLL / zlib-compressed byte length of the answer",
-        ),
-        Metric(
-            "mia_min_k",
-            "closer to the reference",
-            "ROC AUC, score = -mean of the 40 % lowest answer-token log-probs (EOS excluded)",
-        ),
-        Metric(
-            "mia_min_k_plus_plus",
-            "closer to the reference",
-            "ROC AUC, score = -mean of the 40 % lowest (log p - mu) / sigma over the vocabulary (EOS excluded)",
-        ),
-        Metric(
-            "privleak",
-            "closer to 0",
-            "((1 - AUC) - (1 - AUC_ref)) / (1 - AUC_ref) * 100 on mia_min_k; AUC_ref of the retain reference",
-        ),
-        Metric(
-            "relearn_contains",
-            "closer to the reference",
-            "relearning attack: share of the held-out forget questions whose greedy answer contains the fact after a fresh LoRA is fine-tuned on the other forget rows (sift.evaluation.relearn)",
-        ),
-        Metric(
-            "relearn_regained",
-            "closer to the reference",
-            "relearning attack: relearn_contains minus the same share before the attack",
-        ),
-        Metric(
-            "relearn_nll",
-            "closer to the reference",
-            "relearning attack: mean answer NLL of the held-out forget questions after it (lower: more came back); before it in results.json",
-        ),
-        Metric("seconds", "lower", "wall time to produce the model (training or unlearning), seconds"),
-        Metric(
-            "flops",
-            "lower",
-            "training FLOPs estimate: 6 N per token trained + 2 N per token only scored, N = model parameters",
-        ),
-    )
-}
+def compute_metrics(source: str, inputs: MetricInputs) -> dict[str, float]:
+    """Every registered metric of `source`, in registry order (None results left out); each
+    sees the ones computed before it in `inputs.values`."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown metric source {source!r}: use one of {', '.join(SOURCES)}")
+    out: dict[str, float] = {}
+    for m in METRICS.values():
+        if m.source == source:
+            v = m.compute(inputs)
+            if v is not None:
+                out[m.name] = v
+                inputs.values[m.name] = v
+    return out
 
 
 def prob(avg_loss: float) -> float:
@@ -205,6 +174,233 @@ def privleak(auc: float, auc_reference: float) -> float:
     near -100 for one that remembers every forget row."""
     score, ref = 1.0 - auc, 1.0 - auc_reference
     return (score - ref) / (ref + TINY) * 100.0
+
+
+# -- what each metric computes from the scores ---------------------------------------------------
+
+
+def truth_ratios(sc: SetScores, wrong_against_answer: bool = False) -> list[float]:
+    """R per row: perturbed against paraphrased (forget, retain), or wrong against the true answer
+    (general questions, which have no paraphrase)."""
+    correct = sc.answer_loss if wrong_against_answer else sc.para_loss
+    return [truth_ratio(c, w) for c, w in zip(correct, sc.pert_losses)]
+
+
+def answer_probs(sc: SetScores) -> list[float]:
+    return [prob(x) for x in sc.answer_loss]
+
+
+def mia_scores(sc: SetScores, min_k: float) -> dict[str, list[float]]:
+    """The four attacks' loss-like scores per row (higher: looks less like a member)."""
+    return {
+        "loss": list(sc.answer_loss),
+        "zlib": [zlib_score(x, r["completion"]) for x, r in zip(sc.answer_loss, sc.rows)],
+        "min_k": [min_k_score(t, min_k) for t in sc.token_logprobs],
+        "min_k_plus_plus": [min_k_score(t, min_k) for t in sc.token_z],
+    }
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _recall(name: str, key: str) -> Callable[[MetricInputs], float]:
+    from sift.evaluation.recall import fact_recall
+
+    return lambda i: fact_recall(i.sets[name].answers, i.sets[name].rows)[key]
+
+
+def _wf(fn: Callable[[SetScores], float]) -> Callable[[MetricInputs], float | None]:
+    """A general-knowledge metric: left out when no general questions were scored."""
+    return lambda i: fn(i.sets["wf"]) if i.sets.get("wf") is not None and i.sets["wf"].rows else None
+
+
+def _general_correct(sc: SetScores) -> float:
+    from sift.evaluation.recall import general_recall
+
+    return general_recall(sc.answers, sc.rows)["correct"]
+
+
+def _utility(i: MetricInputs) -> float:
+    names = ["retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio"]
+    names += [n for n in ("wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio") if n in i.values]
+    return model_utility([i.values[n] for n in names])  # without general questions: the retain part's
+
+
+def _mia(attack: str) -> Callable[[MetricInputs], float]:
+    def auc(i: MetricInputs) -> float:
+        return mia_auc(mia_scores(i.sets["forget"], i.min_k)[attack], mia_scores(i.sets["holdout"], i.min_k)[attack])
+
+    return auc
+
+
+def _ref(fn: Callable[[ReferenceScores, dict[str, float]], float]) -> Callable[[MetricInputs], float | None]:
+    return lambda i: None if i.reference is None else fn(i.reference, i.values)
+
+
+def _relearn(fn: Callable[[dict[str, Any]], float]) -> Callable[[MetricInputs], float | None]:
+    return lambda i: None if i.relearn is None else fn(i.relearn)
+
+
+def _cost(key: str) -> Callable[[MetricInputs], float | None]:
+    return lambda i: i.cost.get(key)
+
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric(
+            "forget_Q_A_Prob",
+            "lower",
+            "mean over forget rows of exp(-mean answer-token NLL), EOS included",
+            lambda i: _mean(answer_probs(i.sets["forget"])),
+        ),
+        Metric(
+            "forget_Q_A_ROUGE",
+            "lower",
+            "mean ROUGE-L recall (rouge_score, stemmer) of the greedy answer against the answer",
+            lambda i: _mean(i.sets["forget"].rouge),
+        ),
+        Metric(
+            "forget_truth_ratio",
+            "closer to the reference",
+            "mean min(R, 1/R), R = P(perturbed)/P(paraphrased), length-normalised, perturbed = geometric mean over options",
+            lambda i: closer_to_1(truth_ratios(i.sets["forget"])),
+        ),
+        Metric(
+            "forget_exact",
+            "lower",
+            "share of forget questions whose greedy answer is the trained answer (normalised)",
+            _recall("forget", "exact"),
+        ),
+        Metric(
+            "forget_contains",
+            "lower",
+            "share of forget questions whose greedy answer contains the fact's value",
+            _recall("forget", "contains"),
+        ),
+        Metric(
+            "forget_quality",
+            "higher",
+            "KS-test p-value (scipy ks_2samp, two-sided) between the forget rows' R under the model and under the retain reference",
+            _ref(lambda ref, v: float(ref.forget_quality["p"])),
+            "reference",
+        ),
+        Metric(
+            "retain_Q_A_Prob",
+            "higher",
+            "as forget_Q_A_Prob, on retain rows",
+            lambda i: _mean(answer_probs(i.sets["retain"])),
+        ),
+        Metric(
+            "retain_Q_A_ROUGE", "higher", "as forget_Q_A_ROUGE, on retain rows", lambda i: _mean(i.sets["retain"].rouge)
+        ),
+        Metric(
+            "retain_Truth_Ratio",
+            "higher",
+            "mean max(0, 1 - R) on retain rows",
+            lambda i: true_better(truth_ratios(i.sets["retain"])),
+        ),
+        Metric("retain_exact", "higher", "as forget_exact, on retain rows", _recall("retain", "exact")),
+        Metric("retain_contains", "higher", "as forget_contains, on retain rows", _recall("retain", "contains")),
+        Metric(
+            "wf_Q_A_Prob_normalised",
+            "higher",
+            "general questions: mean c / (c + sum of w_j), c and w_j length-normalised probabilities of the true and wrong answers",
+            _wf(lambda sc: _mean([prob_normalised(c, w) for c, w in zip(sc.answer_loss, sc.pert_losses)])),
+        ),
+        Metric(
+            "wf_Q_A_ROUGE",
+            "higher",
+            "general questions: ROUGE-L recall of the greedy answer",
+            _wf(lambda sc: _mean(sc.rouge)),
+        ),
+        Metric(
+            "wf_Truth_Ratio",
+            "higher",
+            "general questions: mean max(0, 1 - R), R = P(wrong)/P(true answer)",
+            _wf(lambda sc: true_better(truth_ratios(sc, wrong_against_answer=True))),
+        ),
+        Metric(
+            "wf_correct",
+            "higher",
+            "share of general questions answered correctly (an accepted answer in the greedy answer)",
+            _wf(_general_correct),
+        ),
+        Metric(
+            "model_utility",
+            "higher",
+            "scipy hmean of retain_Q_A_Prob, retain_Q_A_ROUGE, retain_Truth_Ratio, wf_Q_A_Prob_normalised, wf_Q_A_ROUGE, wf_Truth_Ratio",
+            _utility,
+        ),
+        Metric(
+            "mia_loss",
+            "closer to the reference",
+            "ROC AUC (sklearn), forget = 0 vs holdout = 1, score = mean answer NLL (EOS included)",
+            _mia("loss"),
+        ),
+        Metric(
+            "mia_zlib",
+            "closer to the reference",
+            "ROC AUC, score = mean answer NLL / zlib-compressed byte length of the answer",
+            _mia("zlib"),
+        ),
+        Metric(
+            "mia_min_k",
+            "closer to the reference",
+            "ROC AUC, score = -mean of the 40 % lowest answer-token log-probs (EOS excluded)",
+            _mia("min_k"),
+        ),
+        Metric(
+            "mia_min_k_plus_plus",
+            "closer to the reference",
+            "ROC AUC, score = -mean of the 40 % lowest (log p - mu) / sigma over the vocabulary (EOS excluded)",
+            _mia("min_k_plus_plus"),
+        ),
+        Metric(
+            "privleak",
+            "closer to 0",
+            "((1 - AUC) - (1 - AUC_ref)) / (1 - AUC_ref) * 100 on mia_min_k; AUC_ref of the retain reference",
+            _ref(lambda ref, v: privleak(v["mia_min_k"], ref.auc_min_k)),
+            "reference",
+        ),
+        Metric(
+            "relearn_contains",
+            "closer to the reference",
+            "relearning attack: share of the held-out forget questions whose greedy answer contains the fact after a fresh LoRA is fine-tuned on the other forget rows (sift.evaluation.relearn)",
+            _relearn(lambda r: r["after"]["contains"]),
+            "relearn",
+        ),
+        Metric(
+            "relearn_regained",
+            "closer to the reference",
+            "relearning attack: relearn_contains minus the same share before the attack",
+            _relearn(lambda r: r["regained_contains"]),
+            "relearn",
+        ),
+        Metric(
+            "relearn_nll",
+            "closer to the reference",
+            "relearning attack: mean answer NLL of the held-out forget questions after it (lower: more came back); before it in results.json",
+            _relearn(lambda r: r["after"]["answer_nll"]),
+            "relearn",
+        ),
+        Metric(
+            "seconds",
+            "lower",
+            "wall time to produce the model (training or unlearning), seconds",
+            _cost("seconds"),
+            "cost",
+        ),
+        Metric(
+            "flops",
+            "lower",
+            "training FLOPs estimate: 6 N per token trained + 2 N per token only scored, N = model parameters",
+            _cost("flops"),
+            "cost",
+        ),
+    )
+}
 
 
 def metrics_help() -> str:

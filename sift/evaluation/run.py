@@ -24,7 +24,6 @@ from sift.data import parse_jsonl_text
 from sift.errors import SiftError
 from sift.evaluation import metrics as M
 from sift.evaluation.likelihood import AnswerScore, rouge_l_recall, score_answers
-from sift.evaluation.recall import fact_recall, general_recall
 from sift.evaluation.targets import Target
 from sift.hashing import hash_order
 from sift.serving.generate import greedy_answers
@@ -186,70 +185,24 @@ def evaluate(
         ):
             answers[i] = a
 
-    per_row: dict[str, dict[str, Any]] = {}
-    out_metrics: dict[str, float] = {}
     by_set: dict[str, list[int]] = {name: [i for i, (n, _) in enumerate(items) if n == name] for name in SETS}
-    rouge = {
-        i: v
-        for name in ("forget", "retain", "wf")
-        for i, v in zip(
-            by_set[name],
-            rouge_l_recall([answers[i] for i in by_set[name]], [items[i][1]["completion"] for i in by_set[name]]),
-        )
-    }
+    sets = {name: _set_scores(name, by_set[name], items, scored, answers) for name in SETS}
+    inputs = M.MetricInputs(sets=sets, min_k=s.min_k, cost=dict(target.cost))
+    out_metrics = M.compute_metrics("model", inputs)
+    out_metrics.update(M.compute_metrics("cost", inputs))
 
+    per_row: dict[str, dict[str, Any]] = {}
     for name in ("forget", "retain"):
-        idx = by_set[name]
-        ratios = [M.truth_ratio(scored[i]["para"].avg_loss, [p.avg_loss for p in scored[i]["pert"]]) for i in idx]
-        probs = [M.prob(scored[i]["answer"].avg_loss) for i in idx]
-        out_metrics[f"{name}_Q_A_Prob"] = _mean(probs)
-        out_metrics[f"{name}_Q_A_ROUGE"] = _mean([rouge[i] for i in idx])
-        if name == "forget":
-            out_metrics["forget_truth_ratio"] = M.closer_to_1(ratios)
-        else:
-            out_metrics["retain_Truth_Ratio"] = M.true_better(ratios)
-        recall = fact_recall([answers[i] for i in idx], [items[i][1] for i in idx])
-        out_metrics[f"{name}_exact"], out_metrics[f"{name}_contains"] = recall["exact"], recall["contains"]
-        per_row[f"{name}_truth_ratio"] = {items[i][1]["id"]: r for i, r in zip(idx, ratios)}
-        per_row[f"{name}_Q_A_Prob"] = {items[i][1]["id"]: p for i, p in zip(idx, probs)}
-        per_row[f"{name}_answer"] = {items[i][1]["id"]: answers[i] for i in idx}
-
-    idx = by_set["wf"]
-    utility_inputs = ["retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio"]
-    if idx:  # without general questions the wf_* metrics are left out, and utility is the retain part's
-        wf_ratios = [M.truth_ratio(scored[i]["answer"].avg_loss, [p.avg_loss for p in scored[i]["pert"]]) for i in idx]
-        out_metrics["wf_Q_A_Prob_normalised"] = _mean(
-            [M.prob_normalised(scored[i]["answer"].avg_loss, [p.avg_loss for p in scored[i]["pert"]]) for i in idx]
-        )
-        out_metrics["wf_Q_A_ROUGE"] = _mean([rouge[i] for i in idx])
-        out_metrics["wf_Truth_Ratio"] = M.true_better(wf_ratios)
-        out_metrics["wf_correct"] = general_recall([answers[i] for i in idx], [items[i][1] for i in idx])["correct"]
-        per_row["wf_answer"] = {items[i][1]["id"]: answers[i] for i in idx}
-        utility_inputs += ["wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio"]
-    out_metrics["model_utility"] = M.model_utility([out_metrics[k] for k in utility_inputs])
-
-    mia_scores: dict[str, dict[str, list[float]]] = {}
+        sc = sets[name]
+        ids = [r["id"] for r in sc.rows]
+        per_row[f"{name}_truth_ratio"] = dict(zip(ids, M.truth_ratios(sc)))
+        per_row[f"{name}_Q_A_Prob"] = dict(zip(ids, M.answer_probs(sc)))
+        per_row[f"{name}_answer"] = dict(zip(ids, sc.answers))
+    if sets["wf"].rows:
+        per_row["wf_answer"] = {r["id"]: a for r, a in zip(sets["wf"].rows, sets["wf"].answers)}
     for name in ("forget", "holdout"):
-        rows_sc: list[AnswerScore] = [scored[i]["answer"] for i in by_set[name]]
-        texts = [items[i][1]["completion"] for i in by_set[name]]
-        mia_scores[name] = {
-            "loss": [sc.avg_loss for sc in rows_sc],
-            "zlib": [M.zlib_score(sc.avg_loss, t) for sc, t in zip(rows_sc, texts)],
-            "min_k": [M.min_k_score(sc.token_logprobs, s.min_k) for sc in rows_sc],
-            "min_k_plus_plus": [M.min_k_score(sc.token_z, s.min_k) for sc in rows_sc],
-        }
-    for attack in ("loss", "zlib", "min_k", "min_k_plus_plus"):
-        out_metrics[f"mia_{attack}"] = M.mia_auc(mia_scores["forget"][attack], mia_scores["holdout"][attack])
-    per_row["mia_forget"] = {
-        items[i][1]["id"]: {a: mia_scores["forget"][a][j] for a in mia_scores["forget"]}
-        for j, i in enumerate(by_set["forget"])
-    }
-    per_row["mia_holdout"] = {
-        items[i][1]["id"]: {a: mia_scores["holdout"][a][j] for a in mia_scores["holdout"]}
-        for j, i in enumerate(by_set["holdout"])
-    }
-
-    out_metrics.update({k: v for k, v in target.cost.items() if k in ("seconds", "flops")})
+        mia = M.mia_scores(sets[name], s.min_k)
+        per_row[f"mia_{name}"] = {r["id"]: {a: mia[a][j] for a in mia} for j, r in enumerate(sets[name].rows)}
 
     result = {
         "model": target.label,
@@ -266,6 +219,27 @@ def evaluate(
     if reference is not None:
         against_reference(result, reference)
     return result
+
+
+def _set_scores(
+    name: str, idx: list[int], items: list[tuple[str, dict[str, Any]]], scored: list[dict[str, Any]], answers: list[str]
+) -> M.SetScores:
+    """One set's scores, in its rows' order, from what the model groups produced."""
+    rows = [items[i][1] for i in idx]
+    answer: list[AnswerScore] = [scored[i]["answer"] for i in idx]
+    sc = M.SetScores(
+        rows=rows,
+        answer_loss=[a.avg_loss for a in answer],
+        token_logprobs=[a.token_logprobs for a in answer],
+        token_z=[a.token_z for a in answer],
+    )
+    if name in ("forget", "retain"):
+        sc.para_loss = [scored[i]["para"].avg_loss for i in idx]
+    if name != "holdout":
+        sc.pert_losses = [[p.avg_loss for p in scored[i]["pert"]] for i in idx]
+        sc.answers = [answers[i] for i in idx]
+        sc.rouge = rouge_l_recall(sc.answers, [r["completion"] for r in rows])
+    return sc
 
 
 def against_reference(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
@@ -297,14 +271,10 @@ def against_reference(result: dict[str, Any], reference: dict[str, Any]) -> dict
     ref_score = {**ref_rows["mia_holdout"], **ref_rows["mia_forget"]}
     auc_ref = M.mia_auc([ref_score[i]["min_k"] for i in mine], [ref_score[i]["min_k"] for i in held])
     result["forget_quality"] = fq
-    result["metrics"]["forget_quality"] = fq["p"]
-    result["metrics"]["privleak"] = M.privleak(result["metrics"]["mia_min_k"], auc_ref)
+    inputs = M.MetricInputs(values=dict(result["metrics"]), reference=M.ReferenceScores(fq, auc_ref))
+    result["metrics"].update(M.compute_metrics("reference", inputs))
     result["reference"] = reference.get("model")
     return result
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
 
 
 def metric_table(results: list[dict[str, Any]], names: list[str]) -> str:
