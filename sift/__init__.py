@@ -7,6 +7,7 @@ The calls a user needs, importable from the package itself::
     ws = sift.Workspace("ws")
     sift.create_workspace(ws, "rows.jsonl", config)   # config: sift.SiftConfig
     sift.train_shards(ws)                               # one adapter per shard
+    sift.train_workspace(Path("ws"), "rows.jsonl")      # or both, as `sift train-shards` does
     sift.merge_workspace(ws)                            # the served model, ws/merged/
     cert = sift.forget(ws, ["id-1", "id-2"])            # retrain or drop only the affected shards
     assert sift.verify(ws)["identical"]                 # rebuild from scratch, compare every byte
@@ -32,6 +33,8 @@ _API = {
     "WorkspaceView": "sift.workspace.view",
     "create_workspace": "sift.workspace.create",
     "train_shards": "sift.train",
+    "train_workspace": "sift.exact.build",
+    "TrainSettings": "sift.exact.build",
     "merge_workspace": "sift.merge.driver",
     "forget": "sift.exact.forget",
     "verify": "sift.exact.verify",
@@ -45,6 +48,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time the names load l
     from sift.config import SiftConfig, load_config  # noqa: F401
     from sift.evaluation.run import evaluate  # noqa: F401
     from sift.exact.audit import audit  # noqa: F401
+    from sift.exact.build import TrainSettings, train_workspace  # noqa: F401
     from sift.exact.forget import forget  # noqa: F401
     from sift.exact.verify import verify  # noqa: F401
     from sift.merge.driver import merge_workspace  # noqa: F401

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,7 +11,6 @@ import typer
 
 from sift.cli.app import AsJson, Wait, Ws, _command, _emit, app
 from sift.errors import SiftError
-from sift.logs import get_logger
 
 
 @app.command("builtin-data")
@@ -104,90 +102,26 @@ def train_shards_cmd(
 
     Shards whose rows and config are unchanged are skipped, so rerunning after an interruption
     only trains what is missing."""
-    from sift.config import SiftConfig, apply_overrides, load_config
-    from sift.exact.forget import resume_pending_forget
-    from sift.train import launch_rank, parse_shard_spec, rank_shards, train_shards
-    from sift.workspace import Workspace
-    from sift.workspace.create import check_same_data, create_workspace
-    from sift.workspace.view import WorkspaceView
+    from sift.exact.build import TrainSettings, train_workspace
 
-    ws = Workspace(workspace)
-    sift_masks = method == "sift-masks" or (
-        method is None and ws.exists() and ws.load_config().train.method == "sift-masks"
+    settings = TrainSettings(
+        model=model,
+        num_shards=num_shards,
+        group_by=group_by,
+        id_column=id_column,
+        method=method,
+        targets=None if targets is None else [t.strip() for t in targets.split(",") if t.strip()],
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        seed=seed,
+        slices=slices,
+        router=router,
+        fallback=fallback,
     )
-    if targets is not None and not sift_masks:
-        raise SiftError(
-            "--targets applies to --method sift-masks only (LoRA targets are lora.target_modules in a --config)"
-        )
-    target_list = None if targets is None else [t.strip() for t in targets.split(",") if t.strip()]
-    overrides = {
-        ("model", "name"): model,
-        ("shards", "num_shards"): num_shards,
-        ("data", "group_by"): group_by,
-        ("train", "method"): method,
-        ("sift_masks", "target_modules"): target_list,
-        ("data", "id_column"): id_column,
-        ("train", "epochs"): epochs,
-        ("sift_masks" if sift_masks else "train", "lr"): lr,
-        ("train", "batch_size"): batch_size,
-        ("lora", "r"): lora_r,
-        ("lora", "alpha"): lora_alpha,
-        ("train", "seed"): seed,
-        ("train", "slices"): slices,
-        ("serving", "router"): router,
-        ("serving", "fallback"): fallback,
-    }
-    if not ws.exists() and data is None:
-        raise SiftError(f"{workspace} is not a workspace yet: give --data to create it")
-    rank, world = launch_rank()
-    together = world > 1 or shards is not None  # other trainers may share the workspace
-    fresh_folder = not workspace.exists()
-    # Creating the workspace, or finishing an interrupted forget, needs it alone: the ranks of a
-    # launch meet here (the first creates it, the others wait and check it). Trainers that share
-    # an existing workspace skip this and check the settings under the shared lock.
-    alone = not together or not ws.exists() or ws.journal_path.exists()
-    created = None
-    with ws.lock(exclusive=alone, wait=max(wait, 600.0) if world > 1 else wait, command="train-shards"):
-        if not ws.exists():
-            try:
-                cfg = apply_overrides(load_config(config) if config else SiftConfig(), overrides)
-                if cfg.train.method == "sift-masks" and cfg.merge.method == "mean":
-                    cfg.merge.method = "sift-masks"  # serve what the method is for, unless told otherwise
-                cfg.validate()
-                created = create_workspace(ws, data, cfg)  # type: ignore[arg-type]
-            except BaseException:
-                if fresh_folder:  # leave no half-made folder behind a refused data set
-                    shutil.rmtree(workspace, ignore_errors=True)
-                raise
-            get_logger("sift.cli").info(
-                f"sift: workspace {workspace}: {created['rows']} rows in {created['shards_with_rows']} of {cfg.shards.num_shards} shards"
-            )
-        else:
-            cfg = ws.load_config()
-            clash = [
-                ("--targets" if key == "target_modules" else f"--{key.replace('_', '-')}")
-                for (section, key), value in overrides.items()
-                if value is not None and value != getattr(getattr(cfg, section), key)
-            ]
-            if world > 1 and config is not None and not clash:  # a rank after the one that created it
-                config = None
-            if clash or config is not None:
-                raise SiftError(
-                    f"workspace {workspace} exists with other settings ({', '.join(clash) or '--config'}); use a new workspace or edit its sift.toml"
-                )
-            if data is not None:
-                check_same_data(ws, data, cfg)
-            if alone:
-                resume_pending_forget(ws)
-        if not together:
-            summary = train_shards(ws, parse_shard_spec(shards, cfg.shards.num_shards))
-    if together:  # the workspace lock shared with the other trainers, one lock per shard
-        with ws.lock(exclusive=False, wait=wait, command="train-shards"):
-            view = WorkspaceView.load(ws)
-            mine = rank_shards(view, parse_shard_spec(shards, cfg.shards.num_shards), rank, world)
-            summary = train_shards(ws, mine, view=view, shard_locks=True)
-        summary.update(rank=rank, world_size=world)
-    summary["created"] = created is not None
+    summary = train_workspace(workspace, data, settings, config=config, shards=shards, wait=wait)
     _emit(
         summary,
         as_json,

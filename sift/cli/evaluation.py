@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from sift.cli.app import AsJson, Wait, Ws, _command, _emit, app
-from sift.errors import SiftError
 from sift.unlearn.methods import UNLEARN_METHODS
 
 
@@ -208,62 +206,27 @@ def eval_cmd(
     ] = None,
     as_json: AsJson = False,
 ) -> None:
-    from sift.builtin.general import general_eval_rows
     from sift.data import parse_ids
-    from sift.evaluation.run import EvalSettings, evaluate, metric_table, read_rows, sample_general, split_rows
-    from sift.evaluation.targets import open_target
+    from sift.evaluation.run import EvalSettings, evaluate_model, metric_table
     from sift.fsio import atomic_write_json
 
-    if reference is not None and no_reference:
-        raise SiftError("give --reference or --no-reference, not both")
-    if reference is None and not no_reference:
-        raise SiftError(
-            "forget_quality and privleak compare with the retain reference (a model trained without the forget rows): "
-            "pass --reference MODEL or a saved eval JSON of it, or --no-reference to leave both out"
-        )
     settings = EvalSettings(
         batch_size=batch_size, max_new_tokens=max_new_tokens, retain_sample=retain_sample, general_sample=general_sample
     )
-    settings.check()
-    rows = read_rows(data)
-    forget, retain = split_rows(rows, parse_ids(forget_ids, forget_ids_file), retain_sample)
-    if holdout is None:
-        raise SiftError(
-            "membership inference needs --holdout (rows of people never trained on; "
-            "`sift builtin-data --split holdout --people 2 > holdout.jsonl` for the builtin data)"
-        )
-    held = read_rows(holdout)
-    overlap = {r["id"] for r in held} & {r["id"] for r in rows}
-    if overlap:
-        raise SiftError(
-            f"{len(overlap)} held-out id(s) are also in --data (e.g. {sorted(overlap)[0]!r}); held-out rows must be unseen"
-        )
-    gen_rows = sample_general(general_eval_rows(), general_sample) if general else []
-    ref_result = None
-    if reference is not None:
-        ref_path = Path(reference)
-        if ref_path.is_file() and ref_path.suffix == ".json":
-            try:
-                ref_result = json.loads(ref_path.read_text())
-            except json.JSONDecodeError as exc:
-                raise SiftError(f"{reference}: not JSON ({exc.msg})") from None
-            if not isinstance(ref_result, dict) or "per_row" not in ref_result or "metrics" not in ref_result:
-                raise SiftError(f"{reference} is not a saved `sift eval` result")
-        else:
-            ref_result = evaluate(
-                open_target(reference, base_name=base_model),
-                forget,
-                retain,
-                gen_rows,
-                held,
-                None,
-                settings,
-                require_reference=False,
-            )
-    target = open_target(model, merged=merged, router=router, fallback=fallback, base_name=base_model)
-    result = evaluate(target, forget, retain, gen_rows, held, ref_result, settings, require_reference=not no_reference)
-    if ref_result is not None:
-        result["reference_metrics"] = ref_result["metrics"]
+    result = evaluate_model(
+        model,
+        data,
+        parse_ids(forget_ids, forget_ids_file),
+        holdout,
+        reference=reference,
+        no_reference=no_reference,
+        settings=settings,
+        general=general,
+        merged=merged,
+        router=router,
+        fallback=fallback,
+        base_model=base_model,
+    )
     if out is not None:
         atomic_write_json(out, result)
     summary = {k: v for k, v in result.items() if k != "per_row"}
@@ -387,7 +350,7 @@ def compare_cmd(
     from sift.data import parse_ids
     from sift.evaluation.compare import CompareSettings, compare, report_markdown
     from sift.evaluation.relearn import RelearnSettings
-    from sift.evaluation.run import EvalSettings, read_rows
+    from sift.evaluation.run import EvalSettings, read_holdout, read_rows
 
     settings = CompareSettings(
         model=model,
@@ -412,12 +375,8 @@ def compare_cmd(
         size=size,
     )
     settings.check()
-    if holdout is None:
-        raise SiftError(
-            "membership inference needs --holdout (rows of people never trained on; "
-            "`sift builtin-data --split holdout --people 2 > holdout.jsonl` for the builtin data)"
-        )
-    rows, held = read_rows(data), read_rows(holdout)
+    rows = read_rows(data)
+    held = read_holdout(holdout, rows)
     given = parse_ids(forget_ids, forget_ids_file) if (forget_ids is not None or forget_ids_file is not None) else []
     result = compare(rows, given, held, out, settings)
     _emit(

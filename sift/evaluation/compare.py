@@ -36,6 +36,7 @@ from sift.evaluation.run import (
     EvalSettings,
     against_reference,
     check_rows,
+    check_unseen,
     evaluate,
     metric_table,
     sample_general,
@@ -168,11 +169,7 @@ def compare(
     s.check()
     if out.exists() and any(out.iterdir()):
         raise SiftError(f"{out} is not empty; give a new folder for the report")
-    overlap = {r["id"] for r in holdout} & {r["id"] for r in rows}
-    if overlap:
-        raise SiftError(
-            f"{len(overlap)} held-out id(s) are also in the data (e.g. {sorted(overlap)[0]!r}); held-out rows must be unseen"
-        )
+    check_unseen(holdout, rows)
     from sift.evaluation.worstcase import random_forget_set
 
     if s.forget_set == "ids":

@@ -67,6 +67,57 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+HOLDOUT_NEEDED = (
+    "membership inference needs --holdout (rows of people never trained on; "
+    "`sift builtin-data --split holdout --people 2 > holdout.jsonl` for the builtin data)"
+)
+
+
+def read_holdout(path: str | Path | None, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The held-out rows of `path`, which must be given and share no id with the data."""
+    if path is None:
+        raise SiftError(HOLDOUT_NEEDED)
+    held = read_rows(path)
+    check_unseen(held, rows)
+    return held
+
+
+def check_unseen(holdout: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    """Held-out rows stand for people never trained on: none may be in the data."""
+    overlap = {r["id"] for r in holdout} & {r["id"] for r in rows}
+    if overlap:
+        raise SiftError(
+            f"{len(overlap)} held-out id(s) are also in the data (e.g. {sorted(overlap)[0]!r}); held-out rows must be unseen"
+        )
+
+
+REFERENCE_NEEDED = (
+    "forget_quality and privleak compare with the retain reference (a model trained without the forget rows): "
+    "pass --reference MODEL or a saved eval JSON of it, or --no-reference to leave both out"
+)
+
+
+def check_reference_choice(reference: object | None, no_reference: bool) -> None:
+    """A reference, or the explicit choice to go without one: never a silent null."""
+    if reference is not None and no_reference:
+        raise SiftError("give --reference or --no-reference, not both")
+    if reference is None and not no_reference:
+        raise SiftError(REFERENCE_NEEDED)
+
+
+def read_reference_result(path: Path) -> dict[str, Any]:
+    """A saved `sift eval --out` result, as a reference."""
+    import json
+
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SiftError(f"{path}: not JSON ({exc.msg})") from None
+    if not isinstance(result, dict) or "per_row" not in result or "metrics" not in result:
+        raise SiftError(f"{path} is not a saved `sift eval` result")
+    return result
+
+
 def _hashed_sample(rows: list[dict[str, Any]], n: int | None) -> list[dict[str, Any]]:
     """The n rows whose ids hash lowest: the same choice for the same ids, in any order."""
     if n is None or n >= len(rows):
@@ -151,10 +202,7 @@ def evaluate(
     s = settings or EvalSettings()
     s.check()
     if reference is None and require_reference:
-        raise SiftError(
-            "forget_quality and privleak compare with the retain reference (a model trained without the forget rows): "
-            "pass --reference MODEL or a saved eval JSON of it, or --no-reference to leave both out"
-        )
+        raise SiftError(REFERENCE_NEEDED)
     check_rows(forget, retain, general, holdout)
     started = time.perf_counter()
 
@@ -240,6 +288,47 @@ def _set_scores(
         sc.answers = [answers[i] for i in idx]
         sc.rouge = rouge_l_recall(sc.answers, [r["completion"] for r in rows])
     return sc
+
+
+def evaluate_model(
+    model: str,
+    data: str | Path,
+    forget_ids: list[str],
+    holdout: str | Path | None,
+    reference: str | None = None,
+    no_reference: bool = False,
+    settings: EvalSettings | None = None,
+    general: bool = True,
+    merged: bool = False,
+    router: str | None = None,
+    fallback: str | None = None,
+    base_model: str | None = None,
+) -> dict[str, Any]:
+    """`sift eval` as one call: read the rows, check every input before a model loads, score the
+    reference (a MODEL, or a saved result JSON) on the same rows, then the model."""
+    from sift.builtin.general import general_eval_rows
+    from sift.evaluation.targets import open_target
+
+    s = settings or EvalSettings()
+    check_reference_choice(reference, no_reference)
+    s.check()
+    rows = read_rows(data)
+    forget, retain = split_rows(rows, forget_ids, s.retain_sample)
+    held = read_holdout(holdout, rows)
+    gen_rows = sample_general(general_eval_rows(), s.general_sample) if general else []
+    ref_result = None
+    if reference is not None:
+        ref_path = Path(reference)
+        if ref_path.is_file() and ref_path.suffix == ".json":
+            ref_result = read_reference_result(ref_path)
+        else:
+            ref_target = open_target(reference, base_name=base_model)
+            ref_result = evaluate(ref_target, forget, retain, gen_rows, held, None, s, require_reference=False)
+    target = open_target(model, merged=merged, router=router, fallback=fallback, base_name=base_model)
+    result = evaluate(target, forget, retain, gen_rows, held, ref_result, s, require_reference=not no_reference)
+    if ref_result is not None:
+        result["reference_metrics"] = ref_result["metrics"]
+    return result
 
 
 def against_reference(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
