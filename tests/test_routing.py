@@ -169,3 +169,30 @@ def test_stale_router_settings_are_rebuilt_without_retraining(trained_ws):
     summary = train_shards(trained_ws, quiet=True)
     assert summary["trained"] == []
     assert WorkspaceServer(trained_ws).route(["x"], "embed")[0].router == "embed"
+
+
+def test_scoring_and_answering_take_the_same_serving_path(trained_ws, facts):
+    """sift eval scores each prompt on the model `answer` would answer it with: both read one
+    `targets` decision, whatever the options (routed, unclaimed, merged, a named group)."""
+    server = WorkspaceServer(trained_ws)
+    asked = [facts[0]["prompt"], "Where was Nobody Atall born?", facts[-1]["prompt"]]
+    for options in ({}, {"merged": True}, {"group": facts[0]["owner"]}, {"fallback": "base"}):
+        answers = server.answer(asked, max_new_tokens=1, **options)
+        served = {}
+        for _model, _tok, path, shard, idx in server.models_for(asked, **options):
+            for i in idx:
+                served[i] = (path, shard)
+        assert served == {i: (a.path, a.shard) for i, a in enumerate(answers)}, options
+    # the decision itself: the unclaimed prompt records the router that declined it
+    t = server.targets(asked)
+    assert t[1].shard is None and t[1].router == "keys" and t[0].path == "routed"
+
+
+def test_groups_are_indexed_once_per_view(trained_ws, facts):
+    view = WorkspaceView.load(trained_ws)
+    index = view.group_shards()
+    assert view.group_shards() is index  # one pass over the rows, then memory
+    owner = facts[0]["owner"]
+    assert view.shard_of_group(owner.upper()) == read_manifest(trained_ws)[facts[0]["id"]]
+    with pytest.raises(SiftError, match="unknown group"):
+        view.shard_of_group("Nobody Atall")

@@ -237,3 +237,18 @@ def test_verify_fails_when_one_mask_bit_is_flipped(masks_ws):
     save_file(tensors, str(path), metadata={"format": "sift-masks"})
     rep = verify(masks_ws, quiet=True)
     assert not rep["identical"] and rep["mismatched_adapters"] == [shard]
+
+
+def test_pinned_masks_serve_without_reading_the_shard_files_again(masks_ws):
+    """The HTTP server pins every shard's mask when a generation loads (MaskedShards.pin_masks):
+    a later switch must give the same weights and read no file, even once a file is gone."""
+    server = WorkspaceServer(masks_ws)
+    shards = sorted(server.serving_shards())
+    expected = {s: {n: p.detach().clone() for n, p in server._shard_model(s).named_parameters()} for s in shards}
+    pinned = WorkspaceServer(masks_ws)._masked_shards()
+    pinned.pin_masks(server.serving_shards())
+    for s in shards:
+        (masks_ws.adapter_dir(s) / DELTA_FILE).rename(masks_ws.adapter_dir(s) / "moved-away")
+    for s in reversed(shards):
+        params = dict(pinned.model_for(s, masks_ws.adapter_dir(s)).named_parameters())
+        assert all(torch.equal(params[n].detach(), v) for n, v in expected[s].items()), s

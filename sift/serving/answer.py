@@ -49,6 +49,17 @@ class Answer:
         return {"prompt": self.prompt, "answer": self.answer, "served_by": self.served_by(), "score": self.score}
 
 
+@dataclass(frozen=True)
+class Target:
+    """Who serves one prompt: the path, the shard (None: the fallback answers), the router that
+    decided (None where none did) and its score."""
+
+    path: str  # "routed" | "shard" | "merged"
+    shard: int | None
+    router: str | None
+    score: float | None
+
+
 class WorkspaceServer:
     """Loads lazily, once, what a workspace serves: router indices, the base with shard adapters,
     the merged model. For a CLI call or a benchmark; holds the workspace's files as they were
@@ -109,6 +120,35 @@ class WorkspaceServer:
         return [index.route(p) for p in prompts]
 
     # -- answering ------------------------------------------------------------------------------
+    def targets(
+        self,
+        prompts: list[str],
+        router: str | None = None,
+        merged: bool = False,
+        shard: int | None = None,
+        group: str | None = None,
+    ) -> list[Target]:
+        """Who serves each prompt, decided once for answering and scoring alike: the shard or
+        group the caller named, the merged model (`merged=True`), or the router's choice, with
+        what no shard claims left to the fallback (shard None; its router is recorded)."""
+        if shard is not None or group is not None:
+            if shard is not None and group is not None:
+                raise SiftError("give --shard or --group, not both")
+            k = shard if shard is not None else self.view.shard_of_group(group)  # type: ignore[arg-type]
+            if not 0 <= k < self.view.num_shards:
+                raise SiftError(f"shard {k} is out of range 0-{self.view.num_shards - 1}")
+            if k not in self.serving_shards():
+                raise SiftError(f"shard {k} has no adapter (empty, dropped or untrained)")
+            return [Target("shard", k, None, None)] * len(prompts)
+        if merged:
+            return [Target("merged", None, None, None)] * len(prompts)
+        return [
+            Target("routed", d.shard, d.router, d.score)
+            if d.shard is not None
+            else Target("merged", None, d.router if d.router != "none" else None, d.score)
+            for d in self.route(prompts, router)
+        ]
+
     def answer(
         self,
         prompts: list[str],
@@ -123,31 +163,10 @@ class WorkspaceServer:
         """Answer each prompt on the path the options choose (default: routed, then the
         workspace's fallback, serving.fallback: the merged model or the base model).
         `merged=True` always answers with the merged model."""
-        fallback = fallback or self.view.cfg.serving.fallback
-        if fallback not in FALLBACKS:
-            raise SiftError(f"--fallback must be merged or base; got {fallback!r}")
-        targets: list[tuple[str, int | None, str | None, float | None]]
-        if shard is not None or group is not None:
-            if shard is not None and group is not None:
-                raise SiftError("give --shard or --group, not both")
-            k = shard if shard is not None else self.view.shard_of_group(group)  # type: ignore[arg-type]
-            if not 0 <= k < self.view.num_shards:
-                raise SiftError(f"shard {k} is out of range 0-{self.view.num_shards - 1}")
-            if k not in self.serving_shards():
-                raise SiftError(f"shard {k} has no adapter (empty, dropped or untrained)")
-            targets = [("shard", k, None, None)] * len(prompts)
-        elif merged:
-            targets = [("merged", None, None, None)] * len(prompts)
-        else:
-            targets = [
-                ("routed", d.shard, d.router, d.score)
-                if d.shard is not None
-                else ("merged", None, d.router if d.router != "none" else None, d.score)
-                for d in self.route(prompts, router)
-            ]
-        answers: list[str | None] = [None] * len(prompts)
-        paths = [t[0] for t in targets]
-        for model, tok, path, k, idx in self._group(targets, fallback, merged):
+        targets = self.targets(prompts, router, merged, shard, group)
+        answers: list[str] = [""] * len(prompts)
+        paths = [t.path for t in targets]
+        for model, tok, path, k, idx in self._group(targets, self._fallback(fallback), merged):
             if k is None:
                 for i in idx:
                     paths[i] = path
@@ -155,39 +174,43 @@ class WorkspaceServer:
                 idx, greedy_answers(model, tok, [prompts[i] for i in idx], max_new_tokens, batch_size=batch_size)
             ):
                 answers[i] = a
-        return [Answer(p, a or "", path, k, r, s) for p, a, path, (_, k, r, s) in zip(prompts, answers, paths, targets)]
+        return [
+            Answer(p, a, path, t.shard, t.router, t.score) for p, a, path, t in zip(prompts, answers, paths, targets)
+        ]
 
     def models_for(
-        self, prompts: list[str], router: str | None = None, merged: bool = False, fallback: str | None = None
+        self,
+        prompts: list[str],
+        router: str | None = None,
+        merged: bool = False,
+        fallback: str | None = None,
+        shard: int | None = None,
+        group: str | None = None,
     ) -> Iterator[tuple[Any, Any, str, int | None, list[int]]]:
         """The model that serves each prompt, grouped: (model, tokenizer, path, shard, indices),
-        as `answer` would route them; for scoring likelihoods on the served path (sift eval).
-        Iterate it group by group: a group's model is valid only until the next group is drawn
-        (the shards share one copy of the base)."""
+        from the same `targets` as `answer`; for scoring likelihoods on the served path (sift
+        eval). Iterate it group by group: a group's model is valid only until the next group is
+        drawn (the shards share one copy of the base)."""
+        return self._group(self.targets(prompts, router, merged, shard, group), self._fallback(fallback), merged)
+
+    def _fallback(self, fallback: str | None) -> str:
         fallback = fallback or self.view.cfg.serving.fallback
         if fallback not in FALLBACKS:
             raise SiftError(f"--fallback must be merged or base; got {fallback!r}")
-        if merged:
-            targets = [("merged", None, None, None)] * len(prompts)
-        else:
-            targets = [
-                ("routed", d.shard, d.router, d.score) if d.shard is not None else ("merged", None, None, d.score)
-                for d in self.route(prompts, router)
-            ]
-        return self._group(targets, fallback, merged)
+        return fallback
 
     def _group(
-        self, targets: list[tuple[str, int | None, str | None, float | None]], fallback: str, merged: bool
+        self, targets: list[Target], fallback: str, merged: bool
     ) -> Iterator[tuple[Any, Any, str, int | None, list[int]]]:
         groups: dict[int | None, list[int]] = {}
-        for i, (_, k, _, _) in enumerate(targets):
-            groups.setdefault(k, []).append(i)
+        for i, t in enumerate(targets):
+            groups.setdefault(t.shard, []).append(i)
         for k in sorted(groups, key=lambda x: (x is None, x or 0)):
             if k is None:
                 model, tok, path = self.base_model() if fallback == "base" and not merged else self.merged_model()
                 yield model, tok, path, None, groups[k]
             else:
-                yield self._shard_model(k), self.base.get().tokenizer, targets[groups[k][0]][0], k, groups[k]
+                yield self._shard_model(k), self.base.get().tokenizer, targets[groups[k][0]].path, k, groups[k]
 
     def _shard_model(self, shard: int) -> Any:
         if self._adapters is None:

@@ -68,7 +68,8 @@ class MaskedShards:
     """Routed SIFT-Masks serving: one copy of the base whose tuned weights are set, for the shard
     asked, to  theta0 + (tau * m_c) / T  from the merged int64 sums tau (the served folder's
     state) and the shard's local mask m_c; T is the number of merged shards. Switching shards
-    rewrites only the tuned weights."""
+    rewrites only the tuned weights. A shard's mask is read from its folder at each switch, or
+    from memory once `pin_masks` has read them all (a server that must not see later files)."""
 
     def __init__(self, base_model: Any, state: Any, n: int):
         self._model = copy.deepcopy(base_model).eval()
@@ -76,12 +77,21 @@ class MaskedShards:
             name: t.detach().clone() for name, t in base_model.state_dict().items() if name in state.acc
         }
         self._state, self._n, self._current = state, n, None
+        self._pinned: dict[int, dict[str, torch.Tensor]] | None = None
+
+    def pin_masks(self, folders: dict[int, Path]) -> None:
+        """Read every serving shard's mask now; later switches use these and read no file (the
+        sums in memory must meet the masks of the same generation, not ones a forget rewrote)."""
+        from sift.siftmasks.store import load_masks
+
+        self._pinned = {shard: load_masks(folder) for shard, folder in folders.items()}
 
     def model_for(self, shard: int, adapter_dir: Path) -> Any:
         from sift.siftmasks.store import load_masks
 
         if self._current != shard:
-            weights = self._state.served_weights(self._base_state, 1.0 / self._n, masks=load_masks(adapter_dir))
+            masks = self._pinned[shard] if self._pinned is not None else load_masks(adapter_dir)
+            weights = self._state.served_weights(self._base_state, 1.0 / self._n, masks=masks)
             with torch.no_grad():
                 for name, value in weights.items():
                     self._model.get_parameter(name).copy_(value)

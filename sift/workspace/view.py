@@ -37,6 +37,7 @@ class WorkspaceView:
     state: WorkspaceState
     rows: dict[int, list[Row]]  # non-empty shards only, rows sorted by id
     _plans: dict[int, ShardPlan] = field(default_factory=dict, repr=False)
+    _groups: dict[str, list[int]] | None = field(default=None, repr=False)
 
     @staticmethod
     def load(ws: Workspace) -> WorkspaceView:
@@ -83,6 +84,17 @@ class WorkspaceView:
         """Shards whose adapters the served model must hold: non-empty and not dropped."""
         return [s for s in sorted(self.rows) if s not in self.state.dropped_shards]
 
+    def group_shards(self) -> dict[str, list[int]]:
+        """Normalised group value -> the shards holding its rows; one pass over the rows per view
+        (a server answering many `--group` requests reads it from memory)."""
+        if self._groups is None:
+            groups: dict[str, set[int]] = {}
+            for s, rows in self.rows.items():
+                for r in rows:
+                    groups.setdefault(normalize_text(r.group), set()).add(s)
+            self._groups = {g: sorted(shards) for g, shards in groups.items()}
+        return self._groups
+
     def shard_of_group(self, group: str) -> int:
         """The shard holding the rows of `group`, matched as the keys router matches (case,
         accents and punctuation ignored). A group the workspace does not hold is an error: a
@@ -91,8 +103,7 @@ class WorkspaceView:
             raise SiftError(
                 "--group needs a workspace made with --group-by (its rows have no group values); use --shard"
             )
-        wanted = normalize_text(group)
-        found = sorted({s for s, rows in self.rows.items() for r in rows if normalize_text(r.group) == wanted})
+        found = self.group_shards().get(normalize_text(group), [])
         if not found:
             raise SiftError(
                 f"unknown group {group!r}: no row of this workspace has {self.cfg.data.group_by} = {group!r}"

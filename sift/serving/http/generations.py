@@ -129,25 +129,6 @@ def forget_pending(ws: Workspace) -> bool:
     return not any(e.get("forget_id") == journal.get("forget_id") for e in ws.read_ledger())
 
 
-class _PinnedMasks:
-    """SIFT-Masks serving with every shard's mask read when the generation was built: the
-    library's MaskedShards reads a mask from disk at each shard switch, which could meet a mask
-    a later forget wrote (or removed) while the old sums are still in memory."""
-
-    def __init__(self, inner: MaskedShards, masks: dict[int, dict[str, torch.Tensor]]):
-        self._inner, self._masks = inner, masks
-
-    def model_for(self, shard: int, adapter_dir: Path) -> Any:
-        m = self._inner
-        if m._current != shard:
-            weights = m._state.served_weights(m._base_state, 1.0 / m._n, masks=self._masks[shard])
-            with torch.no_grad():
-                for name, value in weights.items():
-                    m._model.get_parameter(name).copy_(value)
-            m._current = shard
-        return m._model
-
-
 class PinnedServer(WorkspaceServer):
     """A WorkspaceServer that loads everything it can serve up front (`load_all`) and afterwards
     answers from memory only, so that files rewritten under it cannot change its answers."""
@@ -199,11 +180,10 @@ class PinnedServer(WorkspaceServer):
             raise self._adapters_error
         return super()._shard_model(shard)
 
-    def _masked_shards(self) -> Any:
-        from sift.siftmasks.store import load_masks
-
-        inner = super()._masked_shards()  # checks the merged sums hold exactly these shards
-        return _PinnedMasks(inner, {k: load_masks(d) for k, d in self.serving_shards().items()})
+    def _masked_shards(self) -> MaskedShards:
+        shards = super()._masked_shards()  # checks the merged sums hold exactly these shards
+        shards.pin_masks(self.serving_shards())  # the masks of this generation, read once
+        return shards
 
     # -- what the HTTP layer reports ------------------------------------------------------------
     @property
