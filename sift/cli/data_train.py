@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from sift.cli.app import AsJson, Wait, Ws, _command, _emit, app
+from sift.config import FALLBACKS, ROUTERS
 from sift.errors import SiftError
 
 
@@ -85,11 +86,12 @@ def train_shards_cmd(
     router: Annotated[
         Optional[str],
         typer.Option(
-            help="Default router of the workspace: auto (keys with --group-by, else embed), keys, embed or none."
+            help=f"Default router of the workspace: auto (keys with --group-by, else embed), {', '.join(ROUTERS)} or none."
         ),
     ] = None,
     fallback: Annotated[
-        Optional[str], typer.Option(help="Who answers what no shard claims: merged (default) or base.")
+        Optional[str],
+        typer.Option(help=f"Who answers what no shard claims: {' or '.join(FALLBACKS)} (default merged)."),
     ] = None,
     config: Annotated[Optional[Path], typer.Option(help="A sift.toml to start from (flags override it).")] = None,
     shards: Annotated[

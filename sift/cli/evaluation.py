@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from sift.cli.app import AsJson, Wait, Ws, _command, _emit, app
+from sift.config import FALLBACKS, ROUTERS
 from sift.unlearn.methods import UNLEARN_METHODS
 
 
@@ -174,10 +175,10 @@ def eval_cmd(
         bool, typer.Option("--merged", help="A workspace: evaluate its merged model instead of its routed serving.")
     ] = False,
     router: Annotated[
-        Optional[str], typer.Option(help="A workspace: the router (keys | embed; default: the workspace's).")
+        Optional[str], typer.Option(help=f"A workspace: the router ({' | '.join(ROUTERS)}; default: the workspace's).")
     ] = None,
     fallback: Annotated[
-        Optional[str], typer.Option(help="A workspace: who answers what no shard claims (merged | base).")
+        Optional[str], typer.Option(help=f"A workspace: who answers what no shard claims ({' | '.join(FALLBACKS)}).")
     ] = None,
     base_model: Annotated[
         Optional[str], typer.Option("--model", help="Base model of a peft adapter that does not name one.")

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from sift.cli.app import Wait, Ws, _command, _emit, app
+from sift.config import FALLBACKS, ROUTERS
 from sift.errors import SiftError
 
 
@@ -25,7 +26,7 @@ RouterOpt = Annotated[
     Optional[str],
     typer.Option(
         "--router",
-        help="Router for this request: keys (group values named in the prompt) or embed (nearest prompts of each shard, by the frozen base). Default: the workspace's (serving.router).",
+        help=f"Router for this request: {' | '.join(ROUTERS)} (keys: group values named in the prompt; embed: nearest prompts of each shard, by the frozen base). Default: the workspace's (serving.router).",
     ),
 ]
 
@@ -47,7 +48,7 @@ def generate(
     fallback: Annotated[
         Optional[str],
         typer.Option(
-            help="Who answers what no shard claims: merged or base (default: the workspace's serving.fallback, merged)."
+            help=f"Who answers what no shard claims: {' or '.join(FALLBACKS)} (default: the workspace's serving.fallback, merged)."
         ),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 48,
@@ -182,13 +183,13 @@ def serve(
         Optional[str],
         typer.Option(
             "--router",
-            help="Default router of the server: keys or embed (default: the workspace's serving.router); a request's sift_router wins.",
+            help=f"Default router of the server: {' or '.join(ROUTERS)} (default: the workspace's serving.router); a request's sift_router wins.",
         ),
     ] = None,
     fallback: Annotated[
         Optional[str],
         typer.Option(
-            help="Who answers what no shard claims: merged or base (default: the workspace's serving.fallback); a request's sift_fallback wins."
+            help=f"Who answers what no shard claims: {' or '.join(FALLBACKS)} (default: the workspace's serving.fallback); a request's sift_fallback wins."
         ),
     ] = None,
     model_name: Annotated[
