@@ -45,7 +45,7 @@ def main() -> None:
     from sift.determinism import quiet_libraries
     from sift.loop import LoopSettings, run_loop
     from sift.models import load_base_model
-    from sift.train import completion_loss, tokenize_rows
+    from sift.train.lora import completion_loss, tokenize_rows
 
     quiet_libraries()
     cfg = SiftConfig()

@@ -44,6 +44,23 @@ RE_EXPORTED = {
     "sift.siftmasks.signs": {"pack_bits": "sift.tensorio", "unpack_bits": "sift.tensorio"},
     "sift.siftmasks.tune": {"target_weights": "sift.models"},
     "sift.serving.route": {"normalize_text": "sift.data"},
+    "sift.train": {
+        "completion_loss": "sift.train.lora",
+        "tokenize_rows": "sift.train.lora",
+        "canonical_adapter_config": "sift.train.lora",
+        "SLICES_DIR": "sift.train.sisa",
+        "slice_of": "sift.train.sisa",
+        "slice_epochs": "sift.train.sisa",
+        "stage_hash": "sift.train.sisa",
+        "read_stages": "sift.train.sisa",
+        "parse_shard_spec": "sift.train.ranks",
+        "launch_rank": "sift.train.ranks",
+        "rank_shards": "sift.train.ranks",
+        "stderr_progress": "sift.train.progress",
+    },
+    "sift.unlearn.run": {"UnlearnSettings": "sift.unlearn.settings", "Counter": "sift.unlearn.methods"},
+    "sift.unlearn.masks": {"MASKS": "sift.unlearn.settings", "WAGLE_GAMMA": "sift.unlearn.settings"},
+    "sift.unlearn.sparsity": {"L1_DEFAULT": "sift.unlearn.methods"},
 }
 
 

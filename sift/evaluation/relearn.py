@@ -137,7 +137,7 @@ def _attack(
     `held` measured before and after."""
     from peft import LoraConfig, get_peft_model
 
-    from sift.train import completion_loss
+    from sift.train.lora import completion_loss
 
     enable_determinism()
     victim = plain_model(model)

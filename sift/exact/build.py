@@ -84,10 +84,11 @@ def train_workspace(
 ) -> dict[str, Any]:
     """Create the workspace from `data` if it is not one yet, then train its shards (`shards`: a
     spec such as `0-3,7`, None for all). Under `accelerate launch` or torchrun each rank trains
-    its part (sift.train.rank_shards). Returns the training summary, with `created`, and `rank`
+    its part (sift.train.ranks.rank_shards). Returns the training summary, with `created`, and `rank`
     and `world_size` when trainers share the workspace."""
     from sift.exact.forget import resume_pending_forget
-    from sift.train import launch_rank, parse_shard_spec, rank_shards, train_shards
+    from sift.train import train_shards
+    from sift.train.ranks import launch_rank, parse_shard_spec, rank_shards
     from sift.workspace import Workspace
     from sift.workspace.create import check_same_data, create_workspace
     from sift.workspace.view import WorkspaceView

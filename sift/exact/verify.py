@@ -19,7 +19,8 @@ from sift.merge.driver import merge_workspace, served_hashes, served_info
 from sift.merge.state import STATE_DIR, sums_sha256
 from sift.models import LazyBase
 from sift.routing.routers import router_file_hashes
-from sift.train import SLICES_DIR, train_shards
+from sift.train import train_shards
+from sift.train.sisa import SLICES_DIR
 from sift.workspace import Workspace, WorkspaceState
 from sift.workspace.layout import shard_name
 from sift.workspace.rows import write_workspace_rows

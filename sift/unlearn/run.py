@@ -120,7 +120,7 @@ def _unlearn(
     on_epoch: EpochHook | None,
 ) -> dict[str, Any]:
     from sift.adapters import open_peft_adapter
-    from sift.train import tokenize_rows
+    from sift.train.lora import tokenize_rows
 
     started = time.perf_counter()
     s = settings.resolved()
@@ -212,7 +212,7 @@ def _unlearn(
     model.save_pretrained(str(staged), safe_serialization=True)
     (staged / "README.md").unlink(missing_ok=True)
     if (staged / "adapter_config.json").exists():
-        from sift.train import canonical_adapter_config
+        from sift.train.lora import canonical_adapter_config
 
         canonical_adapter_config(staged / "adapter_config.json")
     seconds = time.perf_counter() - started - hook_seconds
