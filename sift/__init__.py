@@ -23,7 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from sift.determinism import set_entry_environment  # noqa: E402
 from sift.errors import SiftError  # noqa: E402
+
+set_entry_environment()  # before any CUDA call: what cuBLAS and flash-attn read when they start
 
 # public name -> the module that defines it
 _API = {

@@ -131,6 +131,23 @@ class ServingConfig:
 
 
 @dataclass
+class ComputeConfig:
+    """Where and how the base computes (sift.compute). The dtype, attention and gradient
+    checkpointing change an adapter's bytes, so they enter the training hash when not the
+    defaults; the device does not (it is in the recorded stack, which a later training on
+    another refuses). A sift.toml without [compute] (every workspace made before it) trains on
+    the CPU, as it always did."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"  # the base's; LoRA factors, SIFT-Masks tuned weights and the merge stay fp32/fp64
+    attn: str = "sdpa"  # sdpa | eager: transformers' attention implementation
+    gradient_checkpointing: bool = False
+
+
+_COMPUTE_DEFAULTS = {"dtype": "float32", "attn": "sdpa", "gradient_checkpointing": False}
+
+
+@dataclass
 class SiftConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -140,6 +157,7 @@ class SiftConfig:
     shards: ShardConfig = field(default_factory=ShardConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def validate(self) -> None:
         if self.shards.num_shards < 1:
@@ -181,6 +199,13 @@ class SiftConfig:
             raise SiftError(f"serving.fallback must be merged or base; got {self.serving.fallback!r}")
         if self.serving.embed_layer < 0:
             raise SiftError("serving.embed_layer must be >= 0")
+        from sift.compute import ATTENTIONS, DTYPES, check_device_spec
+
+        check_device_spec(self.compute.device)
+        if self.compute.dtype not in DTYPES:
+            raise SiftError(f"compute.dtype must be one of {', '.join(DTYPES)}; got {self.compute.dtype!r}")
+        if self.compute.attn not in ATTENTIONS:
+            raise SiftError(f"compute.attn must be one of {', '.join(ATTENTIONS)}; got {self.compute.attn!r}")
         for name in ("id_column", "text_column", "prompt_column", "completion_column"):
             if not getattr(self.data, name):
                 raise SiftError(f"data.{name} must not be empty")
@@ -190,6 +215,11 @@ class SiftConfig:
         d = dataclasses.asdict(self)
         d.pop("merge")
         d.pop("serving")
+        # the device is in the recorded stack; the rest only when not the default, so that
+        # workspaces made before [compute] keep their hashes
+        compute = {k: v for k, v in d.pop("compute").items() if k in _COMPUTE_DEFAULTS and v != _COMPUTE_DEFAULTS[k]}
+        if compute:
+            d["compute"] = compute
         if self.train.slices == 1:  # workspaces made before slices keep their hashes
             d["train"].pop("slices")
         if self.train.threads == 0:  # likewise for workspaces made before the thread count was pinned
@@ -221,6 +251,8 @@ _SECTIONS = {f.name: f.type for f in dataclasses.fields(SiftConfig)}
 def config_from_dict(raw: dict[str, Any]) -> SiftConfig:
     """Build a config, refusing unknown sections or keys (a typo must not pass silently)."""
     cfg = SiftConfig()
+    if "compute" not in raw:  # made before [compute]: it trained on the CPU, and keeps doing so
+        cfg.compute.device = "cpu"
     for section, values in raw.items():
         if section not in _SECTIONS:
             raise SiftError(f"config: unknown section [{section}]")

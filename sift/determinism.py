@@ -7,13 +7,49 @@ import os
 import sys
 
 
+def set_entry_environment() -> None:
+    """What CUDA libraries read once, when they start: set on `import sift`, before any CUDA
+    call (a user's own value is kept). cuBLAS needs a fixed workspace for repeatable
+    reductions; the flash-attn package reads its deterministic flag through transformers."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ.setdefault("FLASH_ATTENTION_DETERMINISTIC", "1")
+
+
 def enable_determinism() -> None:
+    """Strict deterministic kernels (an op without one raises instead of running a fast
+    non-deterministic kernel, which warn_only would allow), cuDNN deterministic without
+    autotuning, TF32 and reduced-precision reductions off, and cuDNN attention (which has no
+    deterministic backward) excluded from SDPA's choices. On the CPU only the first applies."""
     import torch
 
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    set_entry_environment()
     torch.use_deterministic_algorithms(True)
-    if torch.backends.cudnn.is_available():
-        torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    if hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def determinism_settings() -> dict[str, object]:
+    """The settings enable_determinism pins, as they stand (recorded with a workspace's stack)."""
+    import torch
+
+    out: dict[str, object] = {
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    }
+    if hasattr(torch.backends.cuda, "cudnn_sdp_enabled"):
+        out["sdpa_cudnn"] = torch.backends.cuda.cudnn_sdp_enabled()
+    return out
 
 
 def derive_seed(*parts: object) -> int:

@@ -72,30 +72,37 @@ StepFn = Callable[[StepInput, int], "torch.Tensor | float"]  # leaves gradients 
 OptimizerFactory = Callable[[list[torch.nn.Parameter], LoopSettings], torch.optim.Optimizer]
 
 
-def batches(examples: Sequence[Example], batch_size: int, order: list[int], pad_id: int) -> Iterator[Batch]:
-    """Right-padded batches in the given order (pads carry no attention and no loss)."""
+def batches(
+    examples: Sequence[Example], batch_size: int, order: list[int], pad_id: int, device: Any = None
+) -> Iterator[Batch]:
+    """Right-padded batches in the given order (pads carry no attention and no loss), on
+    `device` (the model's; None: the CPU)."""
     for start in range(0, len(order), batch_size):
         chunk = [examples[i] for i in order[start : start + batch_size]]
         width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        cpu = torch.device("cpu")  # built on the CPU by name (never on a default device), then moved
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long, device=cpu)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long, device=cpu)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long, device=cpu)
         for j, (x, y) in enumerate(chunk):
-            ids[j, : len(x)] = torch.tensor(x)
-            labels[j, : len(y)] = torch.tensor(y)
+            ids[j, : len(x)] = torch.tensor(x, device=cpu)
+            labels[j, : len(y)] = torch.tensor(y, device=cpu)
             mask[j, : len(x)] = 1
+        if device is not None:
+            ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
         yield ids, mask, labels
 
 
 def seeded_batches(
-    examples: Sequence[Example], batch_size: int, epochs: int, seed: int, pad_id: int
+    examples: Sequence[Example], batch_size: int, epochs: int, seed: int, pad_id: int, device: Any = None
 ) -> Iterator[StepInput]:
     """`epochs` passes over `examples`, each in an order drawn from `seed` alone (a private
     generator: the global RNG is not touched), drawn when its epoch starts."""
     order_gen = torch.Generator().manual_seed(seed)
     for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(examples), generator=order_gen).tolist()
-        for start, batch in zip(range(0, len(order), batch_size), batches(examples, batch_size, order, pad_id)):
+        order = torch.randperm(len(examples), generator=order_gen, device="cpu").tolist()
+        chunks = batches(examples, batch_size, order, pad_id, device)
+        for start, batch in zip(range(0, len(order), batch_size), chunks):
             yield StepInput(epoch, order[start : start + batch_size], batch)
 
 
@@ -115,7 +122,9 @@ def total_steps(num_examples: int, s: LoopSettings) -> int:
 
 
 def adamw(params: list[torch.nn.Parameter], s: LoopSettings) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    """AdamW with its single-tensor implementation pinned on every device (torch picks foreach
+    on CUDA and the for-loop on the CPU by default: different float orders, different bytes)."""
+    return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, foreach=False, fused=False)
 
 
 class SignDescent(torch.optim.Optimizer):
@@ -201,6 +210,7 @@ def run_loop(
         loss.backward()
         return loss
 
-    inputs = seeded_batches(examples, settings.batch_size, settings.epochs, seed, pad_id)
+    device = params[0].device if params else None
+    inputs = seeded_batches(examples, settings.batch_size, settings.epochs, seed, pad_id, device)
     total = total_steps(len(examples), settings)
     return optimise(params, inputs, total, settings, step_fn, hooks=hooks, progress=progress)

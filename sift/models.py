@@ -104,21 +104,45 @@ def base_weight_folder(name: str, revision: str | None = None) -> Path | None:
     return folder if any(folder.glob("*.safetensors")) else None
 
 
-def load_base_model(name: str, revision: str | None = None) -> BaseModel:
+def load_base_model(
+    name: str,
+    revision: str | None = None,
+    device: Any = None,
+    dtype: str = "float32",
+    attn: str | None = None,
+) -> BaseModel:
+    """The base in `dtype`, loaded straight onto `device` (None: the CPU) with no float32 CPU
+    copy first; `attn` picks transformers' attention implementation (None: its default)."""
     from transformers import AutoModelForCausalLM
+
+    from sift.compute import torch_dtype
 
     path, fingerprint = resolve_model(name)
     tokenizer = load_tokenizer(name, revision)
+    kwargs = _load_kwargs(revision)
+    if attn is not None:
+        kwargs["attn_implementation"] = attn
+    if device is not None and torch.device(device).type != "cpu":
+        kwargs["device_map"] = {"": torch.device(device)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, use_safetensors=True, **_load_kwargs(revision)
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), use_safetensors=True, **kwargs)
     except OSError as exc:
+        raise SiftError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+    except (ValueError, ImportError) as exc:  # e.g. an attention implementation the model lacks
         raise SiftError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
     model.eval()
     if fingerprint is None:
         fingerprint = model_fingerprint(model)
     return BaseModel(model, tokenizer, path, fingerprint)
+
+
+def model_device(model: Any) -> torch.device:
+    """Where a model computes: its first parameter's device (or buffer's; the CPU for a model
+    that holds neither, as the tests' stand-ins)."""
+    for tensors in (model.parameters(), model.buffers()):
+        for t in tensors:
+            return t.device
+    return torch.device("cpu")
 
 
 def model_fingerprint(model: Any) -> str:
@@ -259,9 +283,20 @@ class LazyBase:
     """Loads the base model on first use only (a forget that drops shards never needs it) and
     checks that it is the model the workspace was made with."""
 
-    def __init__(self, name: str, revision: str | None, expected_fingerprint: str | None):
+    def __init__(self, name: str, revision: str | None, expected_fingerprint: str | None, compute: Any = None) -> None:
         self.name, self.revision, self.expected = name, revision, expected_fingerprint
+        self.compute = compute  # a config.ComputeConfig (None: the CPU, float32, transformers' attention)
         self._base: BaseModel | None = None
+
+    @staticmethod
+    def of(cfg: Any, state: Any) -> LazyBase:
+        """The base a workspace trains and serves with: its model, its fingerprint, its [compute]."""
+        return LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint, cfg.compute)
+
+    def device(self) -> Any:
+        from sift.compute import resolve_device
+
+        return resolve_device(self.compute.device) if self.compute is not None else torch.device("cpu")
 
     @property
     def loaded(self) -> BaseModel | None:
@@ -301,7 +336,12 @@ class LazyBase:
 
     def get(self) -> BaseModel:
         if self._base is None:
-            base = load_base_model(self.name, self.revision)
+            c = self.compute
+            base = (
+                load_base_model(self.name, self.revision)
+                if c is None
+                else load_base_model(self.name, self.revision, self.device(), c.dtype, c.attn)
+            )
             if self.expected is not None and base.fingerprint != self.expected:
                 raise SiftError(
                     f"base model {self.name!r} is not the one this workspace was made with (its weights differ)"

@@ -93,6 +93,31 @@ def train_shards_cmd(
         Optional[str],
         typer.Option(help=f"Who answers what no shard claims: {' or '.join(FALLBACKS)} (default merged)."),
     ] = None,
+    device: Annotated[
+        Optional[str],
+        typer.Option(
+            help="auto (this rank's GPU if CUDA is there, else the CPU; the default), cpu, cuda or cuda:N. With --retrain-all it may move an existing workspace."
+        ),
+    ] = None,
+    dtype: Annotated[
+        Optional[str],
+        typer.Option(help="The base's dtype: float32 (default), bfloat16 or float16; adapters stay float32."),
+    ] = None,
+    attn: Annotated[Optional[str], typer.Option(help="Attention implementation: sdpa (default) or eager.")] = None,
+    gradient_checkpointing: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--gradient-checkpointing/--no-gradient-checkpointing",
+            help="Recompute activations in the backward pass (much less memory, about a third more compute).",
+        ),
+    ] = None,
+    retrain_all: Annotated[
+        bool,
+        typer.Option(
+            "--retrain-all",
+            help="Retrain every shard on this machine's stack and record it (a workspace trained on another GPU, CPU or library version refuses to train otherwise).",
+        ),
+    ] = False,
     config: Annotated[Optional[Path], typer.Option(help="A sift.toml to start from (flags override it).")] = None,
     shards: Annotated[
         Optional[str], typer.Option(help="Train only these shards, e.g. 0-3,7 (for shell/Slurm arrays).")
@@ -122,8 +147,14 @@ def train_shards_cmd(
         slices=slices,
         router=router,
         fallback=fallback,
+        device=device,
+        dtype=dtype,
+        attn=attn,
+        gradient_checkpointing=gradient_checkpointing,
     )
-    summary = train_workspace(workspace, data, settings, config=config, shards=shards, wait=wait)
+    summary = train_workspace(
+        workspace, data, settings, config=config, shards=shards, wait=wait, retrain_all=retrain_all
+    )
     _emit(
         summary,
         as_json,

@@ -149,6 +149,7 @@ def verify(
                 ""
                 if r["identical"]
                 else f"; differing tensors: {r['mismatched_tensors'][:5]}, adapters: {r['mismatched_adapters']}"
+                + (f"; trained on another stack: {'; '.join(r['stack_differences'])}" if r["stack_differences"] else "")
             )
         ),
     )

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from sift.errors import SiftError
-from sift.models import example_ids
+from sift.models import example_ids, model_device
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,16 @@ def score_answers(
         # keep each row's positions those of its unpadded sequence.
         width = max(len(ids) for ids, _ in chunk)
         keep_n = max(sum(1 for y in labels if y != -100) for _, labels in chunk) + 1
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        cpu = torch.device("cpu")  # built on the CPU by name, then moved to the model's device
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=cpu)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long, device=cpu)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long, device=cpu)
         for i, (x, y) in enumerate(chunk):
-            ids[i, width - len(x) :] = torch.tensor(x)
-            labels[i, width - len(y) :] = torch.tensor(y)
+            ids[i, width - len(x) :] = torch.tensor(x, device=cpu)
+            labels[i, width - len(y) :] = torch.tensor(y, device=cpu)
             mask[i, width - len(x) :] = 1
+        device = model_device(model)
+        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep_n).logits
         logits = logits[:, -keep_n:-1].float()  # a model that ignores logits_to_keep returns them all

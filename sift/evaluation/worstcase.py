@@ -118,7 +118,7 @@ def worst_case_forget_set(model: Any, tok: Any, rows: list[dict[str, Any]], s: W
 
     def per_row_nll() -> torch.Tensor:
         out = []
-        for b in batches(examples, s.batch_size, order, pad):
+        for b in batches(examples, s.batch_size, order, pad, params[0].device):
             lp, ln = answer_logprobs(lm, b)
             out.append(-lp / ln.clamp(min=1))
         return torch.cat(out)
@@ -128,7 +128,7 @@ def worst_case_forget_set(model: Any, tok: Any, rows: list[dict[str, Any]], s: W
     )
 
     def losses_after_unlearning(w: np.ndarray) -> np.ndarray:
-        wt = torch.tensor(w, dtype=torch.float32)
+        wt = torch.tensor(w, dtype=torch.float32, device=params[0].device)
 
         def soft_graddiff(_item: StepInput, _step: int) -> torch.Tensor:
             """The lower level's loss on every row at once, its gradient into p.grad."""
@@ -145,7 +145,7 @@ def worst_case_forget_set(model: Any, tok: Any, rows: list[dict[str, Any]], s: W
         try:
             optimise(params, full_batch, s.unlearn_steps, loop, soft_graddiff, lambda p, ls: SignDescent(p, ls.lr))
             with torch.no_grad():
-                return per_row_nll().double().numpy()
+                return per_row_nll().double().cpu().numpy()
         finally:
             with torch.no_grad():
                 for p, p0 in zip(params, theta0):

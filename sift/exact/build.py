@@ -43,6 +43,10 @@ class TrainSettings:
     slices: int | None = None
     router: str | None = None
     fallback: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    attn: str | None = None
+    gradient_checkpointing: bool | None = None
 
     def overrides(self, sift_masks: bool) -> dict[tuple[str, str], Any]:
         """(section, key) -> value, for config.apply_overrides."""
@@ -66,6 +70,10 @@ class TrainSettings:
             "slices": ("train", "slices"),
             "router": ("serving", "router"),
             "fallback": ("serving", "fallback"),
+            "device": ("compute", "device"),
+            "dtype": ("compute", "dtype"),
+            "attn": ("compute", "attn"),
+            "gradient_checkpointing": ("compute", "gradient_checkpointing"),
         }
         return {where[f.name]: getattr(self, f.name) for f in fields(self)}
 
@@ -81,11 +89,16 @@ def train_workspace(
     config: Path | None = None,
     shards: str | None = None,
     wait: float = 0.0,
+    retrain_all: bool = False,
 ) -> dict[str, Any]:
     """Create the workspace from `data` if it is not one yet, then train its shards (`shards`: a
     spec such as `0-3,7`, None for all). Under `accelerate launch` or torchrun each rank trains
     its part (sift.train.ranks.rank_shards). Returns the training summary, with `created`, and `rank`
-    and `world_size` when trainers share the workspace."""
+    and `world_size` when trainers share the workspace.
+
+    `retrain_all` retrains every shard on this machine's stack and records it (a workspace moved
+    to another GPU, CPU or library version refuses to train otherwise); with it, `device` may
+    move an existing workspace to another device."""
     from sift.exact.forget import resume_pending_forget
     from sift.train import train_shards
     from sift.train.ranks import launch_rank, parse_shard_spec, rank_shards
@@ -102,6 +115,8 @@ def train_workspace(
     if not ws.exists() and data is None:
         raise SiftError(f"{workspace} is not a workspace yet: give --data to create it")
     rank, world = launch_rank()
+    if retrain_all and (world > 1 or shards is not None):
+        raise SiftError("--retrain-all retrains every shard in one process: leave out --shards and the launcher")
     together = world > 1 or shards is not None  # other trainers may share the workspace
     fresh_folder = not workspace.exists()
     alone = not together or not ws.exists() or ws.journal_path.exists()
@@ -124,6 +139,9 @@ def train_workspace(
             )
         else:
             cfg = ws.load_config()
+            if retrain_all and settings.device is not None and settings.device != cfg.compute.device:
+                cfg = apply_overrides(cfg, {("compute", "device"): settings.device})  # the move it asks for
+                ws.save_config(cfg)
             clash = [
                 _flag(section, key)
                 for (section, key), value in overrides.items()
@@ -140,7 +158,7 @@ def train_workspace(
             if alone:
                 resume_pending_forget(ws)
         if not together:
-            summary = train_shards(ws, parse_shard_spec(shards, cfg.shards.num_shards))
+            summary = train_shards(ws, parse_shard_spec(shards, cfg.shards.num_shards), retrain_all=retrain_all)
     if together:  # the workspace lock shared with the other trainers, one lock per shard
         with ws.lock(exclusive=False, wait=wait, command="train-shards"):
             view = WorkspaceView.load(ws)

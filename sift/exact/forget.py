@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sift.adapters import Adapter, load_adapter, read_meta
+from sift.compute import stack_mismatch, workspace_stack
 from sift.errors import SiftError
 from sift.fsio import atomic_write_json, remove_tree
 from sift.hashing import keyed_id_hash
@@ -69,6 +70,11 @@ def _forget(ws: Workspace, ids: list[str], drop: bool, ignore_missing: bool, bas
             "unknown_ignored": len(unknown),
             "seconds": round(time.perf_counter() - started, 3),
         }
+    if not drop:  # retraining on another stack would not give the bytes a from-scratch run there gives
+        cfg = ws.load_config()
+        mismatch = stack_mismatch(ws.root, state.stack, workspace_stack(cfg.compute, cfg.train.threads))
+        if mismatch:
+            raise SiftError(f"{mismatch}; nothing was changed (--drop needs no training)")
     journal = {
         "forget_id": secrets.token_hex(8),
         "id_hashes": sorted(keyed_id_hash(salt, i) for i in present),
@@ -112,7 +118,7 @@ def _resume(ws: Workspace, base: LazyBase | None) -> dict[str, Any] | None:
 def _complete(ws: Workspace, journal: dict[str, Any], base: LazyBase | None) -> dict[str, Any]:
     view = WorkspaceView.load(ws)
     cfg, state = view.cfg, view.state
-    base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
+    base = base or LazyBase.of(cfg, state)
     salt = bytes.fromhex(state.ledger_salt)
     doomed = set(journal["id_hashes"])
     affected: list[int] = journal["shards"]

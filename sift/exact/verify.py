@@ -12,6 +12,7 @@ from typing import Any
 from safetensors.torch import load_file
 
 from sift.adapters import ADAPTER_CONFIG, weights_file
+from sift.compute import stack_differences, workspace_stack
 from sift.errors import SiftError
 from sift.hashing import sha256_hex, tensors_sha256
 from sift.logs import get_logger, quieted
@@ -88,7 +89,7 @@ def _verify(ws: Workspace, tmp_dir: str | None, base: LazyBase | None) -> dict[s
     if info is None:
         raise SiftError(f"workspace {ws.root} has no served model to verify; run `sift merge -w {ws.root}`")
     served_overall, served_per = served_hashes(ws.merged_dir)
-    base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
+    base = base or LazyBase.of(cfg, state)
     # rebuild with the method and parameters the served model was merged with (its record)
     cfg.merge.method, cfg.merge.params, cfg.merge.scale, cfg.merge.density = (
         info["method"],
@@ -96,12 +97,23 @@ def _verify(ws: Workspace, tmp_dir: str | None, base: LazyBase | None) -> dict[s
         None,
         None,
     )
+    # a rebuild on another stack cannot be expected to match: say so before spending the time,
+    # so that "not identical" always comes with its reason
+    stack = workspace_stack(cfg.compute, cfg.train.threads)
+    stack_diff = stack_differences(state.stack, stack)
+    if stack_diff:
+        log.warning(
+            f"verify: this stack differs from the one workspace {ws.root} was trained on "
+            f"({'; '.join(stack_diff)}); the rebuild is unlikely to match byte for byte"
+        )
     with tempfile.TemporaryDirectory(prefix="sift-verify-", dir=tmp_dir) as tmp:
         fresh = Workspace(Path(tmp) / "ws")
         fresh.root.mkdir()
         fresh.save_state(
             WorkspaceState(
-                base_model_fingerprint=state.base_model_fingerprint, dropped_shards=list(state.dropped_shards)
+                base_model_fingerprint=state.base_model_fingerprint,
+                dropped_shards=list(state.dropped_shards),
+                stack=stack,
             )
         )
         write_workspace_rows(fresh, cfg.data, view.rows, cfg.shards.num_shards)
@@ -155,6 +167,7 @@ def _verify(ws: Workspace, tmp_dir: str | None, base: LazyBase | None) -> dict[s
         "mismatched_served_files": file_diff,
         "served_record_matches_files": record_matches,
         "method": info["method"],
+        "stack_differences": stack_diff,  # [] when the stacks agree (or the workspace recorded none)
         "rows": sum(len(r) for r in view.rows.values()),
         "steps": steps,  # optimizer steps of the rebuild
         "seconds": round(time.perf_counter() - started, 3),

@@ -116,7 +116,7 @@ def merge_workspace(
     try:
         members = current_adapters(view)
     except SiftError:  # stale adapters: say so, unless the real cause is another base model
-        (base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)).check()
+        (base or LazyBase.of(cfg, state)).check()
         raise
     n = len(members)
     previous = served_info(ws)
@@ -142,7 +142,7 @@ def merge_workspace(
             "served_sha256": previous["served_sha256"],
         }
 
-    base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
+    base = base or LazyBase.of(cfg, state)
     base.check()
     shapes = base.weight_shapes(on_disk=True)
 

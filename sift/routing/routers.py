@@ -36,6 +36,7 @@ from sift.data import Row, normalize_text  # normalize_text: re-exported for old
 from sift.errors import SiftError
 from sift.fsio import atomic_write_bytes
 from sift.hashing import sha256_hex
+from sift.models import model_device
 
 ROUTER_META = "router.json"
 ROUTER_FORMAT = 1
@@ -83,13 +84,15 @@ def embedding_layer(model: Any, layer: int) -> int:
 
 @torch.no_grad()
 def token_vectors(model: Any, tokenizer: Any, text: str, layer: int) -> torch.Tensor:
-    """Unit vectors [tokens, hidden] of `text` (no chat template, no special tokens) at `layer`."""
+    """Unit vectors [tokens, hidden] of `text` (no chat template, no special tokens) at `layer`,
+    computed on the model's device and returned on the CPU (they are written to files)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:MAX_EMBED_TOKENS]
     if not ids:
         return torch.zeros(0, int(model.config.hidden_size))
-    out = model.base_model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    device = model_device(model)
+    out = model.base_model(input_ids=torch.tensor([ids], device=device), output_hidden_states=True)
     h = out.hidden_states[embedding_layer(model, layer)][0].to(torch.float32)
-    return torch.nn.functional.normalize(h, dim=-1)
+    return torch.nn.functional.normalize(h, dim=-1).cpu()
 
 
 def embed_file_bytes(base: Any, rows: list[Row], layer: int) -> bytes:

@@ -69,7 +69,7 @@ class WorkspaceServer:
         self.ws = ws
         self.view = view or WorkspaceView.load(ws)
         cfg, state = self.view.cfg, self.view.state
-        self.base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
+        self.base = base or LazyBase.of(cfg, state)
         self._routers: dict[str, KeysIndex | EmbedIndex] = {}
         self._adapters: ShardAdapters | MaskedShards | None = None
         self._merged: tuple[Any, Any] | None = None

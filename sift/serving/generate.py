@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from sift.models import prompt_ids
+from sift.models import model_device, prompt_ids
 
 
 @torch.no_grad()
@@ -20,14 +20,16 @@ def greedy_answers(
     for start in range(0, len(prompts), batch_size):
         chunk = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
         width = max(len(c) for c in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        cpu = torch.device("cpu")  # built on the CPU by name, then moved to the model's device
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=cpu)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long, device=cpu)
         for i, c in enumerate(chunk):
-            ids[i, width - len(c) :] = torch.tensor(c)
+            ids[i, width - len(c) :] = torch.tensor(c, device=cpu)
             mask[i, width - len(c) :] = 1
+        device = model_device(model)
         gen = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,

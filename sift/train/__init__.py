@@ -20,9 +20,11 @@ from typing import Any
 import torch
 
 from sift.adapters import META, adapter_intact
+from sift.compute import stack_mismatch, workspace_stack
 from sift.config import SiftConfig
 from sift.data import Row
 from sift.determinism import derive_seed, enable_determinism
+from sift.errors import SiftError
 from sift.fsio import atomic_write_json, remove_tree, replace_dir, staging_dir
 from sift.logs import get_logger, progress_enabled, quieted
 from sift.loop import LoopResult, LoopSettings, batches, run_loop
@@ -30,7 +32,14 @@ from sift.models import BaseModel, LazyBase
 from sift.routing.routers import build_routers, router_settings, routers_current
 from sift.siftmasks.store import DELTA_FILE, save_delta
 from sift.siftmasks.tune import tune_sign_fixed
-from sift.train.lora import canonical_adapter_config, completion_loss, lora_model, save_lora, tokenize_rows
+from sift.train.lora import (
+    canonical_adapter_config,
+    completion_loss,
+    lora_model,
+    save_lora,
+    tokenize_rows,
+    use_checkpointing,
+)
 from sift.train.progress import stderr_progress
 from sift.train.ranks import launch_rank, parse_shard_spec, rank_shards
 from sift.train.sisa import SLICES_DIR, fit_lora_sliced, read_stages, slice_epochs, slice_of, stage_hash
@@ -143,6 +152,7 @@ def _train_shard(
             "tokens_trained": tokens,
             "flops_estimate": 6 * sum(p.numel() for p in base.model.parameters()) * tokens,
             "torch_threads": torch.get_num_threads(),
+            "stack": workspace_stack(cfg.compute, cfg.train.threads),
             **extra,
         },
     )
@@ -164,6 +174,7 @@ def _fit_lora(
     settings = LoopSettings(t.epochs, t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.max_grad_norm)
     peft_model.train()
     lm = peft_model.base_model.model  # the causal LM, with the LoRA layers injected in place
+    use_checkpointing(lm, cfg)
     result = run_loop(
         lm,
         params,
@@ -187,6 +198,7 @@ def _fit_sift_masks(
 ) -> tuple[str, LoopResult, dict[str, Any]]:
     """Sign-fixed full fine-tuning of the target weights; saves the mask and the masked delta."""
     model = copy.deepcopy(base.model)
+    use_checkpointing(model, cfg)
     deltas, result = tune_sign_fixed(
         model,
         examples,
@@ -210,33 +222,51 @@ def train_shards(
     quiet: bool = False,
     view: WorkspaceView | None = None,
     shard_locks: bool = False,
+    retrain_all: bool = False,
 ) -> dict[str, Any]:
     """Train every selected shard whose adapter is missing or stale; skip the rest (rebuilding
     only their router files when the serving settings changed).
+
+    A workspace trained on another stack (sift.compute) is refused with the difference named:
+    its current adapters would not be what this machine computes. `retrain_all` retrains every
+    selected shard here and records this stack (the caller holds the workspace lock alone).
 
     `shard_locks`: the caller holds the workspace lock shared with other trainers, so each shard
     is planned and written under its own lock (a shard another trainer finished is 'unchanged').
     Returns a summary: per shard 'trained', 'unchanged', 'empty' or 'dropped'. Progress is logged
     (the "sift" logger); `quiet` silences it for this call."""
     with quieted(quiet):
-        return _train_shards(ws, shards, base, view, shard_locks)
+        return _train_shards(ws, shards, base, view, shard_locks, retrain_all)
 
 
 def _train_shards(
-    ws: Workspace, shards: list[int] | None, base: LazyBase | None, view: WorkspaceView | None, shard_locks: bool
+    ws: Workspace,
+    shards: list[int] | None,
+    base: LazyBase | None,
+    view: WorkspaceView | None,
+    shard_locks: bool,
+    retrain_all: bool = False,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     view = view or WorkspaceView.load(ws)
     cfg, state = view.cfg, view.state
-    base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
+    stack = workspace_stack(cfg.compute, cfg.train.threads)
+    mismatch = stack_mismatch(ws.root, state.stack, stack)
+    if mismatch and not retrain_all:
+        raise SiftError(mismatch)
+    base = base or LazyBase.of(cfg, state)
     status: dict[int, str] = {}
     results: list[TrainResult] = []
     todo = shards if shards is not None else list(range(view.num_shards))
     for shard in todo:
         with ws.shard_lock(shard) if shard_locks else contextlib.nullcontext():
-            res = _train_one(ws, view, base, cfg, state, shard, fresh=shard_locks, status=status)
+            res = _train_one(ws, view, base, cfg, state, shard, fresh=shard_locks, status=status, force=retrain_all)
         if res is not None:
             results.append(res)
+    if retrain_all and state.stack != stack:
+        state = ws.load_state()
+        state.stack = stack
+        ws.save_state(state)
     view.forget_plans()
     return {
         "shards": {str(k): v for k, v in sorted(status.items())},
@@ -256,6 +286,7 @@ def _train_one(
     shard: int,
     fresh: bool,
     status: dict[int, str],
+    force: bool = False,
 ) -> TrainResult | None:
     """Bring one shard up to date; records what happened in `status`."""
     plan = view.plan(shard, fresh=fresh)
@@ -270,7 +301,7 @@ def _train_one(
     assert plan.content_hash is not None
     if plan.status == "current" and not adapter_intact(adir):
         log.warning(f"shard {shard:>3}: its adapter file does not match its recorded hash (damaged); retraining")
-    elif plan.status == "current":
+    elif plan.status == "current" and not force:
         if not routers_current(adir, router_settings(cfg, state.base_model_fingerprint, plan.content_hash)):
             build_routers(base.get(), plan.rows, cfg, adir, plan.content_hash)
         status[shard] = "unchanged"

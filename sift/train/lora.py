@@ -80,3 +80,16 @@ def canonical_adapter_config(path: Path) -> None:
         if isinstance(data.get(key), list):
             data[key] = sorted(data[key])
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def use_checkpointing(lm: Any, cfg: SiftConfig) -> None:
+    """Gradient checkpointing when [compute] asks for it: activations are recomputed in the
+    backward pass instead of kept (a 7 B shard's 15-20 GB of activations become about 2 GB).
+    Non-reentrant, so it works with a frozen base whose inputs need no gradient."""
+    if not cfg.compute.gradient_checkpointing:
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -20,7 +20,7 @@ from sift.fsio import atomic_write_json
 from sift.hashing import sha256_hex, shard_of, tensors_sha256
 from sift.loop import LoopResult, LoopSettings, run_loop
 from sift.models import BaseModel
-from sift.train.lora import completion_loss, lora_model, save_lora, tokenize_rows
+from sift.train.lora import completion_loss, lora_model, save_lora, tokenize_rows, use_checkpointing
 
 SLICES_DIR = "slices"
 
@@ -81,6 +81,7 @@ def fit_lora_sliced(
     peft_model, params = lora_model(base, cfg, seed)
     peft_model.train()
     lm = peft_model.base_model.model
+    use_checkpointing(lm, cfg)
     (staged / SLICES_DIR).mkdir()
     stages: list[dict[str, Any]] = []
     steps = tokens = 0

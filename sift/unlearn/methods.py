@@ -67,7 +67,7 @@ class UnlearnContext:
     def batch(self, examples: list[Example], idx: list[int]) -> Batch:
         from sift.loop import batches
 
-        return next(batches(examples, len(idx), idx, self.pad))
+        return next(batches(examples, len(idx), idx, self.pad, self.params[0].device))
 
 
 @dataclass

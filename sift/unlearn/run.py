@@ -142,7 +142,7 @@ def _unlearn(
     if out.resolve().is_relative_to(ws.root.resolve()):
         raise SiftError("--out must lie outside the workspace (an unlearned model is not part of it)")
 
-    base = base or LazyBase(cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
+    base = base or LazyBase.of(cfg, state)
     source = monolithic_adapter(ws, view, rows, base)
     b = base.get()
     enable_determinism()
@@ -162,7 +162,9 @@ def _unlearn(
     ref: torch.Tensor | None = None
     if method.reference:  # pi_ref: the model before unlearning, scored once per forget row
         with torch.no_grad():
-            ref = torch.cat([answer_logprobs(lm, next(batches(ex_f, 1, [i], pad)))[0] for i in range(len(ex_f))])
+            ref = torch.cat(
+                [answer_logprobs(lm, next(batches(ex_f, 1, [i], pad, params[0].device)))[0] for i in range(len(ex_f))]
+            )
         count.forward_tokens += sum(len(x) for x, _ in ex_f)
     ctx = UnlearnContext(s, lm, params, ex_f, ex_r, pad, count, ref, retain)
     run = (method.build or objective_run)(ctx)
@@ -204,7 +206,8 @@ def _unlearn(
         s.epochs, s.batch_size, s.lr, max_grad_norm=s.max_grad_norm if run.clip else 0.0, schedule="constant"
     )
     hooks = StepHooks(before_step=[] if masks is None else [lambda _step: apply_masks(params, masks)])
-    inputs = seeded_batches(ex_f, s.batch_size, s.epochs, derive_seed("unlearn", s.seed, s.method), pad)
+    device = params[0].device
+    inputs = seeded_batches(ex_f, s.batch_size, s.epochs, derive_seed("unlearn", s.seed, s.method), pad, device)
     steps_total = total_steps(len(ex_f), loop)
     result = optimise(params, inputs, steps_total, loop, step, run.optimizer, hooks, on_epoch=epoch_end)
 
@@ -259,7 +262,8 @@ def _summed_grads(
     """Sum over the batches of the gradient of each batch's token NLL (one pass, as WAGLE takes it)."""
     total = [torch.zeros_like(p) for p in params]
     for idx in idx_batches:
-        grads = gradients(token_nll(*answer_logprobs(lm, next(batches(examples, len(idx), idx, pad)))), params)
+        batch = next(batches(examples, len(idx), idx, pad, params[0].device))
+        grads = gradients(token_nll(*answer_logprobs(lm, batch)), params)
         for t, g in zip(total, grads):
             t.add_(g)
     return total

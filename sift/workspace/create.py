@@ -14,8 +14,12 @@ from sift.workspace.rows import read_workspace_rows, write_workspace_rows
 
 
 def base_fingerprint(cfg: SiftConfig) -> str:
+    """sift's builtin folders carry theirs; any other base is loaded in the workspace's dtype
+    (the one every later load checks against)."""
     _, cached = resolve_model(cfg.model.name)
-    return cached if cached is not None else load_base_model(cfg.model.name, cfg.model.revision).fingerprint
+    if cached is not None:
+        return cached
+    return load_base_model(cfg.model.name, cfg.model.revision, dtype=cfg.compute.dtype).fingerprint
 
 
 def create_workspace(ws: Workspace, source: str, cfg: SiftConfig) -> dict[str, Any]:
@@ -28,15 +32,19 @@ def create_workspace(ws: Workspace, source: str, cfg: SiftConfig) -> dict[str, A
         import torch
 
         cfg.train.threads = torch.get_num_threads()
+    from sift.compute import workspace_stack
+
+    stack = workspace_stack(cfg.compute, cfg.train.threads)  # `--device cuda` with no GPU stops here
     rows = parse_rows(load_records(source, key_columns=key_columns(cfg.data)), cfg.data, source=source)
     fingerprint = base_fingerprint(cfg)
     if cfg.train.method == "sift-masks":  # refuse targets the model lacks before anything is written
         from sift.models import target_weights
 
-        target_weights(load_base_model(cfg.model.name, cfg.model.revision).model, cfg.sift_masks.target_modules)
+        shapes = load_base_model(cfg.model.name, cfg.model.revision, dtype=cfg.compute.dtype).model
+        target_weights(shapes, cfg.sift_masks.target_modules)
     shards = assign_shards(rows, cfg.shards.num_shards)
     ws.root.mkdir(parents=True, exist_ok=True)
-    state = WorkspaceState(base_model_fingerprint=fingerprint)
+    state = WorkspaceState(base_model_fingerprint=fingerprint, stack=stack)
     ws.save_state(state)
     write_workspace_rows(ws, cfg.data, shards, cfg.shards.num_shards)
     ws.save_config(cfg)

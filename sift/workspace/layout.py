@@ -46,6 +46,9 @@ class WorkspaceState:
     # edited entry, this anchor a truncated ledger (entries cut from its end leave no broken link).
     ledger_entries: int = 0
     ledger_head: str = ""
+    # the stack the shards were trained on (sift.compute.current_stack); None: made before stacks
+    # were recorded, and then never checked
+    stack: dict[str, Any] | None = None
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> WorkspaceState:
@@ -57,6 +60,7 @@ class WorkspaceState:
             dropped_shards=sorted(int(s) for s in d.get("dropped_shards", [])),
             ledger_entries=int(d.get("ledger_entries", 0)),
             ledger_head=str(d.get("ledger_head", "")),
+            stack=d.get("stack"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,6 +70,7 @@ class WorkspaceState:
             "ledger_salt": self.ledger_salt,
             "dropped_shards": sorted(self.dropped_shards),
             **({"ledger_entries": self.ledger_entries, "ledger_head": self.ledger_head} if self.ledger_entries else {}),
+            **({"stack": self.stack} if self.stack is not None else {}),
         }
 
 

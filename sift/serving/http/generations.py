@@ -332,9 +332,9 @@ class Generations:
         """The base model, loaded once per process and shared by generations (it is never
         changed: shard adapters go on a copy of it)."""
         cfg, state = view.cfg, view.state
-        key = (cfg.model.name, cfg.model.revision, state.base_model_fingerprint)
-        if self._base is None or (self._base.name, self._base.revision, self._base.expected) != key:
-            self._base = LazyBase(*key)
+        key = (cfg.model.name, cfg.model.revision, state.base_model_fingerprint, cfg.compute)
+        if self._base is None or (self._base.name, self._base.revision, self._base.expected, self._base.compute) != key:
+            self._base = LazyBase.of(cfg, state)
         return self._base
 
     def _say(self, line: str) -> None:
