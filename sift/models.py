@@ -104,6 +104,56 @@ def base_weight_folder(name: str, revision: str | None = None) -> Path | None:
     return folder if any(folder.glob("*.safetensors")) else None
 
 
+DISK_FINGERPRINT = "disk1:"  # the version field: a bare hex fingerprint is the older tensor hash
+
+
+def disk_fingerprint(folder: Path) -> str:
+    """The base's identity from its safetensors files' bytes (names, sizes, contents), streamed
+    and never loaded as a model: a 7 B base is checked without 27 GB of RAM. Cached per folder,
+    keyed by each file's size and modification time, so a merge pays for it once."""
+    import hashlib
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SiftError(f"{folder} holds no .safetensors file")
+    key = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    cache = cache_root() / "fingerprints" / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest() + ".json")
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return str(cached["fingerprint"])
+    except (OSError, ValueError, KeyError):
+        pass
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(16 << 20):
+                h.update(chunk)
+    fingerprint = DISK_FINGERPRINT + h.hexdigest()
+    try:
+        atomic_write_json(cache, {"folder": str(folder.resolve()), "key": key, "fingerprint": fingerprint})
+    except OSError:
+        pass  # a read-only cache costs a re-hash next time, nothing more
+    return fingerprint
+
+
+def base_fingerprint_of(name: str, revision: str | None = None, dtype: str = "float32") -> str:
+    """What a new workspace records as its base: sift's cached fingerprint for the builtin
+    models, the disk fingerprint of a local (or already downloaded) base, and only when neither
+    is there the hash of the loaded tensors (which downloads the model first)."""
+    _, cached = resolve_model(name)
+    if cached is not None:
+        return cached
+    folder = base_weight_folder(name, revision)
+    if folder is None:
+        base = load_base_model(name, revision, dtype=dtype)  # a hub download lands in its cache
+        folder = base_weight_folder(name, revision)
+        if folder is None:
+            return base.fingerprint
+    return disk_fingerprint(folder)
+
+
 def load_base_model(
     name: str,
     revision: str | None = None,
@@ -132,7 +182,8 @@ def load_base_model(
         raise SiftError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
     model.eval()
     if fingerprint is None:
-        fingerprint = model_fingerprint(model)
+        folder = base_weight_folder(name, revision)
+        fingerprint = disk_fingerprint(folder) if folder is not None else model_fingerprint(model)
     return BaseModel(model, tokenizer, path, fingerprint)
 
 
@@ -303,14 +354,24 @@ class LazyBase:
         return self._base
 
     def check(self) -> None:
-        """Refuse another base model, loading it only when its fingerprint is not cached (sift's
-        builtin folders carry theirs): a streamed merge never needs the model in memory."""
+        """Refuse another base model without loading it: sift's builtin folders carry their
+        fingerprint, and any other base's is its files' bytes (a disk fingerprint). Only a
+        workspace that recorded the older tensor hash of a non-builtin base loads it to compare."""
         if self._base is not None or self.expected is None:
             return
         _, cached = resolve_model(self.name)
-        if cached is None:
+        if cached is not None:
+            found = cached
+        elif self.expected.startswith(DISK_FINGERPRINT):
+            folder = base_weight_folder(self.name, self.revision)
+            if folder is None:
+                self.get()
+                return
+            found = disk_fingerprint(folder)
+        else:
             self.get()
-        elif cached != self.expected:
+            return
+        if found != self.expected:
             raise SiftError(
                 f"base model {self.name!r} is not the one this workspace was made with (its weights differ)"
             )
@@ -343,9 +404,13 @@ class LazyBase:
                 else load_base_model(self.name, self.revision, self.device(), c.dtype, c.attn)
             )
             if self.expected is not None and base.fingerprint != self.expected:
-                raise SiftError(
-                    f"base model {self.name!r} is not the one this workspace was made with (its weights differ)"
-                )
+                # a workspace made before disk fingerprints recorded the loaded tensors' hash
+                older = not self.expected.startswith(DISK_FINGERPRINT) and base.fingerprint.startswith(DISK_FINGERPRINT)
+                if not (older and model_fingerprint(base.model) == self.expected):
+                    raise SiftError(
+                        f"base model {self.name!r} is not the one this workspace was made with (its weights differ)"
+                    )
+                base.fingerprint = self.expected  # what the workspace's hashes were made with
             self._base = base
         return self._base
 

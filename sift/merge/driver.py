@@ -161,7 +161,7 @@ def merge_workspace(
         mode = "recomputed"
         adapters = [load(s) for s in sorted(members)]
         touched = sorted({name for a in adapters for name in a.modules})
-        files = BaseFiles.open(base_weight_folder(cfg.model.name, cfg.model.revision), set(touched))
+        files = BaseFiles.open(base_weight_folder(cfg.model.name, cfg.model.revision), set(touched), cfg.compute.dtype)
         streamed = files is not None
         if files is not None:
             try:
@@ -314,7 +314,8 @@ def write_incremental(
     Streamed, it holds one base tensor, one sum and the plan's adapters in memory at a time."""
     try:
         names = plan.names() if members else set()
-        files = BaseFiles.open(base_weight_folder(base.name, base.revision), names)
+        dtype = base.compute.dtype if base.compute is not None else "float32"
+        files = BaseFiles.open(base_weight_folder(base.name, base.revision), names, dtype)
         if files is None:
             acc = plan.in_memory()
             weights = m.served_weights(acc, base.get().model.state_dict(), len(members), params)

@@ -73,10 +73,14 @@ def served_hashes(folder: Path) -> tuple[str, dict[str, str]]:
     return combine_hashes(per.items()), per
 
 
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
 class BaseFiles:
     """The base model's safetensors files, read one tensor at a time (the base is never loaded
-    whole by a streamed merge). Only float32 files qualify: the loaded base is float32, and the
-    streamed and loaded paths must write the same bytes."""
+    whole by a streamed merge). Only files in the workspace's compute dtype qualify (float32 by
+    default, or the bfloat16/float16 a [compute] dtype names): the loaded base is in that dtype,
+    and the streamed and loaded paths must write the same bytes."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -84,16 +88,17 @@ class BaseFiles:
         self.where = {name: tf for tf in self.files for name in tf.entries}
 
     @staticmethod
-    def open(folder: Path | None, touched: set[str]) -> BaseFiles | None:
+    def open(folder: Path | None, touched: set[str], dtype: str = "float32") -> BaseFiles | None:
         """The files, or None when they cannot stand in for the loaded base (a weight the
-        adapters touch is missing, stored under another name, or not float32)."""
+        adapters touch is missing, stored under another name, or not in `dtype`)."""
         if folder is None:
             return None
         try:
             files = BaseFiles(folder)
         except SiftError:
             return None
-        if not files.files or any(n not in files.where or files.where[n].entries[n].dtype != "F32" for n in touched):
+        want = _SAFETENSORS_DTYPES.get(dtype)
+        if not files.files or any(n not in files.where or files.where[n].entries[n].dtype != want for n in touched):
             files.close()
             return None
         return files

@@ -29,8 +29,17 @@ PACKED = "packed-le-v1"  # sift.tensorio.pack_int64, shapes in state.json
 
 
 def served_value(w0: torch.Tensor, total: torch.Tensor, coefficient: float, bits: int) -> torch.Tensor:
-    """The one formula every merge path serves: fp32(fp64(W0) + fp64(sum) * (c * 2**-bits))."""
-    return (w0.to(torch.float64) + total.to(torch.float64) * (coefficient * 2.0 ** (-bits))).to(w0.dtype)
+    """The one formula every merge path serves: fp64(W0) + fp64(sum) * (c * 2**-bits), rounded
+    to W0's dtype."""
+    return round_to(w0.to(torch.float64) + total.to(torch.float64) * (coefficient * 2.0 ** (-bits)), w0.dtype)
+
+
+def round_to(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp64 to fp32 (round to nearest even), then to a half-precision dtype, written out as two
+    steps: torch 2.13 on the CPU already rounds fp64 to bf16 through fp32 (1 + 2**-8 + 2**-30
+    gives 1.0, where a direct rounding gives 1.0078125), and this keeps it so whatever a later
+    torch does. fp32 bases take the first step only, as they always did."""
+    return value.to(torch.float32).to(dtype)
 
 
 @dataclass

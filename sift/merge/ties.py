@@ -26,6 +26,7 @@ import torch
 from sift.adapters import Adapter, fixed_point_delta
 from sift.errors import SiftError
 from sift.merge.base import Param, RecomputedMethod
+from sift.merge.state import round_to
 
 DEFAULT_BITS = 40
 
@@ -86,7 +87,7 @@ class TiesMethod(RecomputedMethod):
                 trimmed.append(trim_top_k(q, density))
         total, count = ties_integer(torch.stack(trimmed))
         mean = total.to(torch.float64) / count.clamp(min=1).to(torch.float64)
-        return (w0.to(torch.float64) + mean * (scale * 2.0 ** (-bits))).to(w0.dtype)
+        return round_to(w0.to(torch.float64) + mean * (scale * 2.0 ** (-bits)), w0.dtype)
 
 
 TIES = TiesMethod()

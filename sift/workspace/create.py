@@ -8,18 +8,15 @@ from sift.config import SiftConfig
 from sift.data import Row, assign_shards, key_columns, load_records, parse_rows
 from sift.errors import SiftError
 from sift.hashing import keyed_id_hash
-from sift.models import load_base_model, resolve_model
+from sift.models import base_fingerprint_of, load_base_model
 from sift.workspace import Workspace, WorkspaceState
 from sift.workspace.rows import read_workspace_rows, write_workspace_rows
 
 
 def base_fingerprint(cfg: SiftConfig) -> str:
-    """sift's builtin folders carry theirs; any other base is loaded in the workspace's dtype
-    (the one every later load checks against)."""
-    _, cached = resolve_model(cfg.model.name)
-    if cached is not None:
-        return cached
-    return load_base_model(cfg.model.name, cfg.model.revision, dtype=cfg.compute.dtype).fingerprint
+    """The base's identity, read without loading it where its files are on disk
+    (sift.models.base_fingerprint_of)."""
+    return base_fingerprint_of(cfg.model.name, cfg.model.revision, cfg.compute.dtype)
 
 
 def create_workspace(ws: Workspace, source: str, cfg: SiftConfig) -> dict[str, Any]:
