@@ -161,3 +161,26 @@ def test_nothing_is_created_off_the_models_device():
     finally:
         torch.set_default_device(None)
     assert all(p.device.type == "cpu" for p in params)
+
+
+def test_training_puts_lora_into_the_base_itself_and_leaves_it_as_it_was(tmp_path, facts):
+    """No copy of the base per shard: the LoRA layers go into the base and come out again; its
+    weights, modules, mode and requires_grad flags are those of before (its hash is unchanged),
+    and a second shard trained on it gets the bytes a fresh base gives."""
+    from sift.data import Row
+    from sift.models import load_base_model, model_fingerprint
+    from sift.train import train_shard
+
+    base = load_base_model("builtin-tiny")
+    before = model_fingerprint(base.model)
+    modules = [n for n, _ in base.model.named_modules()]
+    flags = {n: p.requires_grad for n, p in base.model.named_parameters()}
+    cfg = tiny_config(num_shards=1, epochs=1)
+    rows = [Row(r["id"], r["owner"], r.get("prompt"), r.get("completion"), None, r) for r in facts[:4]]
+    first = train_shard(base, rows, cfg, 0, tmp_path / "a", "h")
+    assert model_fingerprint(base.model) == before
+    assert [n for n, _ in base.model.named_modules()] == modules and not base.model.training
+    assert {n: p.requires_grad for n, p in base.model.named_parameters()} == flags
+    again = train_shard(base, rows, cfg, 0, tmp_path / "b", "h")
+    fresh = train_shard(load_base_model("builtin-tiny"), rows, cfg, 0, tmp_path / "c", "h")
+    assert first.adapter_sha256 == again.adapter_sha256 == fresh.adapter_sha256

@@ -1,8 +1,9 @@
 """Deterministic training of one shard (LoRA, or SIFT-Masks sign-fixed tuning), and of a
 workspace's shards: same rows + same config + same base => same bytes.
 
-No state crosses shards: each shard starts from a fresh copy of the base model, its own seed
-(derived from the config seed and the shard index), its own optimizer and batch order. The
+No state crosses shards: each shard starts from the unchanged base (its LoRA layers are put in
+and taken out again, sift.train.lora.lora_on_base), its own seed (derived from the config seed
+and the shard index), its own optimizer and batch order. The
 pieces live beside this module: `lora` (the LoRA model, loss and saving), `sisa` (slices),
 `ranks` (shard lists and the split over ranks), `progress` (stderr).
 """
@@ -35,7 +36,7 @@ from sift.siftmasks.tune import tune_sign_fixed
 from sift.train.lora import (
     canonical_adapter_config,
     completion_loss,
-    lora_model,
+    lora_on_base,
     save_lora,
     tokenize_rows,
     use_checkpointing,
@@ -168,24 +169,24 @@ def _fit_lora(
     staged: Path,
     progress: Callable[[int, int, float], None] | None,
 ) -> tuple[str, LoopResult, dict[str, Any]]:
-    """One LoRA adapter (peft), saved in peft's format."""
-    peft_model, params = lora_model(base, cfg, seed)
+    """One LoRA adapter (peft), trained on the base itself and saved in peft's format."""
     t = cfg.train
     settings = LoopSettings(t.epochs, t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.max_grad_norm)
-    peft_model.train()
-    lm = peft_model.base_model.model  # the causal LM, with the LoRA layers injected in place
-    use_checkpointing(lm, cfg)
-    result = run_loop(
-        lm,
-        params,
-        examples,
-        base.tokenizer.pad_token_id,
-        settings,
-        seed,
-        loss_fn=lambda m, b: completion_loss(m, *b),
-        progress=progress,
-    )
-    return save_lora(peft_model, staged), result, {}
+    with lora_on_base(base, cfg, seed) as (peft_model, params):
+        peft_model.train()
+        lm = peft_model.base_model.model  # the causal LM, with the LoRA layers injected in place
+        use_checkpointing(lm, cfg)
+        result = run_loop(
+            lm,
+            params,
+            examples,
+            base.tokenizer.pad_token_id,
+            settings,
+            seed,
+            loss_fn=lambda m, b: completion_loss(m, *b),
+            progress=progress,
+        )
+        return save_lora(peft_model, staged), result, {}
 
 
 def _fit_sift_masks(

@@ -4,8 +4,10 @@ config (same rows, config and base => same bytes)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +47,41 @@ def tokenize_rows(base: BaseModel, rows: list[Row], max_length: int) -> list[tup
 
 
 def lora_model(base: BaseModel, cfg: SiftConfig, seed: int) -> tuple[Any, list[torch.nn.Parameter]]:
-    """A fresh copy of the base with LoRA layers whose A matrices are drawn from `seed`."""
+    """A fresh copy of the base with LoRA layers whose A matrices are drawn from `seed` (for a
+    caller that keeps the model; training uses `lora_on_base`, which copies nothing)."""
+    return _inject(copy.deepcopy(base.model), cfg, seed)
+
+
+@contextlib.contextmanager
+def lora_on_base(base: BaseModel, cfg: SiftConfig, seed: int) -> Iterator[tuple[Any, list[torch.nn.Parameter]]]:
+    """LoRA layers injected into the base itself, and taken out again on the way out, whatever
+    happens: no second copy of the base per shard (13.5 GB for a 7 B model in bf16). The base's
+    weights are never written (they are frozen), its modules, train/eval mode and requires_grad
+    flags are restored, so its hash is the same afterwards (tests/test_compute.py)."""
+    model = base.model
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    training = model.training
+    peft_model = None
+    try:
+        peft_model, params = _inject(model, cfg, seed)
+        yield peft_model, params
+    finally:
+        if peft_model is not None:
+            peft_model.base_model.unload()  # the original modules back in place of the LoRA ones
+        if cfg.compute.gradient_checkpointing:  # use_checkpointing turned it on for this training
+            off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            off()
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads.get(n, p.requires_grad))
+        model.train(training)
+        for attr in ("peft_config", "_hf_peft_config_loaded"):
+            if attr in model.__dict__:
+                delattr(model, attr)
+
+
+def _inject(model: Any, cfg: SiftConfig, seed: int) -> tuple[Any, list[torch.nn.Parameter]]:
     from peft import LoraConfig, get_peft_model
 
-    model = copy.deepcopy(base.model)
     torch.manual_seed(seed)  # LoRA A matrices are drawn from the global generator
     lora = LoraConfig(
         r=cfg.lora.r,

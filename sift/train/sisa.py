@@ -20,7 +20,7 @@ from sift.fsio import atomic_write_json
 from sift.hashing import sha256_hex, shard_of, tensors_sha256
 from sift.loop import LoopResult, LoopSettings, run_loop
 from sift.models import BaseModel
-from sift.train.lora import completion_loss, lora_model, save_lora, tokenize_rows, use_checkpointing
+from sift.train.lora import completion_loss, lora_on_base, save_lora, tokenize_rows, use_checkpointing
 
 SLICES_DIR = "slices"
 
@@ -78,7 +78,29 @@ def fit_lora_sliced(
     where = {r.id: slice_of(r.group, R) for r in ordered}
     epochs = slice_epochs(t.epochs, R)
     old = {int(e["stage"]): e for e in read_stages(previous)}
-    peft_model, params = lora_model(base, cfg, seed)
+    with lora_on_base(base, cfg, seed) as (peft_model, params):
+        return _fit_stages(
+            base, ordered, where, epochs, old, cfg, shard, seed, staged, previous, progress, peft_model, params
+        )
+
+
+def _fit_stages(
+    base: BaseModel,
+    ordered: list[Row],
+    where: dict[str, int],
+    epochs: list[int],
+    old: dict[int, dict[str, Any]],
+    cfg: SiftConfig,
+    shard: int,
+    seed: int,
+    staged: Path,
+    previous: Path,
+    progress: Callable[[int, int, float], None] | None,
+    peft_model: Any,
+    params: list[torch.nn.Parameter],
+) -> tuple[str, LoopResult, dict[str, Any]]:
+    """The stages of fit_lora_sliced, on the base with the shard's LoRA layers in it."""
+    R, t = cfg.train.slices, cfg.train
     peft_model.train()
     lm = peft_model.base_model.model
     use_checkpointing(lm, cfg)
