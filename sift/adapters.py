@@ -226,7 +226,7 @@ def fixed_point_delta(f: LoraFactors | DenseDelta, scaling: float, bits: int) ->
         return _to_grid(f.delta.to(torch.float64).mul(2.0**bits).round_(), bits)
     a = f.a.to(torch.float64)
     b = f.b.to(torch.float64)
-    acc = torch.empty(b.shape[0], a.shape[1], dtype=torch.float64)
+    acc = torch.empty(b.shape[0], a.shape[1], dtype=torch.float64, device=a.device)
     # Row blocks small enough to stay in cache (faster than whole-matrix passes); every
     # element still sees the same operations in the same order, so the bytes do not change.
     rows = max(1, _BLOCK_ELEMENTS // max(1, a.shape[1]))
