@@ -119,3 +119,22 @@ def load_file_dtypes(folder):
     for f in sorted(folder.glob("*.safetensors")):
         out.update({n: t.dtype for n, t in load_file(str(f)).items()})
     return out
+
+
+def test_the_merge_says_how_many_entries_round_back_to_the_base(tmp_path, facts, monkeypatch):
+    """A bf16 mean of small deltas rounds back to the base for many entries; the merge reports
+    how many, and the streamed and loaded paths count alike."""
+    import sift.merge.driver as driver
+
+    from conftest import build_workspace
+
+    ws = build_workspace(tmp_path / "ws", facts[:20], tiny_config(num_shards=3), merge=None)
+    streamed = merge_workspace(ws, method="mean")
+    assert streamed["streamed"] and 0 < streamed["entries_merged"]
+    assert 0 <= streamed["entries_equal_base"] < streamed["entries_merged"]
+    monkeypatch.setattr(driver, "base_weight_folder", lambda *a, **k: None)
+    loaded = merge_workspace(ws, method="mean", full=True)
+    assert (loaded["entries_merged"], loaded["entries_equal_base"]) == (
+        streamed["entries_merged"],
+        streamed["entries_equal_base"],
+    )

@@ -112,3 +112,38 @@ def test_corrupt_sums_fall_back_to_a_from_scratch_merge(trained_ws, facts):
     cert = forget(trained_ws, [r["id"] for r in facts if r["owner"] == owner], quiet=True)
     assert cert["merge"]["mode"] == "from-scratch"
     assert verify(trained_ws, quiet=True)["identical"]
+
+
+def test_a_from_scratch_merge_holds_one_sum_at_a_time(tmp_path, facts, monkeypatch):
+    """The first merge, `--full` and verify's rebuild build each tensor's int64 sum as it is
+    written, never the whole set in memory (about 52 GB for a 7 B base): no MergeState is filled,
+    at most one sum is alive at once, and the bytes are the in-memory path's."""
+    ws = build_workspace(tmp_path / "ws", facts, tiny_config(), merge=None)
+
+    def refuse(*a, **k):
+        raise AssertionError("a from-scratch streamed merge filled an in-memory MergeState")
+
+    live, peak = [0], [0]
+    real_total = serve_mod.SumsPlan.total
+
+    def counted(self, name, shape):
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        return real_total(self, name, shape)
+
+    real_write = serve_mod.SumsWriter.write
+
+    def written(self, name, total):
+        live[0] -= 1
+        return real_write(self, name, total)
+
+    with monkeypatch.context() as m:
+        m.setattr(MergeState, "add", refuse)
+        m.setattr(serve_mod.SumsPlan, "total", counted)
+        m.setattr(serve_mod.SumsWriter, "write", written)
+        streamed = merge_workspace(ws, method="mean", full=True)
+    assert streamed["streamed"] and streamed["mode"] == "from-scratch" and peak[0] == 1
+    sums = sums_sha256(ws.merged_dir / STATE_DIR)
+    _force_loaded_base(monkeypatch)
+    loaded = merge_workspace(ws, method="mean", full=True)
+    assert loaded["served_sha256"] == streamed["served_sha256"] and sums_sha256(ws.merged_dir / STATE_DIR) == sums

@@ -77,5 +77,11 @@ def merge(
         lambda r: (
             f"served model {workspace / 'merged'}: {r['method']} of {r['members']} adapters "
             f"({r.get('mode', r.get('reason'))}), sha256 {r['served_sha256'][:16]}"
+            + (
+                f"; {r['entries_equal_base'] / r['entries_merged']:.1%} of {r['entries_merged']} merged entries "
+                "equal the base's (the mean rounded back to it)"
+                if r.get("entries_merged")
+                else ""
+            )
         ),
     )

@@ -153,9 +153,10 @@ def merge_workspace(
             shapes = base.weight_shapes(on_disk=False)
         return check_fits_base(adapter, shapes, ws.adapter_dir(shard))
 
+    stats: dict[str, int] = {}  # merged entries, and those that equal the base's
     if isinstance(m, IncrementalMethod):
         plan = _plan_sums(ws, view, members, full, removed, load)
-        served_sha, streamed = write_incremental(ws.merged_dir, base, m, plan, members, params, record)
+        served_sha, streamed = write_incremental(ws.merged_dir, base, m, plan, members, params, record, stats)
         mode = plan.mode
     elif isinstance(m, RecomputedMethod):
         mode = "recomputed"
@@ -173,12 +174,13 @@ def merge_workspace(
                     lambda name, w0: m.merge_weight(adapters, name, w0, params, bits),
                     touched,
                     record,
+                    stats=stats,
                 )
             finally:
                 files.close()
         else:
             weights = m.merge(adapters, base.get().model.state_dict(), params, cfg.merge.fixed_point_bits)
-            served_sha = write_served(ws.merged_dir, base.get(), weights, record, None)
+            served_sha = write_served(ws.merged_dir, base.get(), weights, record, None, stats)
     else:  # pragma: no cover - every registered method is one of the two
         raise SiftError(f"merge method {m.name!r} declares neither kind")
     ws.save_config(cfg)
@@ -191,6 +193,9 @@ def merge_workspace(
         "members": n,
         "served_sha256": served_sha,
         "streamed": streamed,
+        # how many merged entries round back to the base's value (a bf16 base loses small means)
+        "entries_merged": stats.get("touched", 0),
+        "entries_equal_base": stats.get("equal_base", 0),
         "seconds": round(time.perf_counter() - started, 3),
     }
     return out | m.served_record(n, params)
@@ -211,8 +216,8 @@ def _served_whole(ws: Workspace, record: dict[str, Any]) -> bool:
 
 @dataclass
 class SumsPlan:
-    """How the new sums come about: `old` (saved sums read one tensor at a time, or sums just
-    computed in memory) minus `remove` plus `add`."""
+    """How the new sums come about: `old` (saved sums read one tensor at a time, or none for a
+    merge from scratch) minus `remove` plus `add`, each tensor's sum computed when it is written."""
 
     mode: str  # "incremental" | "from-scratch"
     old: SumsReader | MergeState | None
@@ -252,8 +257,9 @@ class SumsPlan:
         """The same sums as a MergeState (for the path that loads the base)."""
         if isinstance(self.old, MergeState):
             acc = self.old
+        elif self.old is None:  # from scratch
+            acc = MergeState(self.bits, self.base_fingerprint)
         else:
-            assert isinstance(self.old, SumsReader)
             acc = MergeState(
                 self.bits, self.base_fingerprint, dict(self.old.members), {n: self.old.get(n) for n in self.old.names()}
             )
@@ -295,10 +301,11 @@ def _plan_sums(
             check_sum_headroom(len(remaining) + len(add))
             return SumsPlan("incremental", reader, list(removed or []), add, bits, fingerprint)
         reader.close()
-    acc = MergeState(bits=bits, base_fingerprint=fingerprint)
-    for shard in sorted(members):
-        acc.add(load(shard))
-    return SumsPlan("from-scratch", acc, [], [], bits, fingerprint)
+    # from scratch: the sums are built one tensor at a time as the served folder is written (a 7 B
+    # base's full set of int64 sums is about 52 GB; one tensor's is at most a few hundred MB)
+    add = [load(shard) for shard in sorted(members)]
+    check_sum_headroom(len(add))
+    return SumsPlan("from-scratch", None, [], add, bits, fingerprint)
 
 
 def write_incremental(
@@ -309,6 +316,7 @@ def write_incremental(
     members: dict[int, str],
     params: dict[str, float],
     record: dict[str, Any],
+    stats: dict[str, int] | None = None,
 ) -> tuple[str, bool]:
     """Write the served folder and its new sums; returns (served hash, whether it streamed).
     Streamed, it holds one base tensor, one sum and the plan's adapters in memory at a time."""
@@ -319,7 +327,7 @@ def write_incremental(
         if files is None:
             acc = plan.in_memory()
             weights = m.served_weights(acc, base.get().model.state_dict(), len(members), params)
-            return write_served(folder, base.get(), weights, record, acc), False
+            return write_served(folder, base.get(), weights, record, acc, stats), False
         try:
             order = [name for tf in files.files for name in tf.names() if name in names]
             coefficient = m.served_coefficient(len(members), params)
@@ -345,7 +353,7 @@ def write_incremental(
             same_base = previous is not None and previous.get("base_fingerprint") == base.expected
             tokenizer = folder if same_base and tokenizer_files(folder) else base.tokenizer()
             digest = write_served_stream(
-                folder, files, tokenizer, compute, order, record, begin_state=begin, end_state=end
+                folder, files, tokenizer, compute, order, record, begin_state=begin, end_state=end, stats=stats
             )
             return digest, True
         finally:

@@ -35,14 +35,29 @@ def load_merge_state(merged_dir: Path) -> MergeState | None:
     return MergeState.load(merged_dir / STATE_DIR)
 
 
+def count_equal(stats: dict[str, int] | None, value: torch.Tensor, w0: torch.Tensor) -> None:
+    """Add to `stats` how many merged entries there are and how many equal the base's: a bf16
+    mean of small deltas rounds back to the base for many entries, and a user must see how many."""
+    if stats is not None:
+        stats["touched"] = stats.get("touched", 0) + value.numel()
+        stats["equal_base"] = stats.get("equal_base", 0) + int((value == w0).sum())
+
+
 def write_served(
-    folder: Path, base: BaseModel, weights: dict[str, torch.Tensor], info: dict[str, Any], acc: MergeState | None
+    folder: Path,
+    base: BaseModel,
+    weights: dict[str, torch.Tensor],
+    info: dict[str, Any],
+    acc: MergeState | None,
+    stats: dict[str, int] | None = None,
 ) -> str:
     """Write the served model folder atomically (base weights with `weights` replaced, the
-    accumulator if the method keeps one, served.json); returns the hash of its weights as read back."""
+    accumulator if the method keeps one, served.json); returns the hash of its weights as read back.
+    `stats` receives the count of merged entries and of those equal to the base's."""
     model = copy.deepcopy(base.model)
     with torch.no_grad():
         for name, value in weights.items():
+            count_equal(stats, value, model.get_parameter(name))
             model.get_parameter(name).copy_(value)
     staged = staging_dir(folder)
     model.save_pretrained(str(staged), safe_serialization=True)
@@ -138,8 +153,9 @@ def write_served_stream(
     info: dict[str, Any],
     begin_state: Callable[[Path], None] | None = None,
     end_state: Callable[[], None] | None = None,
+    stats: dict[str, int] | None = None,
 ) -> str:
-    """Write the served folder atomically, one tensor at a time: every base tensor is copied as
+    """Write the served folder atomically, one tensor at a time (`stats` as in write_served): every base tensor is copied as
     raw bytes except those in `touched`, which are `compute(name, base_value)` (called in the
     base files' order). `begin_state(dir)` is called with sift-merge/ before the first tensor and
     `end_state()` after the last, so the merge's sums are written as they are computed. Returns the hash of the weights, computed as they are written."""
@@ -156,6 +172,7 @@ def write_served_stream(
                 if name in todo:
                     w0 = tf.get(name)
                     value = compute(name, w0)
+                    count_equal(stats, value, w0)
                     if value.dtype != w0.dtype or value.shape != w0.shape:
                         raise SiftError(
                             f"merged {name} has {value.dtype} {tuple(value.shape)}, the base {w0.dtype} {tuple(w0.shape)}"
