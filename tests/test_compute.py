@@ -184,3 +184,14 @@ def test_training_puts_lora_into_the_base_itself_and_leaves_it_as_it_was(tmp_pat
     again = train_shard(base, rows, cfg, 0, tmp_path / "b", "h")
     fresh = train_shard(load_base_model("builtin-tiny"), rows, cfg, 0, tmp_path / "c", "h")
     assert first.adapter_sha256 == again.adapter_sha256 == fresh.adapter_sha256
+
+
+def test_status_shows_the_compute_settings_and_the_recorded_stack(trained_ws):
+    p = sift("status", "-w", str(trained_ws.root))
+    assert p.returncode == 0, p.stderr
+    assert (
+        "compute: device auto, float32, sdpa; trained on cpu" in p.stdout and f"torch {torch.__version__}" in p.stdout
+    )
+    p = sift("status", "-w", str(trained_ws.root), "--json")
+    out = json.loads(p.stdout)
+    assert out["compute"]["dtype"] == "float32" and out["stack"]["torch_git"] == torch.version.git_version

@@ -160,7 +160,9 @@ def verify(
 @app.command()
 @_command
 def status(workspace: Ws, as_json: AsJson = False) -> None:
-    """Show shards, adapters, the served model and the ledger."""
+    """Show shards, adapters, the served model, the ledger and the stack it was trained on."""
+    import dataclasses
+
     from sift.merge.driver import served_info
     from sift.workspace import Workspace
     from sift.workspace.view import WorkspaceView
@@ -190,6 +192,8 @@ def status(workspace: Ws, as_json: AsJson = False) -> None:
         else {"method": info["method"], "members": len(info["members"]), "sha256": info["served_sha256"]},
         "forgets": len(ws.read_ledger()),
         "pending_forget": ws.journal_path.exists(),
+        "compute": dataclasses.asdict(view.cfg.compute),
+        "stack": view.state.stack,  # what it was trained on (None: made before stacks were recorded)
     }
 
     def human(r: dict[str, Any]) -> str:
@@ -204,6 +208,17 @@ def status(workspace: Ws, as_json: AsJson = False) -> None:
             "served: none"
             if served is None
             else f"served: {served['method']} of {served['members']} adapters, sha256 {served['sha256'][:16]}"
+        )
+        c, st = r["compute"], r["stack"]
+        lines.append(
+            f"compute: device {c['device']}, {c['dtype']}, {c['attn']}"
+            + (", gradient checkpointing" if c["gradient_checkpointing"] else "")
+            + (
+                f"; trained on {st['device']} ({st.get('capability')}), torch {st.get('torch')}, "
+                f"transformers {st.get('transformers')}, peft {st.get('peft')}"
+                if st
+                else "; stack not recorded (made before stacks were)"
+            )
         )
         return "\n".join(lines)
 
