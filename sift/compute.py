@@ -17,7 +17,7 @@ from typing import Any
 from sift.errors import SiftError
 
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTIONS = ("sdpa", "eager")
+ATTENTIONS = ("auto", "sdpa", "eager")  # auto: transformers picks (sdpa where the model has it)
 STACK_FORMAT = 1
 OPTIMIZER_IMPL = "adamw-single-tensor"  # sift.loop pins foreach=False, fused=False on every device
 # Recorded for the reader, not compared: a CPU's model name (its vector unit is compared), the
@@ -59,6 +59,8 @@ def resolve_device(spec: str) -> Any:
     else:
         index = int(spec[5:])
     count = torch.cuda.device_count()
+    if spec in ("auto", "cuda") and index >= count == 1:
+        index = 0  # one GPU bound to this task (srun --gpus-per-task, CUDA_VISIBLE_DEVICES): it is cuda:0
     if not 0 <= index < count:
         raise SiftError(f"--device {spec}: GPU {index} does not exist here ({count} visible)")
     return torch.device("cuda", index)
@@ -138,6 +140,19 @@ def stack_differences(recorded: dict[str, Any] | None, current: dict[str, Any]) 
     skip = _NOT_COMPARED | ({"device_name"} if current.get("device") == "cpu" else set())
     keys = sorted((set(recorded) | set(current)) - skip)
     return [f"{k}: {recorded.get(k)} -> {current.get(k)}" for k in keys if recorded.get(k) != current.get(k)]
+
+
+def base_stack(base: Any, threads: int) -> dict[str, Any]:
+    """The stack a LazyBase trains on: its device and dtype as it will load (without loading it)."""
+    c = base.compute
+    return current_stack(base.device(), c.dtype if c else "float32", c.attn if c else "auto", threads)
+
+
+def model_stack(model: Any, threads: int) -> dict[str, Any]:
+    """The stack of a loaded model as it is: its device, its weights' dtype, its attention."""
+    p = next(model.parameters())
+    attention = getattr(model.config, "_attn_implementation", None) or "auto"
+    return current_stack(p.device, str(p.dtype).removeprefix("torch."), attention, threads)
 
 
 def workspace_stack(compute: Any, threads: int) -> dict[str, Any]:

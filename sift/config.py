@@ -140,11 +140,11 @@ class ComputeConfig:
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # the base's; LoRA factors, SIFT-Masks tuned weights and the merge stay fp32/fp64
-    attn: str = "sdpa"  # sdpa | eager: transformers' attention implementation
+    attn: str = "auto"  # auto (transformers' choice: sdpa where the model has it), sdpa or eager
     gradient_checkpointing: bool = False
 
 
-_COMPUTE_DEFAULTS = {"dtype": "float32", "attn": "sdpa", "gradient_checkpointing": False}
+_COMPUTE_DEFAULTS = {"dtype": "float32", "attn": "auto", "gradient_checkpointing": False}
 
 
 @dataclass

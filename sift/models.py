@@ -104,7 +104,25 @@ def base_weight_folder(name: str, revision: str | None = None) -> Path | None:
     return folder if any(folder.glob("*.safetensors")) else None
 
 
-DISK_FINGERPRINT = "disk1:"  # the version field: a bare hex fingerprint is the older tensor hash
+DISK_FINGERPRINT = "disk1:"
+
+
+def model_weight_files(folder: Path) -> list[Path]:
+    """The safetensors files from_pretrained reads: those a sharded checkpoint's index names, or
+    model.safetensors, not any other (Mistral-style repos also ship consolidated.safetensors)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SiftError(f"{index} cannot be read: {exc}") from None
+        return [folder / n for n in names]
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SiftError(f"{folder} holds no .safetensors file")
+    return files  # the version field: a bare hex fingerprint is the older tensor hash
 
 
 def disk_fingerprint(folder: Path) -> str:
@@ -113,10 +131,9 @@ def disk_fingerprint(folder: Path) -> str:
     keyed by each file's size and modification time, so a merge pays for it once."""
     import hashlib
 
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise SiftError(f"{folder} holds no .safetensors file")
-    key = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    files = model_weight_files(folder)
+    stats = [f.stat() for f in files]
+    key = [[f.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino] for f, st in zip(files, stats)]
     cache = cache_root() / "fingerprints" / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest() + ".json")
     try:
         cached = json.loads(cache.read_text())
@@ -170,7 +187,7 @@ def load_base_model(
     path, fingerprint = resolve_model(name)
     tokenizer = load_tokenizer(name, revision)
     kwargs = _load_kwargs(revision)
-    if attn is not None:
+    if attn not in (None, "auto"):  # "auto" leaves it to transformers, which falls back to eager
         kwargs["attn_implementation"] = attn
     if device is not None and torch.device(device).type != "cpu":
         kwargs["device_map"] = {"": torch.device(device)}

@@ -241,7 +241,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8) * _BIT).sum(dim=1).to(torch.uint8)
+    return (flat.view(-1, 8) * _BIT.to(flat.device)).sum(dim=1).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -249,7 +249,7 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     n = 1
     for d in shape:
         n *= d
-    bits = (packed.to(torch.int32).unsqueeze(1) & _BIT).ne(0).reshape(-1)
+    bits = (packed.to(torch.int32).unsqueeze(1) & _BIT.to(packed.device)).ne(0).reshape(-1)
     if bits.numel() < n:
         raise ValueError(f"packed mask holds {bits.numel()} bits, {n} needed")
     return bits[:n].reshape(shape)

@@ -138,3 +138,9 @@ def test_the_merge_says_how_many_entries_round_back_to_the_base(tmp_path, facts,
         streamed["entries_merged"],
         streamed["entries_equal_base"],
     )
+
+
+def test_the_disk_fingerprint_reads_only_the_files_the_model_loads(folder_model):
+    first = disk_fingerprint(folder_model)
+    (folder_model / "consolidated.safetensors").write_bytes((folder_model / "model.safetensors").read_bytes())
+    assert disk_fingerprint(folder_model) == first  # a Mistral-style extra file is not the model

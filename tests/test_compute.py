@@ -190,8 +190,68 @@ def test_status_shows_the_compute_settings_and_the_recorded_stack(trained_ws):
     p = sift("status", "-w", str(trained_ws.root))
     assert p.returncode == 0, p.stderr
     assert (
-        "compute: device auto, float32, sdpa; trained on cpu" in p.stdout and f"torch {torch.__version__}" in p.stdout
+        "compute: device auto, float32, attention auto; trained on cpu" in p.stdout
+        and f"torch {torch.__version__}" in p.stdout
     )
     p = sift("status", "-w", str(trained_ws.root), "--json")
     out = json.loads(p.stdout)
     assert out["compute"]["dtype"] == "float32" and out["stack"]["torch_git"] == torch.version.git_version
+
+
+def test_a_refused_lora_target_leaves_the_base_as_it_was():
+    from sift.models import load_base_model, model_fingerprint
+    from sift.train.lora import lora_on_base
+
+    base = load_base_model("builtin-tiny")
+    before, modules = model_fingerprint(base.model), [n for n, _ in base.model.named_modules()]
+    cfg = tiny_config()
+    cfg.lora.target_modules = ["embed_tokens"]  # an embedding LoRA: refused before any step
+    with pytest.raises(SiftError, match="not supported"), lora_on_base(base, cfg, 0):
+        pass
+    assert [n for n, _ in base.model.named_modules()] == modules and model_fingerprint(base.model) == before
+    assert "peft_config" not in base.model.__dict__
+
+
+def test_attention_defaults_to_the_models_own_choice_and_eager_is_honoured():
+    from sift.config import ComputeConfig
+    from sift.models import LazyBase
+
+    assert SiftConfig().compute.attn == "auto" and "compute" not in SiftConfig().training_dict()
+    eager = LazyBase("builtin-tiny", None, None, ComputeConfig(device="cpu", attn="eager")).get()
+    assert eager.model.config._attn_implementation == "eager"
+    cfg = SiftConfig()
+    cfg.compute.attn = "eager"
+    assert cfg.training_dict()["compute"] == {"attn": "eager"}
+
+
+def test_retrain_all_retrains_every_sisa_stage_and_finishes_a_forget_cut_short(tmp_path, facts, monkeypatch):
+    """On another stack no SISA checkpoint may be reused (its stage hash names rows and config,
+    not the stack), and a forget that a crash cut short on the old stack finishes under
+    --retrain-all instead of locking the workspace."""
+    import sift.exact.forget as forget_mod
+    from sift.exact.build import TrainSettings, train_workspace
+
+    cfg = tiny_config(num_shards=2)
+    cfg.train.slices = 2
+    ws = build_workspace(tmp_path / "ws", facts[:20], cfg, merge="mean")
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(forget_mod, "train_shards", crash)
+    with pytest.raises(KeyboardInterrupt):
+        forget(ws, [facts[0]["id"]], quiet=True)
+    monkeypatch.undo()
+    assert ws.journal_path.exists()
+    _moved(ws, torch="2.99.0")
+    with pytest.raises(SiftError, match="another stack"):
+        train_workspace(ws.root)
+    with pytest.raises(SiftError, match="other settings"):  # a refused move changes nothing
+        train_workspace(ws.root, settings=TrainSettings(device="cpu", epochs=9), retrain_all=True)
+    assert ws.load_config().compute.device == "auto"
+    summary = train_workspace(ws.root, retrain_all=True)
+    assert not ws.journal_path.exists() and len(ws.read_ledger()) == 1
+    assert json.loads(ws.state_path.read_text())["stack"]["torch"] == torch.__version__
+    for shard in summary["trained"]:
+        meta = json.loads((ws.adapter_dir(shard) / "sift-meta.json").read_text())
+        assert meta["stages_reused"] == 0, shard

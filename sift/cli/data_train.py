@@ -103,7 +103,12 @@ def train_shards_cmd(
         Optional[str],
         typer.Option(help="The base's dtype: float32 (default), bfloat16 or float16; adapters stay float32."),
     ] = None,
-    attn: Annotated[Optional[str], typer.Option(help="Attention implementation: sdpa (default) or eager.")] = None,
+    attn: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Attention implementation: auto (default: transformers' choice, sdpa where the model has it), sdpa or eager."
+        ),
+    ] = None,
     gradient_checkpointing: Annotated[
         Optional[bool],
         typer.Option(

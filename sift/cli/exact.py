@@ -211,7 +211,7 @@ def status(workspace: Ws, as_json: AsJson = False) -> None:
         )
         c, st = r["compute"], r["stack"]
         lines.append(
-            f"compute: device {c['device']}, {c['dtype']}, {c['attn']}"
+            f"compute: device {c['device']}, {c['dtype']}, attention {c['attn']}"
             + (", gradient checkpointing" if c["gradient_checkpointing"] else "")
             + (
                 f"; trained on {st['device']} ({st.get('capability')}), torch {st.get('torch')}, "

@@ -225,7 +225,7 @@ def compare(
 
     progress(f"training the sharded workspace ({s.num_shards} shards by {s.group_by or 'id'})")
     sharded, sharded_cost = build_trained(work / "sharded", rows, recipe_config(s, s.num_shards), merge=True)
-    base = LazyBase(s.model, None, None)
+    base = LazyBase(s.model, None, None, recipe_config(s, s.num_shards).compute)  # where its workspaces train
     base_model = base.get()
     server = WorkspaceServer(sharded, base=base)
     sharded_before = (

@@ -139,9 +139,9 @@ def train_workspace(
             )
         else:
             cfg = ws.load_config()
-            if retrain_all and settings.device is not None and settings.device != cfg.compute.device:
-                cfg = apply_overrides(cfg, {("compute", "device"): settings.device})  # the move it asks for
-                ws.save_config(cfg)
+            moving = retrain_all and settings.device is not None and settings.device != cfg.compute.device
+            if moving:  # the move it asks for; saved once every other check has passed
+                cfg = apply_overrides(cfg, {("compute", "device"): settings.device})
             clash = [
                 _flag(section, key)
                 for (section, key), value in overrides.items()
@@ -155,8 +155,10 @@ def train_workspace(
                 )
             if data is not None:
                 check_same_data(ws, data, cfg)
-            if alone:
-                resume_pending_forget(ws)
+            if moving:
+                ws.save_config(cfg)
+            if alone:  # with --retrain-all, a forget cut short on another stack can finish here
+                resume_pending_forget(ws, retrain_all=retrain_all)
         if not together:
             summary = train_shards(ws, parse_shard_spec(shards, cfg.shards.num_shards), retrain_all=retrain_all)
     if together:  # the workspace lock shared with the other trainers, one lock per shard

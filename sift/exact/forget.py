@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sift.adapters import Adapter, load_adapter, read_meta
-from sift.compute import stack_mismatch, workspace_stack
+from sift.compute import base_stack, stack_mismatch
 from sift.errors import SiftError
 from sift.fsio import atomic_write_json, remove_tree
 from sift.hashing import keyed_id_hash
@@ -72,7 +72,8 @@ def _forget(ws: Workspace, ids: list[str], drop: bool, ignore_missing: bool, bas
         }
     if not drop:  # retraining on another stack would not give the bytes a from-scratch run there gives
         cfg = ws.load_config()
-        mismatch = stack_mismatch(ws.root, state.stack, workspace_stack(cfg.compute, cfg.train.threads))
+        trainer = base or LazyBase.of(cfg, state)
+        mismatch = stack_mismatch(ws.root, state.stack, base_stack(trainer, cfg.train.threads))
         if mismatch:
             raise SiftError(f"{mismatch}; nothing was changed (--drop needs no training)")
     journal = {
@@ -91,13 +92,15 @@ def _forget(ws: Workspace, ids: list[str], drop: bool, ignore_missing: bool, bas
     return cert
 
 
-def resume_pending_forget(ws: Workspace, base: LazyBase | None = None, quiet: bool = False) -> dict[str, Any] | None:
+def resume_pending_forget(
+    ws: Workspace, base: LazyBase | None = None, quiet: bool = False, retrain_all: bool = False
+) -> dict[str, Any] | None:
     """Finish a forget that a crash interrupted (called under the lock by every writing command)."""
     with quieted(quiet):
-        return _resume(ws, base)
+        return _resume(ws, base, retrain_all)
 
 
-def _resume(ws: Workspace, base: LazyBase | None) -> dict[str, Any] | None:
+def _resume(ws: Workspace, base: LazyBase | None, retrain_all: bool = False) -> dict[str, Any] | None:
     if not ws.journal_path.exists():
         return None
     journal = json.loads(ws.journal_path.read_text())
@@ -112,10 +115,12 @@ def _resume(ws: Workspace, base: LazyBase | None) -> dict[str, Any] | None:
         ws.journal_path.unlink()
         return None
     log.info(f"sift: completing an interrupted forget ({len(journal['id_hashes'])} ids)")
-    return _complete(ws, journal, base)
+    return _complete(ws, journal, base, retrain_all)
 
 
-def _complete(ws: Workspace, journal: dict[str, Any], base: LazyBase | None) -> dict[str, Any]:
+def _complete(
+    ws: Workspace, journal: dict[str, Any], base: LazyBase | None, retrain_all: bool = False
+) -> dict[str, Any]:
     view = WorkspaceView.load(ws)
     cfg, state = view.cfg, view.state
     base = base or LazyBase.of(cfg, state)
@@ -168,7 +173,7 @@ def _complete(ws: Workspace, journal: dict[str, Any], base: LazyBase | None) -> 
     retrain = [s for s in affected if s not in outcome]
     steps = 0
     if retrain:
-        steps = train_shards(ws, retrain, base=base, view=view)["steps"]
+        steps = train_shards(ws, retrain, base=base, view=view, retrain_all=retrain_all)["steps"]
         outcome.update({s: "retrained" for s in retrain})
 
     # 4. Re-merge: one adapter's work per affected shard when the sums survived.

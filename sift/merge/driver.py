@@ -179,7 +179,7 @@ def merge_workspace(
             finally:
                 files.close()
         else:
-            weights = m.merge(adapters, base.get().model.state_dict(), params, cfg.merge.fixed_point_bits)
+            weights = m.merge(adapters, _cpu_state(base), params, cfg.merge.fixed_point_bits)
             served_sha = write_served(ws.merged_dir, base.get(), weights, record, None, stats)
     else:  # pragma: no cover - every registered method is one of the two
         raise SiftError(f"merge method {m.name!r} declares neither kind")
@@ -199,6 +199,11 @@ def merge_workspace(
         "seconds": round(time.perf_counter() - started, 3),
     }
     return out | m.served_record(n, params)
+
+
+def _cpu_state(base: LazyBase) -> dict[str, torch.Tensor]:
+    """The loaded base's weights on the CPU, where the exact merge computes (a no-op for a CPU base)."""
+    return {name: t.detach().cpu() for name, t in base.get().model.state_dict().items()}
 
 
 def _served_whole(ws: Workspace, record: dict[str, Any]) -> bool:
@@ -326,7 +331,7 @@ def write_incremental(
         files = BaseFiles.open(base_weight_folder(base.name, base.revision), names, dtype)
         if files is None:
             acc = plan.in_memory()
-            weights = m.served_weights(acc, base.get().model.state_dict(), len(members), params)
+            weights = m.served_weights(acc, _cpu_state(base), len(members), params)
             return write_served(folder, base.get(), weights, record, acc, stats), False
         try:
             order = [name for tf in files.files for name in tf.names() if name in names]

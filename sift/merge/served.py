@@ -54,7 +54,7 @@ def write_served(
     """Write the served model folder atomically (base weights with `weights` replaced, the
     accumulator if the method keeps one, served.json); returns the hash of its weights as read back.
     `stats` receives the count of merged entries and of those equal to the base's."""
-    model = copy.deepcopy(base.model)
+    model = copy.deepcopy(base.model).to("cpu")  # the merge's arithmetic and files are on the CPU
     with torch.no_grad():
         for name, value in weights.items():
             count_equal(stats, value, model.get_parameter(name))

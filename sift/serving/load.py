@@ -74,7 +74,7 @@ class MaskedShards:
     def __init__(self, base_model: Any, state: Any, n: int):
         self._model = copy.deepcopy(base_model).eval()
         self._base_state = {
-            name: t.detach().clone() for name, t in base_model.state_dict().items() if name in state.acc
+            name: t.detach().to("cpu", copy=True) for name, t in base_model.state_dict().items() if name in state.acc
         }
         self._state, self._n, self._current = state, n, None
         self._pinned: dict[int, dict[str, torch.Tensor]] | None = None

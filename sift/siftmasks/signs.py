@@ -20,4 +20,4 @@ def positive_signs(name: str, shape: torch.Size | tuple[int, ...], sign_seed: in
 
 def disagrees(tau: torch.Tensor, v_pos: torch.Tensor) -> torch.Tensor:
     """Where tau * v < 0 (tau has the sign v forbids)."""
-    return torch.where(v_pos, tau < 0, tau > 0)
+    return torch.where(v_pos.to(tau.device), tau < 0, tau > 0)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from sift.adapters import META, adapter_intact
-from sift.compute import stack_mismatch, workspace_stack
+from sift.compute import base_stack, model_stack, stack_mismatch
 from sift.config import SiftConfig
 from sift.data import Row
 from sift.determinism import derive_seed, enable_determinism
@@ -94,12 +94,14 @@ def train_shard(
     out_dir: Path,
     content_hash: str,
     progress: Callable[[int, int, float], None] | None = None,
+    reuse_stages: bool = True,
 ) -> TrainResult:
     """Fine-tune one shard (a LoRA adapter, or a SIFT-Masks sign-fixed delta, as train.method
     says) and write it, sift-meta.json and the shard's router files to `out_dir` atomically: a
-    crash leaves the previous adapter or none, never half of one."""
+    crash leaves the previous adapter or none, never half of one. `reuse_stages` False trains
+    every SISA stage again (a retrain on another stack must not keep the old stack's checkpoints)."""
     with pinned_threads(cfg.train.threads):
-        return _train_shard(base, rows, cfg, shard, out_dir, content_hash, progress)
+        return _train_shard(base, rows, cfg, shard, out_dir, content_hash, progress, reuse_stages)
 
 
 @contextlib.contextmanager
@@ -122,6 +124,7 @@ def _train_shard(
     out_dir: Path,
     content_hash: str,
     progress: Callable[[int, int, float], None] | None,
+    reuse_stages: bool = True,
 ) -> TrainResult:
     enable_determinism()
     started = time.perf_counter()
@@ -129,7 +132,8 @@ def _train_shard(
     seed = shard_seed(cfg, shard)
     staged = staging_dir(out_dir)
     if cfg.train.slices > 1:
-        digest, result, extra = fit_lora_sliced(base, rows, cfg, shard, seed, staged, out_dir, progress)
+        previous = out_dir if reuse_stages else staged  # the empty staging folder: nothing to reuse
+        digest, result, extra = fit_lora_sliced(base, rows, cfg, shard, seed, staged, previous, progress)
         tokens = extra.pop("tokens_trained")
     else:
         fit = _fit_sift_masks if cfg.train.method == "sift-masks" else _fit_lora
@@ -153,7 +157,7 @@ def _train_shard(
             "tokens_trained": tokens,
             "flops_estimate": 6 * sum(p.numel() for p in base.model.parameters()) * tokens,
             "torch_threads": torch.get_num_threads(),
-            "stack": workspace_stack(cfg.compute, cfg.train.threads),
+            "stack": model_stack(base.model, cfg.train.threads),  # the model as it trained
             **extra,
         },
     )
@@ -251,11 +255,11 @@ def _train_shards(
     started = time.perf_counter()
     view = view or WorkspaceView.load(ws)
     cfg, state = view.cfg, view.state
-    stack = workspace_stack(cfg.compute, cfg.train.threads)
+    base = base or LazyBase.of(cfg, state)
+    stack = base_stack(base, cfg.train.threads)  # where this base will train, not where the config says
     mismatch = stack_mismatch(ws.root, state.stack, stack)
     if mismatch and not retrain_all:
         raise SiftError(mismatch)
-    base = base or LazyBase.of(cfg, state)
     status: dict[int, str] = {}
     results: list[TrainResult] = []
     todo = shards if shards is not None else list(range(view.num_shards))
@@ -264,7 +268,9 @@ def _train_shards(
             res = _train_one(ws, view, base, cfg, state, shard, fresh=shard_locks, status=status, force=retrain_all)
         if res is not None:
             results.append(res)
-    if retrain_all and state.stack != stack:
+    if retrain_all and state.stack != stack and set(todo) >= set(range(view.num_shards)):
+        # every shard was trained here: the workspace is this stack's now (a subset, as the
+        # shards of a forget resumed with --retrain-all, leaves the record to the full retrain)
         state = ws.load_state()
         state.stack = stack
         ws.save_state(state)
@@ -316,6 +322,7 @@ def _train_one(
         adir,
         plan.content_hash,
         stderr_progress(label) if progress_enabled() else None,
+        reuse_stages=not force,
     )
     log.info(f"{label}: trained {res.steps} steps in {res.seconds:.1f}s, final loss {res.final_loss:.4f}")
     status[shard] = "trained"

@@ -55,35 +55,42 @@ def lora_model(base: BaseModel, cfg: SiftConfig, seed: int) -> tuple[Any, list[t
 @contextlib.contextmanager
 def lora_on_base(base: BaseModel, cfg: SiftConfig, seed: int) -> Iterator[tuple[Any, list[torch.nn.Parameter]]]:
     """LoRA layers injected into the base itself, and taken out again on the way out, whatever
-    happens: no second copy of the base per shard (13.5 GB for a 7 B model in bf16). The base's
-    weights are never written (they are frozen), its modules, train/eval mode and requires_grad
-    flags are restored, so its hash is the same afterwards (tests/test_compute.py)."""
+    happens (a refused target included): no second copy of the base per shard (13.5 GB for a 7 B
+    model in bf16). The base's weights are never written (they are frozen); its modules,
+    train/eval mode, requires_grad flags and input hooks are restored, so its hash is the same
+    afterwards (tests/test_compute.py)."""
+    from peft import get_peft_model
+
     model = base.model
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     training = model.training
+    had = {attr: attr in model.__dict__ for attr in ("peft_config", "_hf_peft_config_loaded")}
     peft_model = None
     try:
-        peft_model, params = _inject(model, cfg, seed)
-        yield peft_model, params
+        torch.manual_seed(seed)  # LoRA A matrices are drawn from the global generator
+        peft_model = get_peft_model(model, _lora_config(cfg))
+        check_mergeable_targets(peft_model)  # refuse before the first step, not at merge time
+        yield peft_model, [p for p in peft_model.parameters() if p.requires_grad]
     finally:
         if peft_model is not None:
             peft_model.base_model.unload()  # the original modules back in place of the LoRA ones
         if cfg.compute.gradient_checkpointing:  # use_checkpointing turned it on for this training
             off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
             off()
+            if getattr(model, "_require_grads_hooks", None):  # the input hooks it added
+                model.disable_input_require_grads()
         for n, p in model.named_parameters():
             p.requires_grad_(grads.get(n, p.requires_grad))
         model.train(training)
-        for attr in ("peft_config", "_hf_peft_config_loaded"):
-            if attr in model.__dict__:
+        for attr, present in had.items():
+            if not present and attr in model.__dict__:
                 delattr(model, attr)
 
 
-def _inject(model: Any, cfg: SiftConfig, seed: int) -> tuple[Any, list[torch.nn.Parameter]]:
-    from peft import LoraConfig, get_peft_model
+def _lora_config(cfg: SiftConfig) -> Any:
+    from peft import LoraConfig
 
-    torch.manual_seed(seed)  # LoRA A matrices are drawn from the global generator
-    lora = LoraConfig(
+    return LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
@@ -91,7 +98,13 @@ def _inject(model: Any, cfg: SiftConfig, seed: int) -> tuple[Any, list[torch.nn.
         bias="none",
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, lora)
+
+
+def _inject(model: Any, cfg: SiftConfig, seed: int) -> tuple[Any, list[torch.nn.Parameter]]:
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)  # LoRA A matrices are drawn from the global generator
+    peft_model = get_peft_model(model, _lora_config(cfg))
     check_mergeable_targets(peft_model)  # refuse before the first step, not at merge time
     return peft_model, [p for p in peft_model.parameters() if p.requires_grad]
 

@@ -54,7 +54,7 @@ def magnitude_scores(params: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def random_scores(params: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.rand(p.shape, generator=gen, dtype=torch.float64) for p in params]
+    return [torch.rand(p.shape, generator=gen, dtype=torch.float64).to(p.device) for p in params]
 
 
 def top_fraction(scores: list[torch.Tensor], ratio: float) -> list[torch.Tensor]:
@@ -65,7 +65,7 @@ def top_fraction(scores: list[torch.Tensor], ratio: float) -> list[torch.Tensor]
         raise ValueError(f"mask ratio must lie in (0, 1], got {ratio}")
     flat = torch.cat([s.reshape(-1) for s in scores])
     keep = int(round(ratio * flat.numel()))
-    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     if keep > 0:
         order = torch.sort(flat, descending=True, stable=True).indices
         chosen[order[:keep]] = True
@@ -80,7 +80,7 @@ def apply_masks(params: list[torch.nn.Parameter], masks: list[torch.Tensor]) -> 
     """Zero the gradient of every weight outside its mask (call after clipping, before the step)."""
     for p, m in zip(params, masks):
         if p.grad is not None:
-            p.grad.mul_(m.to(p.grad.dtype))
+            p.grad.mul_(m.to(device=p.grad.device, dtype=p.grad.dtype))
 
 
 def mask_fraction(masks: list[torch.Tensor]) -> float:
