@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from safetensors.torch import load_file
 
 from sift.config import MAX_MERGE_MEMBERS
 from sift.errors import SiftError
-from sift.hashing import tensors_sha256
+from sift.hashing import combine_hashes, tensors_sha256
 from sift.tensorio import unpack_bits
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -138,23 +139,40 @@ def adapter_intact(adapter_dir: Path) -> bool:
 
 def check_recorded_hash(adapter_dir: Path, tensors: dict[str, torch.Tensor], what: str) -> str:
     """The tensors' sha256, refusing tensors that differ from the hash sift-meta.json records."""
-    digest = tensors_sha256(tensors)[0]
+    return check_recorded_digest(adapter_dir, tensors_sha256(tensors)[0], what)
+
+
+def check_recorded_digest(adapter_dir: Path, digest: str, what: str) -> str:
+    """`digest`, refusing it when it differs from the hash sift-meta.json records."""
     meta = read_meta(adapter_dir)
     if meta is not None and meta.get("adapter_sha256") not in (None, digest):
         raise SiftError(f"{what} {adapter_dir} does not match its recorded hash: damaged or replaced")
     return digest
 
 
-def load_adapter(adapter_dir: Path, shard: int) -> Adapter:
+def load_adapter(adapter_dir: Path, shard: int, lazy: bool = False) -> Adapter:
     """Load a shard's trained tensors: a PEFT LoRA adapter folder (safetensors only), or a
-    SIFT-Masks delta; either is checked against its recorded hash."""
+    SIFT-Masks delta; either is checked against its recorded hash. `lazy`: a LoRA adapter's
+    modules are read from its file one at a time when asked (its hash is computed streaming),
+    so a merge of many adapters holds one module of each, not every adapter whole."""
     if (adapter_dir / DELTA_FILE).exists():
         return load_dense_adapter(adapter_dir, shard)
     require_safetensors_adapter(adapter_dir)
     weights = adapter_dir / ADAPTER_WEIGHTS
+    tensors: dict[str, torch.Tensor] = {}
     try:
         cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-        tensors = load_file(str(weights))
+        if lazy:
+            from sift.tensorio import TensorFile
+
+            with TensorFile(weights) as tf:
+                shapes = {k: tuple(e.shape) for k, e in tf.entries.items()}
+                per = {k: tf.sha256(k) for k in sorted(shapes)}  # tensor_sha256 of each, from its bytes
+        else:
+            tensors = load_file(str(weights))
+            shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+    except SiftError:
+        raise
     except Exception as exc:  # a truncated or foreign file: one clear line
         raise SiftError(f"adapter {adapter_dir} cannot be read: {exc}") from None
     problem = unsupported_lora_config(cfg)
@@ -163,32 +181,86 @@ def load_adapter(adapter_dir: Path, shard: int) -> Adapter:
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    digest = check_recorded_hash(adapter_dir, tensors, "adapter")
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
+    if lazy:
+        digest = check_recorded_digest(adapter_dir, combine_hashes(per.items()), "adapter")
+    else:
+        digest = check_recorded_hash(adapter_dir, tensors, "adapter")
+    groups = _lora_modules(adapter_dir, shapes)
+    if lazy:
+        modules = LazyLoraModules(weights, groups, fan_in_fan_out, shapes)
+        return Adapter(shard, digest, scaling, modules)  # type: ignore[arg-type]
+    factors = {
+        name: LoraFactors(tensors[ka].to(torch.float32), tensors[kb].to(torch.float32), fan_in_fan_out=fan_in_fan_out)
+        for name, (ka, kb) in groups.items()
+    }
+    return Adapter(shard=shard, sha256=digest, scaling=scaling, modules=factors)
+
+
+def _lora_modules(adapter_dir: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, str]]:
+    """Base weight name -> (its lora_A key, its lora_B key), sorted, every tensor accounted for."""
+    modules: dict[str, dict[str, str]] = {}
+    for key in shapes:
         if not key.startswith(_PREFIX):
             raise SiftError(f"adapter {adapter_dir}: unexpected tensor {key}")
         body = key[len(_PREFIX) :]
         for part in ("lora_A", "lora_B"):
             suffix = f".{part}.weight"
             if body.endswith(suffix):
-                modules.setdefault(body[: -len(suffix)] + ".weight", {})[part] = value
+                modules.setdefault(body[: -len(suffix)] + ".weight", {})[part] = key
                 break
         else:
             raise SiftError(f"adapter {adapter_dir}: {_unsupported_tensor(body)}")
-    factors = {}
+    out = {}
     for name, parts in sorted(modules.items()):
         if set(parts) != {"lora_A", "lora_B"}:
             raise SiftError(f"adapter {adapter_dir}: module {name} lacks its A or B matrix")
-        a, b = parts["lora_A"], parts["lora_B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        a, b = shapes[parts["lora_A"]], shapes[parts["lora_B"]]
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
             raise SiftError(
-                f"adapter {adapter_dir}: module {name} has LoRA factors of shapes A {tuple(a.shape)}, B {tuple(b.shape)}, "
+                f"adapter {adapter_dir}: module {name} has LoRA factors of shapes A {tuple(a)}, B {tuple(b)}, "
                 f"not those of a Linear/Conv1D LoRA (a convolution?); sift merges only LoRA on Linear and Conv1D layers: "
                 f"remove that module from lora.target_modules"
             )
-        factors[name] = LoraFactors(a.to(torch.float32), b.to(torch.float32), fan_in_fan_out=fan_in_fan_out)
-    return Adapter(shard=shard, sha256=digest, scaling=scaling, modules=factors)
+        out[name] = (parts["lora_A"], parts["lora_B"])
+    return out
+
+
+class LazyLoraModules(Mapping):
+    """A LoRA adapter's modules, each read from its safetensors file when asked (nothing kept):
+    the values load_adapter gives, one module in memory at a time."""
+
+    def __init__(
+        self,
+        path: Path,
+        groups: dict[str, tuple[str, str]],
+        fan_in_fan_out: bool,
+        shapes: dict[str, tuple[int, ...]] | None = None,
+    ) -> None:
+        self._path, self._groups, self._fan_in_fan_out = path, groups, fan_in_fan_out
+        self._shapes = shapes or {}
+
+    def delta_shape(self, name: str) -> tuple[int, ...]:
+        """The module's delta shape in the base weight's layout, from the file's header."""
+        ka, kb = self._groups[name]
+        shape = (self._shapes[kb][0], self._shapes[ka][1])
+        return shape[::-1] if self._fan_in_fan_out else shape
+
+    def __getitem__(self, name: str) -> LoraFactors:
+        from sift.tensorio import TensorFile
+
+        ka, kb = self._groups[name]
+        with TensorFile(self._path) as tf:
+            a, b = tf.get(ka), tf.get(kb)
+        return LoraFactors(a.to(torch.float32), b.to(torch.float32), fan_in_fan_out=self._fan_in_fan_out)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._groups)
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._groups
 
 
 def delta_shape(f: LoraFactors | DenseDelta) -> tuple[int, ...]:
@@ -202,14 +274,16 @@ def delta_shape(f: LoraFactors | DenseDelta) -> tuple[int, ...]:
 def check_fits_base(adapter: Adapter, shapes: dict[str, tuple[int, ...]], where: Path) -> Adapter:
     """Refuse an adapter made for another model: a module the base lacks, or a delta of another
     shape (named here, before a merge starts, rather than as a tensor error half way)."""
-    for name, f in adapter.modules.items():
+    lazy = adapter.modules if isinstance(adapter.modules, LazyLoraModules) else None
+    for name in adapter.modules:
         if name not in shapes:
             raise SiftError(
                 f"adapter {where} changes {name}, which the base model does not have: it was made for another model"
             )
-        if delta_shape(f) != tuple(shapes[name]):
+        shape = lazy.delta_shape(name) if lazy is not None else delta_shape(adapter.modules[name])
+        if shape != tuple(shapes[name]):
             raise SiftError(
-                f"adapter {where}: {name} has a delta of shape {delta_shape(f)}, the base weight is "
+                f"adapter {where}: {name} has a delta of shape {shape}, the base weight is "
                 f"{tuple(shapes[name])}: it was made for another model"
             )
     return adapter

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sift.merge.driver as serve_mod
+from sift.errors import SiftError
 from sift.exact.forget import forget
 from sift.exact.verify import verify
 from sift.hashing import tensor_sha256, tensors_sha256
@@ -147,3 +148,24 @@ def test_a_from_scratch_merge_holds_one_sum_at_a_time(tmp_path, facts, monkeypat
     _force_loaded_base(monkeypatch)
     loaded = merge_workspace(ws, method="mean", full=True)
     assert loaded["served_sha256"] == streamed["served_sha256"] and sums_sha256(ws.merged_dir / STATE_DIR) == sums
+
+
+def test_a_lazily_read_adapter_is_the_adapter(trained_ws):
+    """Merges read each adapter's modules one at a time from its file (load_adapter(lazy=True)):
+    the same hash, modules, values and shapes as the adapter read whole, and a damaged file is
+    refused all the same."""
+    from sift.adapters import delta_shape, load_adapter
+
+    folder = trained_ws.adapter_dir(0)
+    whole, lazy = load_adapter(folder, 0), load_adapter(folder, 0, lazy=True)
+    assert lazy.sha256 == whole.sha256 and list(lazy.modules) == list(whole.modules)
+    for name, f in whole.modules.items():
+        g = lazy.modules[name]
+        assert torch.equal(f.a, g.a) and torch.equal(f.b, g.b) and f.fan_in_fan_out == g.fan_in_fan_out
+        assert lazy.modules.delta_shape(name) == delta_shape(f)
+    weights = folder / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last tensor's data
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SiftError, match="does not match its recorded hash"):
+        load_adapter(folder, 0, lazy=True)

@@ -148,7 +148,7 @@ def merge_workspace(
 
     def load(shard: int) -> Adapter:
         nonlocal shapes
-        adapter = load_adapter(ws.adapter_dir(shard), shard)
+        adapter = load_adapter(ws.adapter_dir(shard), shard, lazy=True)  # modules read when merged
         if any(name not in shapes for name in adapter.modules):  # the files may name weights otherwise
             shapes = base.weight_shapes(on_disk=False)
         return check_fits_base(adapter, shapes, ws.adapter_dir(shard))
