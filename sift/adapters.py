@@ -171,9 +171,7 @@ def load_adapter(adapter_dir: Path, shard: int, lazy: bool = False) -> Adapter:
         else:
             tensors = load_file(str(weights))
             shapes = {k: tuple(t.shape) for k, t in tensors.items()}
-    except SiftError:
-        raise
-    except Exception as exc:  # a truncated or foreign file: one clear line
+    except Exception as exc:  # a truncated or foreign file (read whole or lazily): one clear line
         raise SiftError(f"adapter {adapter_dir} cannot be read: {exc}") from None
     problem = unsupported_lora_config(cfg)
     if problem is not None:
