@@ -124,7 +124,7 @@ def _lazy_base(work: Path):
 def _adapters(work: Path, n: int) -> list:
     from sift.adapters import load_adapter
 
-    return [load_adapter(work / f"adapter-{k:03d}", k) for k in range(n)]
+    return [load_adapter(work / f"adapter-{k:03d}", k, lazy=True) for k in range(n)]  # as sift merge reads them
 
 
 def phase_fingerprint(work: Path, args: argparse.Namespace) -> dict:
