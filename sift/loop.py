@@ -41,6 +41,19 @@ class LoopSettings:
     max_grad_norm: float = 1.0  # 0: no clipping
     schedule: str = "linear"
 
+    @staticmethod
+    def for_training(t: Any, epochs: int | None = None, lr: float | None = None) -> LoopSettings:
+        """A shard's fine-tuning recipe from its [train] section (`t`, a config.TrainConfig);
+        `epochs` and `lr` override it (a SISA stage's epochs, SIFT-Masks' own rate)."""
+        return LoopSettings(
+            t.epochs if epochs is None else epochs,
+            t.batch_size,
+            t.lr if lr is None else lr,
+            t.weight_decay,
+            t.warmup_steps,
+            t.max_grad_norm,
+        )
+
 
 @dataclass
 class StepHooks:

@@ -190,14 +190,18 @@ def answer_probs(sc: SetScores) -> list[float]:
     return [prob(x) for x in sc.answer_loss]
 
 
+# each membership attack's loss-like score per row of a set (higher: looks less like a member)
+MIA_ATTACKS: dict[str, Callable[[SetScores, float], list[float]]] = {
+    "loss": lambda sc, k: list(sc.answer_loss),
+    "zlib": lambda sc, k: [zlib_score(x, r["completion"]) for x, r in zip(sc.answer_loss, sc.rows)],
+    "min_k": lambda sc, k: [min_k_score(t, k) for t in sc.token_logprobs],
+    "min_k_plus_plus": lambda sc, k: [min_k_score(t, k) for t in sc.token_z],
+}
+
+
 def mia_scores(sc: SetScores, min_k: float) -> dict[str, list[float]]:
     """The four attacks' loss-like scores per row (higher: looks less like a member)."""
-    return {
-        "loss": list(sc.answer_loss),
-        "zlib": [zlib_score(x, r["completion"]) for x, r in zip(sc.answer_loss, sc.rows)],
-        "min_k": [min_k_score(t, min_k) for t in sc.token_logprobs],
-        "min_k_plus_plus": [min_k_score(t, min_k) for t in sc.token_z],
-    }
+    return {attack: score(sc, min_k) for attack, score in MIA_ATTACKS.items()}
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -229,7 +233,8 @@ def _utility(i: MetricInputs) -> float:
 
 def _mia(attack: str) -> Callable[[MetricInputs], float]:
     def auc(i: MetricInputs) -> float:
-        return mia_auc(mia_scores(i.sets["forget"], i.min_k)[attack], mia_scores(i.sets["holdout"], i.min_k)[attack])
+        score = MIA_ATTACKS[attack]  # this attack's scores only, not all four for each metric
+        return mia_auc(score(i.sets["forget"], i.min_k), score(i.sets["holdout"], i.min_k))
 
     return auc
 

@@ -47,7 +47,7 @@ def tune_sign_fixed(
                 p.copy_(torch.where(wrong, start[name], p))
 
     t = cfg.train
-    settings = LoopSettings(t.epochs, t.batch_size, cfg.sift_masks.lr, t.weight_decay, t.warmup_steps, t.max_grad_norm)
+    settings = LoopSettings.for_training(t, lr=cfg.sift_masks.lr)
     model.train()
     result = run_loop(
         model,

@@ -175,7 +175,7 @@ def _fit_lora(
 ) -> tuple[str, LoopResult, dict[str, Any]]:
     """One LoRA adapter (peft), trained on the base itself and saved in peft's format."""
     t = cfg.train
-    settings = LoopSettings(t.epochs, t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.max_grad_norm)
+    settings = LoopSettings.for_training(t)
     with lora_on_base(base, cfg, seed) as (peft_model, params):
         peft_model.train()
         lm = peft_model.base_model.model  # the causal LM, with the LoRA layers injected in place

@@ -128,7 +128,7 @@ def _fit_stages(
         examples = tokenize_rows(base, prefix, t.max_length)
         stage_seed = derive_seed("slice", seed, r)
         torch.manual_seed(stage_seed)  # LoRA dropout, if any, draws from the global generator
-        settings = LoopSettings(epochs[r], t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.max_grad_norm)
+        settings = LoopSettings.for_training(t, epochs=epochs[r])
         result = (
             run_loop(
                 lm,
