@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,25 +53,186 @@ def _data() -> str:
     ).stdout
 
 
-def test_two_ranks_train_disjoint_shards_with_the_bytes_of_one_process(tmp_path):
-    data = _data()
-    rows = tmp_path / "rows.jsonl"
-    rows.write_text(data)
-    alone = _finish(_start(["train-shards", "-w", str(tmp_path / "alone"), "--data", str(rows), *TRAIN]))
+@pytest.fixture(scope="module")
+def alone_run(tmp_path_factory) -> tuple[Path, dict[int, str], Path]:
+    """The data set, the adapters one process trains from it (what every launch must match),
+    and that workspace."""
+    root = tmp_path_factory.mktemp("alone")
+    rows = root / "rows.jsonl"
+    rows.write_text(_data())
+    _finish(_start(["train-shards", "-w", str(root / "ws"), "--data", str(rows), *TRAIN]))
+    return rows, _adapters(root / "ws"), root / "ws"
+
+
+@pytest.fixture
+def rows_and_alone(alone_run) -> tuple[Path, dict[int, str]]:
+    return alone_run[0], alone_run[1]
+
+
+def test_three_ranks_train_each_shard_once_with_the_bytes_of_one_process(tmp_path, rows_and_alone):
+    rows, alone = rows_and_alone
     ranks = [
         _start(
             ["train-shards", "-w", str(tmp_path / "ranks"), "--data", str(rows), *TRAIN],
-            {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)},
+            {"RANK": str(r), "WORLD_SIZE": "3", "LOCAL_RANK": str(r)},
         )
-        for r in range(2)
+        for r in range(3)
     ]
     summaries = [_finish(p) for p in ranks]
-    assert sorted(s["rank"] for s in summaries) == [0, 1]
-    trained = [set(s["trained"]) for s in summaries]
-    assert not trained[0] & trained[1]  # disjoint
-    assert trained[0] | trained[1] == set(alone["trained"])
-    assert all(s["trained"] for s in summaries)  # both ranks had work
-    assert _adapters(tmp_path / "ranks") == _adapters(tmp_path / "alone")
+    assert sorted(s["rank"] for s in summaries) == [0, 1, 2]
+    trained = [s for summary in summaries for s in summary["trained"]]
+    assert len(trained) == len(set(trained))  # no shard trained twice
+    assert set(trained) == set(alone)
+    for summary in summaries:  # every rank walked every shard: trained it, or found it done
+        assert set(summary["shards"]) == {"0", "1", "2", "3"}
+        assert set(summary["shards"].values()) <= {"trained", "unchanged"}
+    assert _adapters(tmp_path / "ranks") == alone
+
+
+def test_verify_under_a_launch_shares_one_rebuild_and_rank_0_compares(alone_run):
+    rows, alone, root = alone_run
+    _finish(_start(["merge", "-w", str(root), "--json"]))
+    env = {"WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "verify-test"}
+    ranks = [_start(["verify", "-w", str(root), "--json"], {**env, "RANK": str(r)}) for r in range(2)]
+    first, second = (_finish(p) for p in ranks)
+    assert first["rank"] == 0 and first["identical"] is True, first
+    assert second["rank"] == 1 and "identical" not in second
+    rebuilt = first["rebuilt"] + second["rebuilt"]
+    assert sorted(rebuilt) == sorted(alone)  # each shard rebuilt once, by one of the ranks
+    assert first["steps"] == sum(read_meta(Workspace(root).adapter_dir(s))["steps"] for s in alone)
+
+    assert sorted(p.name for p in Path(second["rebuild"]).iterdir()) == [".lock", "report.json"]  # the rebuild is gone
+    late = _finish(_start(["verify", "-w", str(root), "--json"], {**env, "RANK": "1"}))
+    assert late["rebuilt"] == []  # rank 0 had finished: nothing left for a late rank to do
+
+    alone_again = _finish(_start(["verify", "-w", str(root), "--json"]))  # one process, same answer
+    assert alone_again["identical"] is True and alone_again["served_sha256"] == first["served_sha256"]
+
+
+HOLD = """
+import fcntl, os, pathlib, sys, time
+lock = pathlib.Path(sys.argv[1])
+lock.parent.mkdir(parents=True, exist_ok=True)
+fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+junk = pathlib.Path(sys.argv[2])  # what a worker killed mid-shard leaves: a half-filled staging folder
+junk.mkdir(parents=True)
+(junk / "adapter_model.safetensors").write_bytes(b"half")
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_shard_whose_worker_is_killed_is_trained_by_another(tmp_path, rows_and_alone):
+    """A worker holds the largest shard's lock mid-shard and is killed (SIGKILL) while a second
+    worker runs: the second passes the held shard over, trains the rest, and takes the killed
+    worker's shard once its lock dies with it; the bytes are one process's."""
+    rows, alone = rows_and_alone
+    root = tmp_path / "ws"
+    _finish(_start(["train-shards", "-w", str(root), "--data", str(rows), *TRAIN, "--shards", "0"]))
+    view = WorkspaceView.load(Workspace(root))
+    held = max((s for s in range(1, 4) if view.rows.get(s)), key=lambda s: (len(view.rows[s]), -s))
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            HOLD,
+            str(root / ".locks" / f"shard-{held:04d}.lock"),
+            str(root / "adapters" / f".shard-{held:04d}.killed.tmp"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        worker = _start(["train-shards", "-w", str(root), "--shards", "0-3", "--json"])
+        others = {s for s in alone if s not in (0, held)}
+        deadline = time.monotonic() + 300
+        while set(_adapters(root)) != others | {0}:  # everything but the held shard is done
+            assert worker.poll() is None and time.monotonic() < deadline, worker.stderr.read() if worker.poll() else ""
+            time.sleep(0.2)
+        time.sleep(1.0)  # the worker is polling the held shard now
+        assert worker.poll() is None  # it waits for the shard, it does not give up on it
+    finally:
+        holder.kill()
+        holder.wait()
+    summary = _finish(worker)
+    assert summary["trained"] == sorted(others, key=lambda s: (-len(view.rows[s]), s)) + [held]
+    assert summary["shards"]["0"] == "unchanged"
+    assert _adapters(root) == alone
+
+
+def test_the_claim_order_walks_a_ranks_own_share_first_then_steals(tmp_path, facts):
+    from sift.train import claim_order
+
+    from conftest import build_workspace, tiny_config
+
+    ws = build_workspace(tmp_path / "ws", facts, tiny_config(num_shards=4), merge=None)
+    view = WorkspaceView.load(ws)
+    size = {s: len(view.rows.get(s, [])) for s in range(4)}
+    for r in range(2):
+        order = claim_order(view, list(range(4)), r, 2)
+        own = rank_shards(view, list(range(4)), r, 2)
+        assert sorted(order) == [0, 1, 2, 3] and sorted(order[: len(own)]) == own
+        for part in (order[: len(own)], order[len(own) :]):  # most rows first within each part
+            assert [size[s] for s in part] == sorted((size[s] for s in part), reverse=True)
+
+
+def test_the_steal_walk_revisits_a_held_shard_until_it_is_free():
+    import contextlib
+
+    from sift.train import steal_walk
+
+    busy = {2: 3}  # shard 2 is held elsewhere for its first three visits
+    visits, done = [], []
+
+    @contextlib.contextmanager
+    def claim(s):
+        visits.append(s)
+        free = busy.get(s, 0) == 0
+        busy[s] = max(busy.get(s, 0) - 1, 0)
+        yield free
+
+    steal_walk([2, 0, 1], claim, done.append, poll=0.0)
+    assert done == [0, 1, 2] and visits == [2, 0, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, (0, 1)),
+        ({"RANK": "2", "WORLD_SIZE": "4"}, (2, 4)),
+        ({"SLURM_PROCID": "1", "SLURM_NTASKS": "3", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "3"}, (1, 3)),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, (0, 1)),  # a batch script, not a task of an srun step
+        ({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "8"}, (1, 2)),
+    ],
+)
+def test_the_rank_comes_from_torchrun_or_an_srun_step(monkeypatch, env, expected):
+    from sift.train import launch_rank
+
+    for name in (
+        "RANK",
+        "WORLD_SIZE",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "SLURM_STEP_ID",
+        "SLURM_STEPID",
+        "SLURM_STEP_NUM_TASKS",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert launch_rank() == expected
+
+
+def test_a_rank_that_does_not_fit_the_world_is_refused(monkeypatch):
+    from sift.errors import SiftError
+    from sift.train import launch_rank
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SiftError, match="RANK 3 does not fit WORLD_SIZE 2"):
+        launch_rank()
 
 
 @pytest.mark.slow  # over 35 s here; run with scripts/test.sh -m slow

@@ -124,12 +124,22 @@ def audit(
 @_command
 def verify(
     workspace: Ws,
-    tmp_dir: Annotated[Optional[str], typer.Option(help="Where to rebuild (default: the system temp folder).")] = None,
+    tmp_dir: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Where to rebuild (default: the system temp folder; under a launcher, a hidden folder "
+            "inside the workspace, which every rank must see)."
+        ),
+    ] = None,
     as_json: AsJson = False,
     wait: Wait = 0.0,
 ) -> None:
     """Rebuild from scratch on the remaining data and compare the served weights byte for byte.
-    Exit 0 only if identical, 1 otherwise."""
+    Exit 0 only if identical, 1 otherwise.
+
+    Under torchrun, `accelerate launch` or srun every rank rebuilds its share of the shards
+    into one shared rebuild and rank 0 merges, compares and prints the result; the other ranks
+    print what they rebuilt and exit 0."""
     from sift.exact.verify import verify as do_verify
     from sift.workspace import Workspace
 
@@ -139,6 +149,13 @@ def verify(
         if ws.journal_path.exists():
             raise SiftError("an interrupted forget is pending; run `sift forget` or `sift merge` to finish it first")
         result = do_verify(ws, tmp_dir=tmp_dir)
+    if "identical" not in result:  # a rank other than 0 of a launch: rank 0 compares
+        _emit(
+            result,
+            as_json,
+            lambda r: f"verify rank {r['rank']} of {r['world_size']}: rebuilt shards {r['rebuilt']}; rank 0 compares",
+        )
+        return
     _emit(
         result,
         as_json,

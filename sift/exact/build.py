@@ -3,14 +3,16 @@ settings and data given match it, finish an interrupted forget, split the shards
 of a launch, and train what is not current.
 
 The lock choreography lives here, not in the CLI: creating a workspace or finishing a forget
-needs it alone, so the ranks of a launch meet under the exclusive lock (the first creates it,
-the others wait and check it); trainers that share an existing workspace (ranks, or shell jobs
-each given --shards) hold the shared lock and one lock per shard.
+needs it alone, so rank 0 of a launch creates it under the exclusive lock while the other ranks
+wait for it to exist and check it under the shared one; trainers that share an existing
+workspace (ranks, or shell jobs each given --shards) hold the shared lock and claim one shard
+lock at a time.
 """
 
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,14 @@ class TrainSettings:
         return {where[f.name]: getattr(self, f.name) for f in fields(self)}
 
 
+def _wait_for_creation(ws: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not ws.exists():
+        if time.monotonic() >= deadline:
+            raise SiftError(f"rank 0 did not create workspace {ws.root} within {timeout:.0f}s (see its error)")
+        time.sleep(0.2)
+
+
 def _flag(section: str, key: str) -> str:
     return "--targets" if key == "target_modules" else f"--{key.replace('_', '-')}"
 
@@ -92,8 +102,9 @@ def train_workspace(
     retrain_all: bool = False,
 ) -> dict[str, Any]:
     """Create the workspace from `data` if it is not one yet, then train its shards (`shards`: a
-    spec such as `0-3,7`, None for all). Under `accelerate launch` or torchrun each rank trains
-    its part (sift.train.ranks.rank_shards). Returns the training summary, with `created`, and `rank`
+    spec such as `0-3,7`, None for all). Under torchrun, `accelerate launch` or srun, and for shell
+    jobs given --shards, every trainer claims the shards it finds free, its own share first, and
+    takes over what the others have not finished (sift.train.ranks.steal_walk). Returns the training summary, with `created`, and `rank`
     and `world_size` when trainers share the workspace.
 
     `retrain_all` retrains every shard on this machine's stack and records it (a workspace moved
@@ -101,7 +112,7 @@ def train_workspace(
     move an existing workspace to another device."""
     from sift.exact.forget import resume_pending_forget
     from sift.train import train_shards
-    from sift.train.ranks import launch_rank, parse_shard_spec, rank_shards
+    from sift.train.ranks import claim_order, launch_rank, parse_shard_spec
     from sift.workspace import Workspace
     from sift.workspace.create import check_same_data, create_workspace
     from sift.workspace.view import WorkspaceView
@@ -118,6 +129,10 @@ def train_workspace(
     if retrain_all and (world > 1 or shards is not None):
         raise SiftError("--retrain-all retrains every shard in one process: leave out --shards and the launcher")
     together = world > 1 or shards is not None  # other trainers may share the workspace
+    if world > 1 and rank > 0 and not ws.exists():
+        # rank 0 creates it; waiting for the exclusive lock instead would starve behind the
+        # shared lock rank 0 trains under, and this rank would start only when rank 0 is done
+        _wait_for_creation(ws, max(wait, 600.0))
     fresh_folder = not workspace.exists()
     alone = not together or not ws.exists() or ws.journal_path.exists()
     created = None
@@ -164,8 +179,8 @@ def train_workspace(
     if together:  # the workspace lock shared with the other trainers, one lock per shard
         with ws.lock(exclusive=False, wait=wait, command="train-shards"):
             view = WorkspaceView.load(ws)
-            mine = rank_shards(view, parse_shard_spec(shards, cfg.shards.num_shards), rank, world)
-            summary = train_shards(ws, mine, view=view, shard_locks=True)
+            order = claim_order(view, parse_shard_spec(shards, cfg.shards.num_shards), rank, world)
+            summary = train_shards(ws, order, view=view, shard_locks=True)
         summary.update(rank=rank, world_size=world)
     summary["created"] = created is not None
     return summary

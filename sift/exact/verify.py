@@ -1,19 +1,22 @@
 """Proof of the invariant: rebuild the workspace from scratch, from its remaining data and
 config alone, in a temporary folder, and compare byte for byte what serves requests: every
-served weight, every shard adapter's tensors, and every router file."""
+served weight, every shard adapter's tensors, and every router file. Under a launcher the
+ranks share the rebuild (`_verify_launched`)."""
 
 from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file
 
-from sift.adapters import ADAPTER_CONFIG, weights_file
+from sift.adapters import ADAPTER_CONFIG, read_meta, weights_file
 from sift.compute import stack_differences, workspace_stack
 from sift.errors import SiftError
+from sift.fsio import atomic_write_json, remove_tree
 from sift.hashing import sha256_hex, tensors_sha256
 from sift.logs import get_logger, quieted
 from sift.merge.driver import merge_workspace, served_hashes, served_info
@@ -21,6 +24,7 @@ from sift.merge.state import STATE_DIR, sums_sha256
 from sift.models import LazyBase
 from sift.routing.routers import router_file_hashes
 from sift.train import train_shards
+from sift.train.ranks import claim_order, launch_id, launch_rank
 from sift.train.sisa import SLICES_DIR
 from sift.workspace import Workspace, WorkspaceState
 from sift.workspace.layout import shard_name
@@ -76,13 +80,39 @@ def verify(
     ws: Workspace, tmp_dir: str | None = None, base: LazyBase | None = None, quiet: bool = False
 ) -> dict[str, Any]:
     """Rebuild every shard from scratch in a temporary workspace and compare every served byte.
-    Progress is logged; `quiet` silences it for this call."""
+    Under torchrun, `accelerate launch` or srun every rank rebuilds its share of the shards into
+    one shared temporary workspace and rank 0 merges and compares (`_verify_launched`); the
+    other ranks return what they rebuilt. Progress is logged; `quiet` silences it for this call."""
     with quieted(quiet):
-        return _verify(ws, tmp_dir, base)
+        rank, world = launch_rank()
+        if world > 1:
+            return _verify_launched(ws, tmp_dir, base, rank, world)
+        started = time.perf_counter()
+        plan = _plan(ws, base)
+        with tempfile.TemporaryDirectory(prefix="sift-verify-", dir=tmp_dir) as tmp:
+            fresh = Workspace(Path(tmp) / "ws")
+            _init_fresh(fresh, plan)
+            log.info(f"verify: rebuilding {len(plan.view.rows)} shard(s) from scratch in {fresh.root}")
+            steps = train_shards(fresh, base=plan.base)["steps"]
+            return _merge_and_compare(ws, fresh, plan, steps, started)
 
 
-def _verify(ws: Workspace, tmp_dir: str | None, base: LazyBase | None) -> dict[str, Any]:
-    started = time.perf_counter()
+@dataclass
+class _Plan:
+    """What a rebuild needs, read from the workspace once: its rows and config (with the merge
+    the served model records), the served hashes, the base, and this machine's stack."""
+
+    view: WorkspaceView
+    cfg: Any
+    info: dict[str, Any]
+    served_overall: str
+    served_per: dict[str, str]
+    base: LazyBase
+    stack: dict[str, Any]
+    stack_diff: list[str]
+
+
+def _plan(ws: Workspace, base: LazyBase | None) -> _Plan:
     view = WorkspaceView.load(ws)
     cfg, state = view.cfg, view.state
     info = served_info(ws)
@@ -106,45 +136,54 @@ def _verify(ws: Workspace, tmp_dir: str | None, base: LazyBase | None) -> dict[s
             f"verify: this stack differs from the one workspace {ws.root} was trained on "
             f"({'; '.join(stack_diff)}); the rebuild is unlikely to match byte for byte"
         )
-    with tempfile.TemporaryDirectory(prefix="sift-verify-", dir=tmp_dir) as tmp:
-        fresh = Workspace(Path(tmp) / "ws")
-        fresh.root.mkdir()
-        fresh.save_state(
-            WorkspaceState(
-                base_model_fingerprint=state.base_model_fingerprint,
-                dropped_shards=list(state.dropped_shards),
-                stack=stack,
-            )
+    return _Plan(view, cfg, info, served_overall, served_per, base, stack, stack_diff)
+
+
+def _init_fresh(fresh: Workspace, plan: _Plan) -> None:
+    """The rebuild's workspace: the remaining rows, the config, the base's fingerprint and the
+    dropped shards; no adapter, router or merge."""
+    state = plan.view.state
+    fresh.root.mkdir(parents=True, exist_ok=True)
+    fresh.save_state(
+        WorkspaceState(
+            base_model_fingerprint=state.base_model_fingerprint,
+            dropped_shards=list(state.dropped_shards),
+            stack=plan.stack,
         )
-        write_workspace_rows(fresh, cfg.data, view.rows, cfg.shards.num_shards)
-        fresh.save_config(cfg)
-        log.info(f"verify: rebuilding {len(view.rows)} shard(s) from scratch in {fresh.root}")
-        steps = train_shards(fresh, base=base)["steps"]
-        merge_workspace(fresh, full=True, base=base)
-        rebuilt_overall, rebuilt_per = served_hashes(fresh.merged_dir)
-        adapter_diff: list[int] = []
-        router_diff: list[str] = []
-        compared = routers = 0
-        for shard in range(cfg.shards.num_shards):
-            a, b = shard_files(ws, shard), shard_files(fresh, shard)
-            if a is None and b is None:
-                continue
-            compared += 1
-            a, b = a or {}, b or {}
-            if a.get(WEIGHTS) != b.get(WEIGHTS):
-                adapter_diff.append(shard)
-            for name in sorted((set(a) | set(b)) - {WEIGHTS}):
-                routers += 1
-                if a.get(name) != b.get(name):
-                    router_diff.append(f"{shard_name(shard)}/{name}")
-        sums_match = accumulator_sha256(ws) == accumulator_sha256(fresh)
-        mine, theirs = served_files(ws.merged_dir), served_files(fresh.merged_dir)
-        file_diff = sorted(n for n in set(mine) | set(theirs) if mine.get(n) != theirs.get(n))
+    )
+    write_workspace_rows(fresh, plan.cfg.data, plan.view.rows, plan.cfg.shards.num_shards)
+    fresh.save_config(plan.cfg)  # last: the rebuild exists once its config does
+
+
+def _merge_and_compare(ws: Workspace, fresh: Workspace, plan: _Plan, steps: int, started: float) -> dict[str, Any]:
+    """Merge the rebuilt shards from scratch and compare every served byte with `ws`."""
+    cfg = plan.cfg
+    merge_workspace(fresh, full=True, base=plan.base)
+    rebuilt_overall, rebuilt_per = served_hashes(fresh.merged_dir)
+    adapter_diff: list[int] = []
+    router_diff: list[str] = []
+    compared = routers = 0
+    for shard in range(cfg.shards.num_shards):
+        a, b = shard_files(ws, shard), shard_files(fresh, shard)
+        if a is None and b is None:
+            continue
+        compared += 1
+        a, b = a or {}, b or {}
+        if a.get(WEIGHTS) != b.get(WEIGHTS):
+            adapter_diff.append(shard)
+        for name in sorted((set(a) | set(b)) - {WEIGHTS}):
+            routers += 1
+            if a.get(name) != b.get(name):
+                router_diff.append(f"{shard_name(shard)}/{name}")
+    sums_match = accumulator_sha256(ws) == accumulator_sha256(fresh)
+    mine, theirs = served_files(ws.merged_dir), served_files(fresh.merged_dir)
+    file_diff = sorted(n for n in set(mine) | set(theirs) if mine.get(n) != theirs.get(n))
+    served_per = plan.served_per
     names = sorted(set(served_per) | set(rebuilt_per))
     mismatched = [n for n in names if served_per.get(n) != rebuilt_per.get(n)]
-    record_matches = info.get("served_sha256") == served_overall  # a stale served.json is no proof
+    record_matches = plan.info.get("served_sha256") == plan.served_overall  # a stale served.json is no proof
     identical = (
-        served_overall == rebuilt_overall
+        plan.served_overall == rebuilt_overall
         and not mismatched
         and not adapter_diff
         and not router_diff
@@ -154,7 +193,7 @@ def _verify(ws: Workspace, tmp_dir: str | None, base: LazyBase | None) -> dict[s
     )
     return {
         "identical": identical,
-        "served_sha256": served_overall,
+        "served_sha256": plan.served_overall,
         "rebuilt_sha256": rebuilt_overall,
         "tensors": len(names),
         "mismatched_tensors": mismatched[:20],
@@ -166,9 +205,62 @@ def _verify(ws: Workspace, tmp_dir: str | None, base: LazyBase | None) -> dict[s
         "served_files_compared": len(set(mine) | set(theirs)),
         "mismatched_served_files": file_diff,
         "served_record_matches_files": record_matches,
-        "method": info["method"],
-        "stack_differences": stack_diff,  # [] when the stacks agree (or the workspace recorded none)
-        "rows": sum(len(r) for r in view.rows.values()),
+        "method": plan.info["method"],
+        "stack_differences": plan.stack_diff,  # [] when the stacks agree (or the workspace recorded none)
+        "rows": sum(len(r) for r in plan.view.rows.values()),
         "steps": steps,  # optimizer steps of the rebuild
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+REPORT = "report.json"  # in a launch's rebuild folder: rank 0's result, for ranks that come late
+
+
+def rebuild_folder(ws: Workspace, tmp_dir: str | None) -> Path:
+    """The one rebuild folder every rank of a launch computes alike, with no messages: named by
+    the workspace's state and config and by the launch (torchrun's run id, Slurm's job and step,
+    the rendezvous address). By default it sits inside the workspace, which every rank sees
+    (the system temp folder is one per node); a hidden *.tmp folder there that a crash leaves
+    is deleted by the next command that changes the workspace."""
+    ident = "|".join([sha256_hex(ws.state_path.read_bytes()), sha256_hex(ws.config_path.read_bytes()), launch_id()])
+    name = f"sift-verify-{sha256_hex(ident.encode())[:16]}"
+    return Path(tmp_dir) / name if tmp_dir else ws.root / f".{name}.tmp"
+
+
+def _verify_launched(
+    ws: Workspace, tmp_dir: str | None, base: LazyBase | None, rank: int, world: int
+) -> dict[str, Any]:
+    """Verify as one rank of `world`: every rank claims shards of one shared rebuild
+    (steal_walk, as train-shards does); rank 0 then waits, under the rebuild's exclusive lock,
+    for the others to finish, merges, compares and removes the rebuilt workspace, leaving its
+    report for a rank that comes after it is done."""
+    started = time.perf_counter()
+    plan = _plan(ws, base)
+    folder = rebuild_folder(ws, tmp_dir)
+    launch = Workspace(folder)  # its lock guards the rebuild; the rebuilt workspace is folder/ws
+    fresh = Workspace(folder / "ws")
+    report = folder / REPORT
+    timeout = 24 * 3600.0  # another rank may hold a shard for as long as its training takes
+    with launch.lock(exclusive=True, wait=timeout, command=f"verify rank {rank}"):
+        if rank == 0:
+            report.unlink(missing_ok=True)  # a report of an earlier launch is not this one's
+        elif report.exists():  # rank 0 finished before this rank came: nothing left to rebuild
+            return {"rank": rank, "world_size": world, "rebuilt": [], "rebuild": str(folder)}
+        if not fresh.exists():
+            _init_fresh(fresh, plan)
+            log.info(f"verify: rank {rank} of {world} made the shared rebuild {fresh.root}")
+    with launch.lock(exclusive=False, wait=timeout, command=f"verify rank {rank}"):
+        view = WorkspaceView.load(fresh)
+        order = claim_order(view, list(range(view.num_shards)), rank, world)
+        summary = train_shards(fresh, order, base=plan.base, view=view, shard_locks=True)
+    if rank != 0:
+        return {"rank": rank, "world_size": world, "rebuilt": summary["trained"], "rebuild": str(folder)}
+    # every shard is done (rank 0's walk ends only then); the exclusive lock waits out ranks
+    # still walking shards they find done
+    with launch.lock(exclusive=True, wait=timeout, command="verify rank 0"):
+        steps = sum(int(read_meta(fresh.adapter_dir(s)).get("steps", 0)) for s in plan.view.served_shards())
+        result = _merge_and_compare(ws, fresh, plan, steps, started)
+        result.update(rank=0, world_size=world, rebuilt=summary["trained"])
+        remove_tree(fresh.root)
+        atomic_write_json(report, result)
+    return result

@@ -42,7 +42,7 @@ from sift.train.lora import (
     use_checkpointing,
 )
 from sift.train.progress import stderr_progress
-from sift.train.ranks import launch_rank, parse_shard_spec, rank_shards
+from sift.train.ranks import claim_order, launch_rank, parse_shard_spec, rank_shards, steal_walk
 from sift.train.sisa import SLICES_DIR, fit_lora_sliced, read_stages, slice_epochs, slice_of, stage_hash
 from sift.workspace import Workspace
 from sift.workspace.view import WorkspaceView
@@ -51,6 +51,7 @@ __all__ = [  # the names of this release's sift.train module, wherever they live
     "SLICES_DIR",
     "TrainResult",
     "canonical_adapter_config",
+    "claim_order",
     "completion_loss",
     "launch_rank",
     "parse_shard_spec",
@@ -60,6 +61,7 @@ __all__ = [  # the names of this release's sift.train module, wherever they live
     "slice_epochs",
     "slice_of",
     "stage_hash",
+    "steal_walk",
     "stderr_progress",
     "tokenize_rows",
     "train_shard",
@@ -237,7 +239,9 @@ def train_shards(
     selected shard here and records this stack (the caller holds the workspace lock alone).
 
     `shard_locks`: the caller holds the workspace lock shared with other trainers, so each shard
-    is planned and written under its own lock (a shard another trainer finished is 'unchanged').
+    is planned and written under its own lock, claimed without waiting in `shards`' order and
+    the ones held elsewhere visited again until done (sift.train.ranks.steal_walk; a shard
+    another trainer finished is 'unchanged').
     Returns a summary: per shard 'trained', 'unchanged', 'empty' or 'dropped'. Progress is logged
     (the "sift" logger); `quiet` silences it for this call."""
     with quieted(quiet):
@@ -263,11 +267,17 @@ def _train_shards(
     status: dict[int, str] = {}
     results: list[TrainResult] = []
     todo = shards if shards is not None else list(range(view.num_shards))
-    for shard in todo:
-        with ws.shard_lock(shard) if shard_locks else contextlib.nullcontext():
-            res = _train_one(ws, view, base, cfg, state, shard, fresh=shard_locks, status=status, force=retrain_all)
+
+    def work(shard: int) -> None:
+        res = _train_one(ws, view, base, cfg, state, shard, fresh=shard_locks, status=status, force=retrain_all)
         if res is not None:
             results.append(res)
+
+    if shard_locks:  # other workers share the workspace: claim shards in `todo`'s order, steal the rest
+        steal_walk(todo, lambda s: ws.shard_lock(s, block=False), work)
+    else:
+        for shard in todo:
+            work(shard)
     if retrain_all and state.stack != stack and set(todo) >= set(range(view.num_shards)):
         # every shard was trained here: the workspace is this stack's now (a subset, as the
         # shards of a forget resumed with --retrain-all, leaves the record to the full retrain)

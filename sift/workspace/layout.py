@@ -207,15 +207,22 @@ class Workspace:
             os.close(fd)  # closing releases the lock
 
     @contextlib.contextmanager
-    def shard_lock(self, shard: int) -> Iterator[None]:
-        """flock on ws/.locks/shard-NNNN.lock, waiting for it: two trainers sharing the workspace
-        lock (ranks of one launch, or shell/Slurm jobs with --shards) never write one shard at once."""
+    def shard_lock(self, shard: int, block: bool = True) -> Iterator[bool]:
+        """flock on ws/.locks/shard-NNNN.lock: two trainers sharing the workspace lock (ranks of
+        one launch, or shell/Slurm jobs with --shards) never write one shard at once. Yields True
+        once held; with `block` False it yields False at once when another process holds it (a
+        worker then claims another shard). The kernel drops the lock with its holder, so a killed
+        trainer's shard is free for the next one."""
         folder = self.root / ".locks"
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / f"{shard_name(shard)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if block else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
         finally:
             os.close(fd)
 
