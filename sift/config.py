@@ -96,6 +96,9 @@ class MergeConfig:
     # the method's own parameters, [merge.params] in sift.toml: each method declares what it takes
     # (sift merge --list), so nothing here names one
     params: dict[str, float] = field(default_factory=dict)
+    # the served model's dtype: "base" (the base's own, e.g. bf16) or "float32" (a bf16 base's
+    # merged entries keep the small deltas a bf16 mean rounds away; twice the served size)
+    served_dtype: str = "base"
 
     def given_params(self) -> dict[str, float]:
         """The parameters the workspace gives its method: [merge.params], and the two keys the
@@ -114,6 +117,8 @@ def merge_param_aliases(params: dict[str, float], aliases: dict[str, float | Non
         out[key] = float(value)
     return out
 
+
+SERVED_DTYPES = ("base", "float32")
 
 ROUTERS = ("keys", "embed")
 FALLBACKS = ("merged", "base")
@@ -191,6 +196,10 @@ class SiftConfig:
             raise SiftError(f"sift_masks.lr must be a positive number, got {sm.lr}")
         if self.lora.r < 1 or self.lora.alpha <= 0 or not 0 <= self.lora.dropout < 1:
             raise SiftError("lora: r >= 1, alpha > 0 and 0 <= dropout < 1 are required")
+        if self.merge.served_dtype not in SERVED_DTYPES:
+            raise SiftError(
+                f"merge.served_dtype must be one of {', '.join(SERVED_DTYPES)}; got {self.merge.served_dtype!r}"
+            )
         if not 8 <= self.merge.fixed_point_bits <= 52:
             raise SiftError("merge.fixed_point_bits must lie in 8..52")
         if self.serving.router not in ("auto", "none", *ROUTERS):
@@ -230,6 +239,8 @@ class SiftConfig:
         else:
             d.pop("lora")
             d["train"].pop("lr")  # sift_masks.lr is the one that applies
+            if self.compute.dtype != "float32":  # a half-precision base trains float32 master weights
+                d["sift_masks"]["master_dtype"] = "float32"
         return d
 
     def learning_rate(self) -> float:

@@ -16,6 +16,7 @@ import importlib.util
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -462,3 +463,24 @@ def target_weights(model: Any, targets: list[str]) -> dict[str, torch.nn.Paramet
             f"sift_masks.target_modules {missing} match no Linear layer of this model; its layers are named: {', '.join(sorted(seen_names))}"
         )
     return dict(sorted(out.items()))
+
+
+@contextlib.contextmanager
+def restored_on_exit(model: Any, checkpointing: bool = False) -> Iterator[None]:
+    """Train on the loaded base itself and give it back as it was, whatever happens: the
+    requires_grad flags, train/eval mode and, when `checkpointing` was turned on for this
+    training, gradient checkpointing and its input hooks. Weights are the trainer's business
+    (LoRA never writes them; SIFT-Masks puts its tuned weights back itself)."""
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    training = model.training
+    try:
+        yield
+    finally:
+        if checkpointing:
+            off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            off()
+            if getattr(model, "_require_grads_hooks", None):  # the input hooks it added
+                model.disable_input_require_grads()
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads.get(n, p.requires_grad))
+        model.train(training)

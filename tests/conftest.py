@@ -84,3 +84,23 @@ def mono_template(tmp_path_factory, facts) -> Path:
 @pytest.fixture
 def mono_ws(mono_template, tmp_path) -> Workspace:
     return Workspace(shutil.copytree(mono_template, tmp_path / "ws"))
+
+
+def bf16_model_folder(folder: Path) -> Path:
+    """builtin-tiny saved as a bfloat16 checkpoint in a plain folder (as Llama-3.2 and Llama-2
+    ship): a local base that streams in its own dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sift.models import ensure_tiny_model
+
+    model = AutoModelForCausalLM.from_pretrained(str(ensure_tiny_model()), dtype=torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
+    for f in ensure_tiny_model().glob("*token*"):
+        shutil.copy(f, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bf16_base(tmp_path_factory) -> Path:
+    return bf16_model_folder(tmp_path_factory.mktemp("bf16") / "model")

@@ -14,7 +14,7 @@ from sift.models import DISK_FINGERPRINT, LazyBase, disk_fingerprint, ensure_tin
 from sift.workspace import Workspace
 from sift.workspace.create import create_workspace
 
-from conftest import tiny_config, write_rows
+from conftest import bf16_model_folder, tiny_config, write_rows
 
 
 @pytest.fixture
@@ -84,18 +84,12 @@ def test_a_bfloat16_base_streams_and_both_merges_write_the_same_bytes(tmp_path, 
     """A bf16 checkpoint (as Llama-3.2 and Llama-2 ship) streams in its own dtype, and the served
     bytes equal those of the merge that loads the base."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     import sift.merge.driver as driver
     from sift.merge.driver import served_hashes
     from sift.train import train_shards
 
-    bf16 = tmp_path / "bf16-model"
-    model = AutoModelForCausalLM.from_pretrained(str(ensure_tiny_model()), dtype=torch.bfloat16)
-    model.save_pretrained(bf16, safe_serialization=True)
-    shutil.copy(ensure_tiny_model() / "tokenizer.json", bf16)
-    for f in ensure_tiny_model().glob("*token*"):
-        shutil.copy(f, bf16)
+    bf16 = bf16_model_folder(tmp_path / "bf16-model")
     cfg = tiny_config(num_shards=3)
     cfg.model.name = str(bf16)
     cfg.compute.dtype = "bfloat16"

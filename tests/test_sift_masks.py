@@ -252,3 +252,58 @@ def test_pinned_masks_serve_without_reading_the_shard_files_again(masks_ws):
     for s in reversed(shards):
         params = dict(pinned.model_for(s, masks_ws.adapter_dir(s)).named_parameters())
         assert all(torch.equal(params[n].detach(), v) for n, v in expected[s].items()), s
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sift_masks_trains_on_the_base_itself_and_leaves_it_as_it_was(tmp_path, facts, dtype):
+    """No copy of the base per SIFT-Masks shard: the tuned weights are trained in the base (through
+    a float32 master for a bf16 base) and put back; its hash, modules, Parameter objects, mode and
+    requires_grad flags are those of before, and a second shard on it gets a fresh base's bytes."""
+    from sift.data import Row
+    from sift.models import model_fingerprint
+    from sift.train import train_shard
+
+    def fresh():
+        return load_base_model("builtin-tiny", dtype=dtype)
+
+    base = fresh()
+    before = model_fingerprint(base.model)
+    modules = [n for n, _ in base.model.named_modules()]
+    params = {n: id(p) for n, p in base.model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in base.model.named_parameters()}
+    cfg = masks_config(num_shards=1)
+    cfg.compute.dtype = dtype
+    rows = [Row(r["id"], r["owner"], r.get("prompt"), r.get("completion"), None, r) for r in facts[:4]]
+    first = train_shard(base, rows, cfg, 0, tmp_path / "a", "h")
+    assert model_fingerprint(base.model) == before
+    assert [n for n, _ in base.model.named_modules()] == modules and not base.model.training
+    assert {n: id(p) for n, p in base.model.named_parameters()} == params
+    assert {n: p.requires_grad for n, p in base.model.named_parameters()} == flags
+    assert all(p.dtype == getattr(torch, dtype) for p in base.model.parameters())
+    again = train_shard(base, rows, cfg, 0, tmp_path / "b", "h")
+    other = train_shard(fresh(), rows, cfg, 0, tmp_path / "c", "h")
+    assert first.adapter_sha256 == again.adapter_sha256 == other.adapter_sha256
+
+
+def test_a_bf16_base_tunes_float32_master_weights(tmp_path, facts):
+    """Steps far below one bf16 ulp still accumulate: the stored deltas are float32 values that
+    a bf16 weight could not hold (theta0 + tau rounds back to theta0), so tuning the bf16 weights
+    in place would have stored nothing."""
+    from sift.data import Row
+    from sift.train import train_shard
+
+    base = load_base_model("builtin-tiny", dtype="bfloat16")
+    cfg = masks_config(num_shards=1)
+    cfg.compute.dtype = "bfloat16"
+    cfg.sift_masks.lr = 1e-6
+    assert cfg.training_dict()["sift_masks"]["master_dtype"] == "float32"  # a new hash for new bytes
+    rows = [Row(r["id"], r["owner"], r.get("prompt"), r.get("completion"), None, r) for r in facts[:4]]
+    train_shard(base, rows, cfg, 0, tmp_path / "a", "h")
+    adapter = load_adapter(tmp_path / "a", 0)
+    w0 = base.model.state_dict()
+    moved = lost = 0
+    for name, tau in adapter.modules.items():
+        tau = tau.delta
+        moved += int((tau != 0).sum())
+        lost += int(((w0[name].float() + tau).bfloat16() == w0[name]).logical_and(tau != 0).sum())
+    assert moved > 0 and lost / moved > 0.9

@@ -31,6 +31,15 @@ def merge(
     full: Annotated[
         bool, typer.Option("--full", help="Recompute from every adapter instead of updating the saved sums.")
     ] = False,
+    served_dtype: Annotated[
+        Optional[str],
+        typer.Option(
+            "--served-dtype",
+            help="The served model's dtype: base (the base's own, default) or float32 (over a bf16/fp16 base: "
+            "keeps merged entries a half-precision rounding would take back to the base's value; twice the size). "
+            "Saved as the workspace's merge.served_dtype.",
+        ),
+    ] = None,
     list_methods: Annotated[bool, typer.Option("--list", help="List the merge methods and exit.")] = False,
     as_json: AsJson = False,
     wait: Wait = 0.0,
@@ -52,7 +61,7 @@ def merge(
             ),
         )
         return
-    from sift.config import merge_param_aliases
+    from sift.config import SERVED_DTYPES, merge_param_aliases
     from sift.exact.forget import resume_pending_forget
     from sift.merge import get_method
     from sift.merge.base import parse_params
@@ -68,9 +77,11 @@ def merge(
         raise SiftError("merge parameters (--param, --scale, --density) need --method")
     if method is not None:
         get_method(method).resolve(given)  # refuse before any work
+    if served_dtype is not None and served_dtype not in SERVED_DTYPES:
+        raise SiftError(f"--served-dtype must be one of {', '.join(SERVED_DTYPES)}; got {served_dtype!r}")
     with ws.lock(wait=wait, command="merge"):
         resume_pending_forget(ws)
-        result = merge_workspace(ws, method=method, full=full, params=given)
+        result = merge_workspace(ws, method=method, full=full, params=given, served_dtype=served_dtype)
     _emit(
         result,
         as_json,

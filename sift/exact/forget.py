@@ -211,6 +211,7 @@ def _complete(
             "exact": method.exact,
             "incremental": method.incremental,
             "served_sha256": merge["served_sha256"],
+            "served_dtype": merge.get("served_dtype"),
         },
         "routers": "rebuilt from each retrained shard's own rows; removed with dropped or emptied shards",
         "ledger_entry": entry["entry_sha256"],

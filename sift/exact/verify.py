@@ -127,6 +127,7 @@ def _plan(ws: Workspace, base: LazyBase | None) -> _Plan:
         None,
         None,
     )
+    cfg.merge.served_dtype = info.get("served_dtype", "base")
     # a rebuild on another stack cannot be expected to match: say so before spending the time,
     # so that "not identical" always comes with its reason
     stack = workspace_stack(cfg.compute, cfg.train.threads)

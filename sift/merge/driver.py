@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from sift.adapters import Adapter, check_fits_base, check_sum_headroom, fixed_point_delta, load_adapter
-from sift.config import merge_param_aliases
+from sift.config import SERVED_DTYPES, SiftConfig, merge_param_aliases
 from sift.errors import SiftError
 from sift.logs import get_logger
 from sift.merge import IncrementalMethod, MergeMethod, MergeState, RecomputedMethod, get_method
@@ -87,6 +87,7 @@ def merge_workspace(
     removed: list[Adapter] | None = None,
     view: WorkspaceView | None = None,
     params: dict[str, float] | None = None,
+    served_dtype: str | None = None,
     **param_values: float | None,
 ) -> dict[str, Any]:
     """Bring ws/merged up to date with the adapters. An incremental method updates the saved sums
@@ -96,7 +97,10 @@ def merge_workspace(
     when the base's safetensors files are on disk, and load the base otherwise.
 
     `params` (or keyword values, e.g. ``density=0.3``) are the method's parameters, checked by the
-    method; given with `method`, both become the workspace's defaults for later merges."""
+    method; given with `method`, both become the workspace's defaults for later merges.
+    `served_dtype` ("base" or "float32": config.SERVED_DTYPES) likewise becomes the workspace's
+    merge.served_dtype; float32 over a bf16/fp16 base keeps the merged entries a half-precision
+    rounding would take back to the base's value."""
     started = time.perf_counter()
     view = view or WorkspaceView.load(ws)
     cfg, state = view.cfg, view.state
@@ -106,6 +110,11 @@ def merge_workspace(
     if method is not None:  # an explicit choice becomes the workspace's default for later forgets
         get_method(method).resolve(given)  # refuse before the config changes
         cfg.merge.method, cfg.merge.params, cfg.merge.scale, cfg.merge.density = method, given, None, None
+    if served_dtype is not None:
+        if served_dtype not in SERVED_DTYPES:
+            raise SiftError(f"served dtype must be one of {', '.join(SERVED_DTYPES)}; got {served_dtype!r}")
+        cfg.merge.served_dtype = served_dtype
+    out_dtype = served_torch_dtype(cfg)
     m = get_method(cfg.merge.method)
     if m.needs_training is not None and cfg.train.method != m.needs_training:
         raise SiftError(
@@ -127,11 +136,14 @@ def merge_workspace(
         "base_fingerprint": state.base_model_fingerprint,
         **m.served_record(n, params),
     }
+    if out_dtype is not None:  # only when not the base's: older served records stay as they were
+        record["served_dtype"] = "float32"
     if (
         not full
         and removed is None
         and previous is not None
         and all(previous.get(k) == v for k, v in record.items())
+        and previous.get("served_dtype") == record.get("served_dtype")
         and _served_whole(ws, previous)
     ):
         return {
@@ -156,7 +168,9 @@ def merge_workspace(
     stats: dict[str, int] = {}  # merged entries, and those that equal the base's
     if isinstance(m, IncrementalMethod):
         plan = _plan_sums(ws, view, members, full, removed, load)
-        served_sha, streamed = write_incremental(ws.merged_dir, base, m, plan, members, params, record, stats)
+        served_sha, streamed = write_incremental(
+            ws.merged_dir, base, m, plan, members, params, record, stats, out_dtype
+        )
         mode = plan.mode
     elif isinstance(m, RecomputedMethod):
         mode = "recomputed"
@@ -175,12 +189,13 @@ def merge_workspace(
                     touched,
                     record,
                     stats=stats,
+                    dtype=out_dtype,
                 )
             finally:
                 files.close()
         else:
-            weights = m.merge(adapters, _cpu_state(base), params, cfg.merge.fixed_point_bits)
-            served_sha = write_served(ws.merged_dir, base.get(), weights, record, None, stats)
+            weights = m.merge(adapters, _cpu_state(base, out_dtype), params, cfg.merge.fixed_point_bits)
+            served_sha = write_served(ws.merged_dir, base.get(), weights, record, None, stats, out_dtype)
     else:  # pragma: no cover - every registered method is one of the two
         raise SiftError(f"merge method {m.name!r} declares neither kind")
     ws.save_config(cfg)
@@ -196,14 +211,28 @@ def merge_workspace(
         # how many merged entries round back to the base's value (a bf16 base loses small means)
         "entries_merged": stats.get("touched", 0),
         "entries_equal_base": stats.get("equal_base", 0),
+        "served_dtype": "float32" if out_dtype is not None else cfg.compute.dtype,
         "seconds": round(time.perf_counter() - started, 3),
     }
     return out | m.served_record(n, params)
 
 
-def _cpu_state(base: LazyBase) -> dict[str, torch.Tensor]:
-    """The loaded base's weights on the CPU, where the exact merge computes (a no-op for a CPU base)."""
-    return {name: t.detach().cpu() for name, t in base.get().model.state_dict().items()}
+def served_torch_dtype(cfg: SiftConfig) -> torch.dtype | None:
+    """The served model's dtype when it is not the base's (merge.served_dtype float32 over a
+    bf16/fp16 base), else None: the merge then treats the base as float32, which holds each of
+    its values exactly, and the one served formula rounds to float32 only."""
+    if cfg.merge.served_dtype == "float32" and cfg.compute.dtype != "float32":
+        return torch.float32
+    return None
+
+
+def _cpu_state(base: LazyBase, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The loaded base's weights on the CPU, where the exact merge computes (a no-op for a CPU
+    base), in the served dtype when it is not the base's."""
+    state = {name: t.detach().cpu() for name, t in base.get().model.state_dict().items()}
+    if dtype is not None:
+        state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
+    return state
 
 
 def _served_whole(ws: Workspace, record: dict[str, Any]) -> bool:
@@ -322,6 +351,7 @@ def write_incremental(
     params: dict[str, float],
     record: dict[str, Any],
     stats: dict[str, int] | None = None,
+    served_dtype: torch.dtype | None = None,
 ) -> tuple[str, bool]:
     """Write the served folder and its new sums; returns (served hash, whether it streamed).
     Streamed, it holds one base tensor, one sum and the plan's adapters in memory at a time."""
@@ -331,8 +361,8 @@ def write_incremental(
         files = BaseFiles.open(base_weight_folder(base.name, base.revision), names, dtype)
         if files is None:
             acc = plan.in_memory()
-            weights = m.served_weights(acc, _cpu_state(base), len(members), params)
-            return write_served(folder, base.get(), weights, record, acc, stats), False
+            weights = m.served_weights(acc, _cpu_state(base, served_dtype), len(members), params)
+            return write_served(folder, base.get(), weights, record, acc, stats, served_dtype), False
         try:
             order = [name for tf in files.files for name in tf.names() if name in names]
             coefficient = m.served_coefficient(len(members), params)
@@ -358,7 +388,16 @@ def write_incremental(
             same_base = previous is not None and previous.get("base_fingerprint") == base.expected
             tokenizer = folder if same_base and tokenizer_files(folder) else base.tokenizer()
             digest = write_served_stream(
-                folder, files, tokenizer, compute, order, record, begin_state=begin, end_state=end, stats=stats
+                folder,
+                files,
+                tokenizer,
+                compute,
+                order,
+                record,
+                begin_state=begin,
+                end_state=end,
+                stats=stats,
+                dtype=served_dtype,
             )
             return digest, True
         finally:

@@ -50,11 +50,15 @@ def write_served(
     info: dict[str, Any],
     acc: MergeState | None,
     stats: dict[str, int] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> str:
     """Write the served model folder atomically (base weights with `weights` replaced, the
     accumulator if the method keeps one, served.json); returns the hash of its weights as read back.
-    `stats` receives the count of merged entries and of those equal to the base's."""
+    `stats` receives the count of merged entries and of those equal to the base's; `dtype` (the
+    served dtype, when not the base's) converts every floating weight of the folder."""
     model = copy.deepcopy(base.model).to("cpu")  # the merge's arithmetic and files are on the CPU
+    if dtype is not None:
+        model = model.to(dtype)
     with torch.no_grad():
         for name, value in weights.items():
             count_equal(stats, value, model.get_parameter(name))
@@ -89,6 +93,18 @@ def served_hashes(folder: Path) -> tuple[str, dict[str, str]]:
 
 
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+_FLOAT_DTYPES = {"F64", "F32", "BF16", "F16"}
+
+
+def _name_dtype(config: Path, dtype: torch.dtype) -> None:
+    """config.json names the weights' dtype (transformers' dtype="auto" loads it): the served one."""
+    if not config.exists():
+        return
+    data = json.loads(config.read_text())
+    keys = [k for k in ("dtype", "torch_dtype") if k in data] or ["dtype"]
+    for key in keys:
+        data[key] = str(dtype).removeprefix("torch.")
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 class BaseFiles:
@@ -154,23 +170,37 @@ def write_served_stream(
     begin_state: Callable[[Path], None] | None = None,
     end_state: Callable[[], None] | None = None,
     stats: dict[str, int] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> str:
     """Write the served folder atomically, one tensor at a time (`stats` as in write_served): every base tensor is copied as
     raw bytes except those in `touched`, which are `compute(name, base_value)` (called in the
     base files' order). `begin_state(dir)` is called with sift-merge/ before the first tensor and
-    `end_state()` after the last, so the merge's sums are written as they are computed. Returns the hash of the weights, computed as they are written."""
+    `end_state()` after the last, so the merge's sums are written as they are computed. `dtype`
+    (the served dtype, when not the base's) converts every floating base tensor as it is read
+    (float32 holds every bf16/fp16 value exactly) and names it in config.json. Returns the hash
+    of the weights, computed as they are written."""
     staged = staging_dir(folder)
     (staged / STATE_DIR).mkdir()
     if begin_state is not None:
         begin_state(staged / STATE_DIR)
     todo = set(touched)
     per: dict[str, str] = {}
+    want = None if dtype is None else _SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")]
+
+    def stored(tf: TensorFile, name: str) -> str:
+        own = tf.entries[name].dtype
+        return want if want is not None and own in _FLOAT_DTYPES else own
+
+    def read(tf: TensorFile, name: str) -> torch.Tensor:
+        value = tf.get(name)
+        return value.to(dtype) if dtype is not None and value.is_floating_point() else value
+
     for tf in base.files:
-        out = StreamWriter(staged / tf.path.name, [(n, tf.entries[n].dtype, tf.entries[n].shape) for n in tf.names()])
+        out = StreamWriter(staged / tf.path.name, [(n, stored(tf, n), tf.entries[n].shape) for n in tf.names()])
         try:
             for name in tf.names():
                 if name in todo:
-                    w0 = tf.get(name)
+                    w0 = read(tf, name)
                     value = compute(name, w0)
                     count_equal(stats, value, w0)
                     if value.dtype != w0.dtype or value.shape != w0.shape:
@@ -178,6 +208,8 @@ def write_served_stream(
                             f"merged {name} has {value.dtype} {tuple(value.shape)}, the base {w0.dtype} {tuple(w0.shape)}"
                         )
                     per[name] = out.write(name, value)
+                elif stored(tf, name) != tf.entries[name].dtype:
+                    per[name] = out.write(name, read(tf, name))
                 else:
                     per[name] = out.copy(name, tf)
             out.close()
@@ -187,6 +219,8 @@ def write_served_stream(
     for extra in _MODEL_FILES:
         if (base.folder / extra).exists():
             shutil.copyfile(base.folder / extra, staged / extra)
+    if dtype is not None:
+        _name_dtype(staged / "config.json", dtype)
     if end_state is not None:
         end_state()
     if isinstance(tokenizer, Path):

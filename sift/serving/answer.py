@@ -233,7 +233,10 @@ class WorkspaceServer:
             raise SiftError(
                 f"the merged sums do not hold the shards' current deltas; run `sift merge -w {self.ws.root}`"
             )
-        return MaskedShards(self.base.get().model, state, len(members))
+        import torch
+
+        dtype = torch.float32 if info.get("served_dtype") == "float32" else None
+        return MaskedShards(self.base.get().model, state, len(members), dtype)
 
     def base_model(self) -> tuple[Any, Any, str]:
         """(model, tokenizer, "base"): the untrained base, which holds no data."""

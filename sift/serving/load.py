@@ -71,10 +71,15 @@ class MaskedShards:
     rewrites only the tuned weights. A shard's mask is read from its folder at each switch, or
     from memory once `pin_masks` has read them all (a server that must not see later files)."""
 
-    def __init__(self, base_model: Any, state: Any, n: int):
+    def __init__(self, base_model: Any, state: Any, n: int, dtype: torch.dtype | None = None):
+        """`dtype`: the served dtype when it is not the base's (merge.served_dtype float32)."""
         self._model = copy.deepcopy(base_model).eval()
+        if dtype is not None:
+            self._model = self._model.to(dtype)
         self._base_state = {
-            name: t.detach().to("cpu", copy=True) for name, t in base_model.state_dict().items() if name in state.acc
+            name: t.detach().to("cpu", dtype=dtype or t.dtype, copy=True)
+            for name, t in base_model.state_dict().items()
+            if name in state.acc
         }
         self._state, self._n, self._current = state, n, None
         self._pinned: dict[int, dict[str, torch.Tensor]] | None = None

@@ -11,7 +11,6 @@ pieces live beside this module: `lora` (the LoRA model, loss and saving), `sisa`
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from sift.errors import SiftError
 from sift.fsio import atomic_write_json, remove_tree, replace_dir, staging_dir
 from sift.logs import get_logger, progress_enabled, quieted
 from sift.loop import LoopResult, LoopSettings, batches, run_loop
-from sift.models import BaseModel, LazyBase
+from sift.models import BaseModel, LazyBase, restored_on_exit
 from sift.routing.routers import build_routers, router_settings, routers_current
 from sift.siftmasks.store import DELTA_FILE, save_delta
 from sift.siftmasks.tune import tune_sign_fixed
@@ -203,19 +202,20 @@ def _fit_sift_masks(
     staged: Path,
     progress: Callable[[int, int, float], None] | None,
 ) -> tuple[str, LoopResult, dict[str, Any]]:
-    """Sign-fixed full fine-tuning of the target weights; saves the mask and the masked delta."""
-    model = copy.deepcopy(base.model)
-    use_checkpointing(model, cfg)
-    deltas, result = tune_sign_fixed(
-        model,
-        examples,
-        base.tokenizer.pad_token_id,
-        cfg,
-        seed,
-        loss_fn=lambda m, b: completion_loss(m, *b),
-        progress=progress,
-    )
-    del model
+    """Sign-fixed full fine-tuning of the target weights, on the base itself (its weights are
+    put back afterwards); saves the mask and the masked delta."""
+    model = base.model
+    with restored_on_exit(model, cfg.compute.gradient_checkpointing):
+        use_checkpointing(model, cfg)
+        deltas, result = tune_sign_fixed(
+            model,
+            examples,
+            base.tokenizer.pad_token_id,
+            cfg,
+            seed,
+            loss_fn=lambda m, b: completion_loss(m, *b),
+            progress=progress,
+        )
     digest = save_delta(staged / DELTA_FILE, deltas)
     tuned = sum(t.numel() for t in deltas.values())
     moved = sum(int((t != 0).sum()) for t in deltas.values())

@@ -19,7 +19,7 @@ from sift.config import SiftConfig
 from sift.data import Row
 from sift.fsio import atomic_write_text
 from sift.hashing import tensors_sha256
-from sift.models import BaseModel, example_ids
+from sift.models import BaseModel, example_ids, restored_on_exit
 
 # Architectures whose logits are exactly lm_head(last hidden state): for these the loss can skip
 # the vocabulary projection at positions without a label (prompt, padding), a third of a step.
@@ -62,29 +62,20 @@ def lora_on_base(base: BaseModel, cfg: SiftConfig, seed: int) -> Iterator[tuple[
     from peft import get_peft_model
 
     model = base.model
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    training = model.training
     had = {attr: attr in model.__dict__ for attr in ("peft_config", "_hf_peft_config_loaded")}
     peft_model = None
-    try:
-        torch.manual_seed(seed)  # LoRA A matrices are drawn from the global generator
-        peft_model = get_peft_model(model, _lora_config(cfg))
-        check_mergeable_targets(peft_model)  # refuse before the first step, not at merge time
-        yield peft_model, [p for p in peft_model.parameters() if p.requires_grad]
-    finally:
-        if peft_model is not None:
-            peft_model.base_model.unload()  # the original modules back in place of the LoRA ones
-        if cfg.compute.gradient_checkpointing:  # use_checkpointing turned it on for this training
-            off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-            off()
-            if getattr(model, "_require_grads_hooks", None):  # the input hooks it added
-                model.disable_input_require_grads()
-        for n, p in model.named_parameters():
-            p.requires_grad_(grads.get(n, p.requires_grad))
-        model.train(training)
-        for attr, present in had.items():
-            if not present and attr in model.__dict__:
-                delattr(model, attr)
+    with restored_on_exit(model, cfg.compute.gradient_checkpointing):
+        try:
+            torch.manual_seed(seed)  # LoRA A matrices are drawn from the global generator
+            peft_model = get_peft_model(model, _lora_config(cfg))
+            check_mergeable_targets(peft_model)  # refuse before the first step, not at merge time
+            yield peft_model, [p for p in peft_model.parameters() if p.requires_grad]
+        finally:
+            if peft_model is not None:
+                peft_model.base_model.unload()  # the original modules back in place of the LoRA ones
+            for attr, present in had.items():
+                if not present and attr in model.__dict__:
+                    delattr(model, attr)
 
 
 def _lora_config(cfg: SiftConfig) -> Any:
