@@ -2,9 +2,11 @@
 """What each serving path recalls, on the builtin model and data: the monolithic adapter (S = 1)
 against S shard adapters served merged (mean, task arithmetic at its best scale, TIES), routed to
 the owner's shard (oracle), routed by each data-local router with no group id, and the merged
-model on what no router claims; then SIFT-Masks shards (sign-fixed full fine-tuning) served
-merged without a mask, with the owner's local mask (oracle) and with the mask a router picks.
-All measured in one run, numbers as they come.
+model on what no router claims; then SIFT-Masks shards (sign-fixed full fine-tuning): each
+shard alone (theta0 + tau_c, the reference its masked serving is measured against), served
+merged without a mask, with the owner's local mask (oracle) and with the mask a router picks,
+for the paper's merge (sum/T) and sift's per-coordinate variant (sum/count). All measured in one
+run, numbers as they come.
 
     .venv/bin/python scripts/bench_quality.py                      # 32 people, S = 4,16,32
     .venv/bin/python scripts/bench_quality.py --people 8 --shards 4 --workdir bq
@@ -105,6 +107,12 @@ def make_config(args: argparse.Namespace, S: int) -> SiftConfig:
     cfg.data.group_by = "owner"
     if args.epochs:
         cfg.train.epochs = args.epochs
+    if args.min_steps:
+        cfg.train.min_steps = args.min_steps
+    if args.sift_masks_lr:
+        cfg.sift_masks.lr = args.sift_masks_lr
+    if args.mask_density:
+        cfg.sift_masks.density = args.mask_density
     return cfg
 
 
@@ -148,6 +156,9 @@ def main() -> None:
     )
     ap.add_argument("--routers", default=",".join(ROUTERS), help="routers to measure")
     ap.add_argument("--epochs", type=int, default=None, help="override the default training recipe's epochs")
+    ap.add_argument("--min-steps", type=int, default=None, help="train.min_steps: a floor on each shard's steps")
+    ap.add_argument("--sift-masks-lr", type=float, default=None, help="override sift_masks.lr")
+    ap.add_argument("--mask-density", type=float, default=None, help="sift_masks.density: share of entries kept")
     ap.add_argument("--model", default="builtin")
     ap.add_argument("--batch-size", type=int, default=16, help="questions answered per generate() call")
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -362,6 +373,37 @@ def main() -> None:
                 }
             )
 
+    def alone_rows(S: int, ws: Workspace, common: dict[str, Any], owner_shard: list[int], nonempty: list[int]) -> None:
+        """Each SIFT-Masks shard's own model theta0 + tau_c on its owners' questions: what its
+        masked serving is measured against (the paper's 'individual task' reference)."""
+        from sift.adapters import load_adapter
+
+        b = base.get()  # type: ignore[union-attr]
+        for shard in nonempty:
+            key = f"sm-alone-{shard}"
+            prompts = [q for qs in (trained_q, para_q) for q, s in zip(qs, owner_shard) if s == shard]
+            if cache.missing(S, key, prompts):
+                deltas = load_adapter(ws.adapter_dir(shard), shard).modules
+                params = dict(b.model.named_parameters())
+                saved = {name: params[name].detach().clone() for name in deltas}
+                try:
+                    with __import__("torch").no_grad():
+                        for name, f in deltas.items():
+                            params[name].add_(f.delta.to(params[name].dtype))
+                    cache.fill(S, key, prompts, gen(b.model, b.tokenizer), args.batch_size)
+                finally:
+                    with __import__("torch").no_grad():
+                        for name, value in saved.items():
+                            params[name].copy_(value)
+        got = [cache.get(S, f"sm-alone-{s}", q) for q, s in zip(trained_q + para_q, owner_shard + owner_shard)]
+        results.append(
+            {
+                "path": "sift-masks: each shard alone (base + tau_c, owner's questions)",
+                **common,
+                **score([a for a, _ in got], [t for _, t in got], rows, [], n),
+            }
+        )
+
     shard_counts = [int(s) for s in args.shards.split(",") if s and int(s) != 1]
     for S in ([1] + shard_counts) if "lora" in methods else []:
         ws, common, owner_shard, nonempty = prepare(S, "lora")
@@ -432,16 +474,28 @@ def main() -> None:
 
     for S in shard_counts if "sift-masks" in methods else []:
         ws, common, owner_shard, nonempty = prepare(S, "sift-masks")
-        merge_workspace(ws, method="sift-masks", base=base)
-        server = WorkspaceServer(ws, base=base)
-        model, tok, _ = server.merged_model()
-        log(f"S={S}: sift-masks merged, no mask")
-        ans, sec = answer_all(S, "sm-merged", all_q, gen(model, tok))
-        results.append(
-            {"path": "sift-masks: merged, no mask (base + sum/T)", **common, **score(ans, sec, rows, general, n)}
-        )
-        shard_rows(S, ws, server, "sm-", "sift-masks: ", "sm-merged", common, owner_shard, nonempty)
-        save_report()
+        mask_ones = [
+            json.loads((ws.adapter_dir(s) / "sift-meta.json").read_text()).get("mask_ones", 0) for s in nonempty
+        ]
+        tuned = json.loads((ws.adapter_dir(nonempty[0]) / "sift-meta.json").read_text()).get("tuned_weights", 1)
+        common = {**common, "mask_density": round(sum(mask_ones) / len(mask_ones) / tuned, 4)}
+        log(f"S={S}: sift-masks, each shard alone (theta0 + tau_c)")
+        alone_rows(S, ws, common, owner_shard, nonempty)
+        for method, prefix, label in (
+            ("sift-masks", "sm-", "sift-masks: "),
+            ("sift-masks-coordinate", "smc-", "sift-masks-coordinate: "),
+        ):
+            merge_workspace(ws, method=method, base=base)
+            server = WorkspaceServer(ws, base=base)
+            model, tok, _ = server.merged_model()
+            log(f"S={S}: {method} merged, no mask")
+            ans, sec = answer_all(S, f"{prefix}merged", all_q, gen(model, tok))
+            formula = "sum/T" if method == "sift-masks" else "sum/count"
+            results.append(
+                {"path": f"{label}merged, no mask (base + {formula})", **common, **score(ans, sec, rows, general, n)}
+            )
+            shard_rows(S, ws, server, prefix, label, f"{prefix}merged", common, owner_shard, nonempty)
+            save_report()
 
     report = save_report()
     if args.json:

@@ -42,11 +42,20 @@ class LoopSettings:
     schedule: str = "linear"
 
     @staticmethod
-    def for_training(t: Any, epochs: int | None = None, lr: float | None = None) -> LoopSettings:
+    def for_training(
+        t: Any, epochs: int | None = None, lr: float | None = None, examples: int | None = None
+    ) -> LoopSettings:
         """A shard's fine-tuning recipe from its [train] section (`t`, a config.TrainConfig);
-        `epochs` and `lr` override it (a SISA stage's epochs, SIFT-Masks' own rate)."""
+        `epochs` and `lr` override it (a SISA stage's epochs, SIFT-Masks' own rate). With
+        `examples` (the shard's row count) and a `t.min_steps` floor, a small shard runs whole
+        epochs until it has taken at least min_steps steps: its own row count alone decides."""
+        if epochs is None:
+            epochs = t.epochs
+            floor = getattr(t, "min_steps", 0)
+            if floor and examples:
+                epochs = max(epochs, math.ceil(floor / math.ceil(examples / t.batch_size)))
         return LoopSettings(
-            t.epochs if epochs is None else epochs,
+            epochs,
             t.batch_size,
             t.lr if lr is None else lr,
             t.weight_decay,

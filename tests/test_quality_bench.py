@@ -99,19 +99,26 @@ def test_bench_quality_runs_and_keys_routing_reuses_the_owners_answers(tmp_path)
     assert keys["unclaimed"] == {"trained": 0, "paraphrased": 0, "general": len(GENERAL_QUESTIONS)}
     assert keys["router_bytes_per_shard"] > 0 and by["routed: embed router (no group id)"]["router_bytes_per_shard"] > 0
     assert (tmp_path / "bq" / "answers.json").exists() and (tmp_path / "bq" / "results.json").exists()
-    assert set(sm) == {
-        "sift-masks: merged, no mask (base + sum/T)",
-        "sift-masks: routed: owner's shard (oracle, group given)",
-        "sift-masks: routed: keys router (no group id)",
-        "sift-masks: merged: what the keys router leaves unclaimed",
-        "sift-masks: routed: embed router (no group id)",
-        "sift-masks: merged: what the embed router leaves unclaimed",
-        "sift-masks: routed: keys router, base answers the unclaimed",
-        "sift-masks: routed: embed router, base answers the unclaimed",
+    variants = {"sift-masks: ": "sum/T", "sift-masks-coordinate: ": "sum/count"}
+    assert set(sm) == {"sift-masks: each shard alone (base + tau_c, owner's questions)"} | {
+        label + path
+        for label, formula in variants.items()
+        for path in (
+            f"merged, no mask (base + {formula})",
+            "routed: owner's shard (oracle, group given)",
+            "routed: keys router (no group id)",
+            "merged: what the keys router leaves unclaimed",
+            "routed: embed router (no group id)",
+            "merged: what the embed router leaves unclaimed",
+            "routed: keys router, base answers the unclaimed",
+            "routed: embed router, base answers the unclaimed",
+        )
     }
     # the masked shard answers the keys router picks are the oracle's; stored bytes are reported
-    assert (
-        sm["sift-masks: routed: keys router (no group id)"]["trained"]
-        == sm["sift-masks: routed: owner's shard (oracle, group given)"]["trained"]
-    )
+    for label in variants:
+        assert (
+            sm[f"{label}routed: keys router (no group id)"]["trained"]
+            == sm[f"{label}routed: owner's shard (oracle, group given)"]["trained"]
+        )
+    assert 0 < sm["sift-masks: merged, no mask (base + sum/T)"]["mask_density"] <= 1
     assert all(r["stored_bytes_per_shard"] > 0 for r in list(by.values()) + list(sm.values()))

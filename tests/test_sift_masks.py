@@ -208,6 +208,36 @@ def test_cli_refuses_what_does_not_apply(tmp_path, facts, trained_template):
         "train-shards", "-w", str(tmp_path / "c"), "--data", str(data), "--model", "builtin-tiny", "--method", "bogus"
     )
     assert "train.method" in one_error_line(p)
+    p = sift(
+        "train-shards",
+        "-w",
+        str(tmp_path / "d"),
+        "--data",
+        str(data),
+        "--model",
+        "builtin-tiny",
+        "--mask-density",
+        "0.5",
+    )
+    assert "--mask-density applies to --method sift-masks only" in one_error_line(p)
+    for flag, value, says in (
+        ("--mask-density", "0", "sift_masks.density must lie in (0, 1]"),
+        ("--min-steps", "-1", "train.min_steps"),
+    ):
+        p = sift(
+            "train-shards",
+            "-w",
+            str(tmp_path / "e"),
+            "--data",
+            str(data),
+            "--model",
+            "builtin-tiny",
+            "--method",
+            "sift-masks",
+            flag,
+            value,
+        )
+        assert says in one_error_line(p) and not (tmp_path / "e").exists()
 
 
 def test_a_shard_trained_alone_equals_the_same_shard_in_a_full_build(masks_template, facts, tmp_path):
@@ -307,3 +337,87 @@ def test_a_bf16_base_tunes_float32_master_weights(tmp_path, facts):
         moved += int((tau != 0).sum())
         lost += int(((w0[name].float() + tau).bfloat16() == w0[name]).logical_and(tau != 0).sum())
     assert moved > 0 and lost / moved > 0.9
+
+
+def test_per_coordinate_variant_divides_each_entry_by_its_count(masks_ws):
+    """sift-masks-coordinate: served = base + sum/count and routed c = base + m_c * sum/count,
+    count = the shards whose mask holds the entry, kept as an exact integer sum beside the sums."""
+    out = merge_workspace(masks_ws, method="sift-masks-coordinate")
+    assert out["mode"] == "from-scratch"  # the sift-masks sums hold no counts: not reused
+    base = load_base_model("builtin-tiny").model.state_dict()
+    shards = sorted(int(p.name.split("-")[1]) for p in masks_ws.adapters_dir.iterdir())
+    adapters = [load_adapter(masks_ws.adapter_dir(s), s) for s in shards]
+    names = sorted(adapters[0].modules)
+    bits = masks_ws.load_config().merge.fixed_point_bits
+    total = {n: sum(torch.round(a.modules[n].delta.double() * 2.0**bits) for a in adapters) for n in names}
+    count = {n: sum((a.modules[n].delta != 0).long() for a in adapters) for n in names}
+    state = load_merge_state(masks_ws)
+    assert state.counts and all(torch.equal(state.acc[f"{n}:count"], count[n]) for n in names)
+    assert any(int(count[n].max()) >= 2 for n in names) and any(int((count[n] == 0).sum()) > 0 for n in names)
+    served = load_file(str(masks_ws.merged_dir / "model.safetensors"))
+    for n in names:
+        mean = total[n] * 2.0**-bits / count[n].clamp(min=1).double()
+        assert torch.equal(served[n], (base[n].double() + mean).float()), n
+    server = WorkspaceServer(masks_ws)
+    for s in shards:
+        mask = load_masks(masks_ws.adapter_dir(s))
+        params = dict(server._shard_model(s).named_parameters())
+        for n in names:
+            mean = torch.where(mask[n], total[n], 0) * 2.0**-bits / count[n].clamp(min=1).double()
+            assert torch.equal(params[n].detach(), (base[n].double() + mean).float()), (s, n)
+
+
+def test_per_coordinate_forgets_are_incremental_and_bit_identical_to_scratch(masks_ws, facts, tmp_path):
+    merge_workspace(masks_ws, method="sift-masks-coordinate")
+    owner = facts[0]["owner"]
+    doomed = [r["id"] for r in facts if r["owner"] == owner][:2]
+    cert = forget(masks_ws, doomed, quiet=True)
+    assert cert["merge"]["mode"] == "incremental" and cert["merge"]["method"] == "sift-masks-coordinate"
+    kept = [r for r in facts if r["id"] not in doomed]
+    scratch = build_workspace(tmp_path / "scratch", kept, masks_config(), merge="sift-masks-coordinate")
+    assert served_hashes(masks_ws.merged_dir)[0] == served_hashes(scratch.merged_dir)[0]
+    mine, theirs = load_merge_state(masks_ws), load_merge_state(scratch)
+    assert mine.members == theirs.members and mine.acc.keys() == theirs.acc.keys()
+    assert all(torch.equal(mine.acc[k], theirs.acc[k]) for k in mine.acc)
+    rep = verify(masks_ws, quiet=True)
+    assert rep["identical"] and rep["merge_sums_match"] and rep["method"] == "sift-masks-coordinate"
+    last = facts[-1]["owner"]  # a dropped shard leaves the sums and the counts alike
+    cert = forget(masks_ws, [r["id"] for r in facts if r["owner"] == last][:1], drop=True, quiet=True)
+    assert cert["merge"]["mode"] == "incremental" and cert["shards_dropped"]
+    assert verify(masks_ws, quiet=True)["identical"]
+
+
+def test_per_coordinate_needs_sift_masks_shards(trained_ws):
+    with pytest.raises(Exception, match="needs shards trained with `train-shards --method sift-masks`"):
+        merge_workspace(trained_ws, method="sift-masks-coordinate")
+
+
+def test_mask_density_keeps_each_weights_largest_deltas(tmp_path, facts):
+    """sift_masks.density: a shard keeps the top share of each tuned weight's entries by |tau|,
+    from its own delta alone; the stored delta (and so its mask) is exactly that, and a forget
+    with density stays bit-identical to a from-scratch run."""
+    from sift.siftmasks.tune import keep_largest
+
+    tau = torch.tensor([0.5, -0.125, 0.0, 0.25, -0.25, 0.0625, 0.0, 0.1875])
+    assert keep_largest(tau, 0.25).tolist() == [0.5, 0.0, 0.0, 0.25, -0.25, 0.0, 0.0, 0.0]  # ties at 0.25 both kept
+    assert torch.equal(keep_largest(tau, 1.0), tau) and keep_largest(tau, 0.1).tolist().count(0.0) == 7
+    dense = build_workspace(tmp_path / "dense", facts, masks_config(), merge=None)
+    cfg = masks_config()
+    cfg.sift_masks.density = 0.1
+    assert cfg.training_hash() != masks_config().training_hash()
+    assert "density" not in masks_config().training_dict()["sift_masks"]  # older hashes unchanged
+    sparse = build_workspace(tmp_path / "sparse", facts, cfg, merge="sift-masks")
+    for shard in sorted(int(p.name.split("-")[1]) for p in sparse.adapters_dir.iterdir()):
+        full = load_adapter(dense.adapter_dir(shard), shard)
+        kept = load_adapter(sparse.adapter_dir(shard), shard)
+        masks = load_masks(sparse.adapter_dir(shard))
+        for name, f in kept.modules.items():
+            share = float((f.delta != 0).float().mean())
+            assert 0 < share <= 0.1 + 1e-3, (shard, name, share)
+            assert torch.equal(masks[name], f.delta != 0)
+            moved = full.modules[name].delta
+            assert torch.equal(torch.where(f.delta != 0, moved, 0), f.delta)  # the same training, cut
+            assert float(moved[f.delta == 0].abs().max()) <= float(f.delta[f.delta != 0].abs().min())
+    owner = facts[0]["owner"]
+    forget(sparse, [r["id"] for r in facts if r["owner"] == owner][:1], quiet=True)
+    assert verify(sparse, quiet=True)["identical"]

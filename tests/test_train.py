@@ -43,3 +43,38 @@ def test_progress_lines_on_a_pipe_name_the_step_and_loss(caplog, monkeypatch):
             report(step, 20, 1.0 / step)
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [f"shard   0 (40 rows): step {s}/20 loss {1.0 / s:.4f}" for s in (5, 10, 15)]
+
+
+def test_min_steps_gives_small_shards_whole_epochs_up_to_the_floor(tmp_path, facts):
+    """train.min_steps: a shard runs whole epochs until it has taken at least that many steps; its
+    own row count alone decides (so a forget stays exact), and 0 leaves every hash as it was."""
+    import json
+
+    from sift.exact.forget import forget
+    from sift.exact.verify import verify
+    from sift.loop import LoopSettings
+
+    from conftest import build_workspace, tiny_config
+
+    t = SiftConfig().train
+    t.epochs, t.batch_size, t.min_steps = 2, 4, 9
+    assert LoopSettings.for_training(t, examples=10).epochs == 3  # 3 steps an epoch: 3 epochs, 9 steps
+    assert LoopSettings.for_training(t, examples=4).epochs == 9  # 1 step an epoch
+    assert LoopSettings.for_training(t, examples=40).epochs == 2  # 10 steps an epoch: the floor is met
+    assert LoopSettings.for_training(t, epochs=1, examples=4).epochs == 1  # an explicit count (SISA) wins
+    assert "min_steps" not in SiftConfig().training_dict()["train"]
+    cfg = tiny_config(num_shards=3, epochs=1)
+    cfg.train.min_steps = 6
+    assert cfg.training_hash() != tiny_config(num_shards=3, epochs=1).training_hash()
+    ws = build_workspace(tmp_path / "ws", facts, cfg)
+    for folder in sorted(ws.adapters_dir.iterdir()):
+        meta = json.loads((folder / "sift-meta.json").read_text())
+        per_epoch = -(-meta["rows"] // cfg.train.batch_size)
+        assert meta["steps"] >= 6 and meta["steps"] % per_epoch == 0 and meta["steps"] - per_epoch < 6, meta
+    owner = facts[0]["owner"]
+    forget(ws, [r["id"] for r in facts if r["owner"] == owner][:3], quiet=True)
+    assert verify(ws, quiet=True)["identical"]
+    bad = tiny_config()
+    bad.train.min_steps, bad.train.slices = 5, 2
+    with pytest.raises(SiftError, match="min_steps needs train.slices 1"):
+        bad.validate()

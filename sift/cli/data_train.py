@@ -68,8 +68,18 @@ def train_shards_cmd(
         typer.Option(help="sift-masks: comma-separated layer names whose weights are fine-tuned (default down_proj)."),
     ] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs per shard (default 10).")] = None,
-    lr: Annotated[
-        Optional[float], typer.Option(help="AdamW learning rate (default 1e-3 for lora, 1e-4 for sift-masks).")
+    min_steps: Annotated[
+        Optional[int],
+        typer.Option(
+            help="A floor on each shard's optimizer steps (default 0: none): a small shard runs whole epochs until it has taken this many. Its own row count alone decides, so forgets stay exact."
+        ),
+    ] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate (default 1e-3).")] = None,
+    mask_density: Annotated[
+        Optional[float],
+        typer.Option(
+            help="sift-masks: the share of each tuned weight's entries a shard keeps, its largest deltas (default 1: every entry tuning moved)."
+        ),
     ] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Rows per step (default 8).")] = None,
     lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank (default 16).")] = None,
@@ -156,6 +166,8 @@ def train_shards_cmd(
         dtype=dtype,
         attn=attn,
         gradient_checkpointing=gradient_checkpointing,
+        min_steps=min_steps,
+        mask_density=mask_density,
     )
     summary = train_workspace(
         workspace, data, settings, config=config, shards=shards, wait=wait, retrain_all=retrain_all

@@ -49,6 +49,8 @@ class TrainSettings:
     dtype: str | None = None
     attn: str | None = None
     gradient_checkpointing: bool | None = None
+    min_steps: int | None = None
+    mask_density: float | None = None
 
     def overrides(self, sift_masks: bool) -> dict[tuple[str, str], Any]:
         """(section, key) -> value, for config.apply_overrides."""
@@ -56,6 +58,8 @@ class TrainSettings:
             raise SiftError(
                 "--targets applies to --method sift-masks only (LoRA targets are lora.target_modules in a --config)"
             )
+        if self.mask_density is not None and not sift_masks:
+            raise SiftError("--mask-density applies to --method sift-masks only")
         where = {
             "model": ("model", "name"),
             "num_shards": ("shards", "num_shards"),
@@ -76,6 +80,8 @@ class TrainSettings:
             "dtype": ("compute", "dtype"),
             "attn": ("compute", "attn"),
             "gradient_checkpointing": ("compute", "gradient_checkpointing"),
+            "min_steps": ("train", "min_steps"),
+            "mask_density": ("sift_masks", "density"),
         }
         return {where[f.name]: getattr(self, f.name) for f in fields(self)}
 

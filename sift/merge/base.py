@@ -80,6 +80,7 @@ class IncrementalMethod(MergeMethod):
     """A merge that is a function of the exact integer sum of the adapters' deltas."""
 
     incremental = True
+    counts = False  # keeps per-entry counts of nonzero deltas beside the sums (a per-coordinate mean)
 
     @abstractmethod
     def served_coefficient(self, n: int, params: dict[str, float]) -> float:

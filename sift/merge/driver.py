@@ -23,7 +23,17 @@ from sift.merge import IncrementalMethod, MergeMethod, MergeState, RecomputedMet
 from sift.merge.served import BaseFiles, served_hashes, tokenizer_files, write_served, write_served_stream
 from sift.merge.served import load_merge_state as _load_state
 from sift.merge.served import served_info as _served_info
-from sift.merge.state import STATE_DIR, SumsReader, SumsWriter, served_value
+from sift.merge.state import (
+    COUNT_SUFFIX,
+    STATE_DIR,
+    SumsReader,
+    SumsWriter,
+    count_name,
+    is_count,
+    served_value,
+    served_value_per_coordinate,
+    support_count,
+)
 from sift.models import LazyBase, base_weight_folder
 from sift.workspace import Workspace
 from sift.workspace.view import WorkspaceView
@@ -167,7 +177,7 @@ def merge_workspace(
 
     stats: dict[str, int] = {}  # merged entries, and those that equal the base's
     if isinstance(m, IncrementalMethod):
-        plan = _plan_sums(ws, view, members, full, removed, load)
+        plan = _plan_sums(ws, view, members, full, removed, load, m.counts)
         served_sha, streamed = write_incremental(
             ws.merged_dir, base, m, plan, members, params, record, stats, out_dtype
         )
@@ -259,6 +269,7 @@ class SumsPlan:
     add: list[Adapter]
     bits: int
     base_fingerprint: str
+    counts: bool = False  # the method keeps per-entry counts beside the sums (state.count_name)
 
     def __post_init__(self) -> None:
         self._held = (
@@ -266,7 +277,12 @@ class SumsPlan:
         )
 
     def names(self) -> set[str]:
-        return self._held | {name for a in self.add for name in a.modules}
+        """The base weights the sums cover (count entries are not weights)."""
+        return {n for n in self._held if not is_count(n)} | {name for a in self.add for name in a.modules}
+
+    def sum_names(self, weight: str) -> list[str]:
+        """The saved entries of one weight: its sum, and its count when the method keeps one."""
+        return [weight, count_name(weight)] if self.counts else [weight]
 
     def total(self, name: str, shape: torch.Size) -> torch.Tensor:
         if name not in self._held:
@@ -276,10 +292,12 @@ class SumsPlan:
         else:
             assert self.old is not None
             total = self.old.acc[name]
+        weight = name.removesuffix(COUNT_SUFFIX)
         for sign, adapters in ((-1, self.remove), (1, self.add)):
             for a in adapters:
-                if name in a.modules:
-                    q = fixed_point_delta(a.modules[name], a.scaling, self.bits)
+                if weight in a.modules:
+                    f = a.modules[weight]
+                    q = support_count(f) if is_count(name) else fixed_point_delta(f, a.scaling, self.bits)
                     if q.shape != total.shape:
                         raise SiftError(
                             f"adapter of shard {a.shard}: {name} has shape {tuple(q.shape)}, expected {tuple(total.shape)}"
@@ -292,10 +310,14 @@ class SumsPlan:
         if isinstance(self.old, MergeState):
             acc = self.old
         elif self.old is None:  # from scratch
-            acc = MergeState(self.bits, self.base_fingerprint)
+            acc = MergeState(self.bits, self.base_fingerprint, counts=self.counts)
         else:
             acc = MergeState(
-                self.bits, self.base_fingerprint, dict(self.old.members), {n: self.old.get(n) for n in self.old.names()}
+                self.bits,
+                self.base_fingerprint,
+                dict(self.old.members),
+                {n: self.old.get(n) for n in self.old.names()},
+                counts=self.counts,
             )
         for a in self.remove:
             acc.subtract(a)
@@ -315,6 +337,7 @@ def _plan_sums(
     full: bool,
     removed: list[Adapter] | None,
     load: Callable[[int], Adapter],
+    counts: bool = False,
 ) -> SumsPlan:
     """Saved sums minus `removed` plus the adapters they lack when what remains of them is a
     subset of `members`; otherwise a fresh sum over `members`, in memory."""
@@ -327,19 +350,19 @@ def _plan_sums(
         reader = None
     if reader is not None:
         remaining = dict(reader.members)
-        usable = reader.bits == bits and reader.base_fingerprint == fingerprint
+        usable = reader.bits == bits and reader.base_fingerprint == fingerprint and reader.counts == counts
         for a in removed or []:
             usable = usable and remaining.pop(a.shard, None) == a.sha256
         if usable and all(members.get(s) == h for s, h in remaining.items()):
             add = [load(s) for s in sorted(set(members) - set(remaining))]
             check_sum_headroom(len(remaining) + len(add))
-            return SumsPlan("incremental", reader, list(removed or []), add, bits, fingerprint)
+            return SumsPlan("incremental", reader, list(removed or []), add, bits, fingerprint, counts)
         reader.close()
     # from scratch: the sums are built one tensor at a time as the served folder is written (a 7 B
     # base's full set of int64 sums is about 52 GB; one tensor's is at most a few hundred MB)
     add = [load(shard) for shard in sorted(members)]
     check_sum_headroom(len(add))
-    return SumsPlan("from-scratch", None, [], add, bits, fingerprint)
+    return SumsPlan("from-scratch", None, [], add, bits, fingerprint, counts)
 
 
 def write_incremental(
@@ -371,18 +394,27 @@ def write_incremental(
             def begin(state_dir: Path) -> None:
                 sums["dir"] = state_dir
                 if members:  # no members: the same empty state a fresh, empty merge has
-                    sums["w"] = SumsWriter(state_dir, order, {n: files.where[n].entries[n].shape for n in order})
+                    entries = [(key, n) for n in order for key in plan.sum_names(n)]
+                    sums["w"] = SumsWriter(
+                        state_dir,
+                        [key for key, _ in entries],
+                        {key: files.where[n].entries[n].shape for key, n in entries},
+                    )
 
             def compute(name: str, w0: torch.Tensor) -> torch.Tensor:
                 total = plan.total(name, w0.shape)
                 sums["w"].write(name, total)
-                return served_value(w0, total, coefficient, plan.bits)
+                if not plan.counts:
+                    return served_value(w0, total, coefficient, plan.bits)
+                count = plan.total(count_name(name), w0.shape)
+                sums["w"].write(count_name(name), count)
+                return served_value_per_coordinate(w0, total, count, plan.bits)
 
             def end() -> None:
                 if "w" in sums:
-                    sums["w"].finish(plan.bits, plan.base_fingerprint, members)
+                    sums["w"].finish(plan.bits, plan.base_fingerprint, members, plan.counts)
                 else:
-                    MergeState(plan.bits, plan.base_fingerprint).save(sums["dir"])
+                    MergeState(plan.bits, plan.base_fingerprint, counts=plan.counts).save(sums["dir"])
 
             previous = _served_info(folder)
             same_base = previous is not None and previous.get("base_fingerprint") == base.expected

@@ -60,3 +60,37 @@ SIFT_MASKS = LinearMethod(
     lambda n, p: 1.0 / n if n else 0.0,
     needs_training="sift-masks",
 )
+
+
+class PerCoordinateMethod(IncrementalMethod):
+    """sift's per-coordinate variant of SIFT-Masks (not the paper's): each entry is the mean of
+    the deltas of the shards that moved it,
+
+        served   = base + sum / count                 (no task id)
+        routed c = base + m_c * sum / count           (a request routed to shard c)
+
+    count = the number of shards whose local mask holds the entry, an exact integer sum of masks
+    kept beside the sums. Sign-fixed tuning makes every shard's delta agree in sign with v, so
+    this is TIES' disjoint mean without its election: a sum of per-shard terms, hence exact and
+    incremental, where TIES must recompute."""
+
+    counts = True
+
+    def __init__(self, name: str, summary: str, needs_training: str):
+        self.name, self.summary, self.needs_training = name, summary, needs_training
+
+    def served_coefficient(self, n: int, params: dict[str, float]) -> float:
+        return 1.0  # not used: each entry is divided by its own count
+
+    def served_weights(
+        self, acc: MergeState, base_state: dict[str, torch.Tensor], n: int, params: dict[str, float]
+    ) -> dict[str, torch.Tensor]:
+        return acc.served_weights(base_state, 1.0)
+
+
+SIFT_MASKS_COORDINATE = PerCoordinateMethod(
+    "sift-masks-coordinate",
+    "sift's per-coordinate variant of SIFT-Masks: base + sum/count without a task id, base + (sum * m_c)/count "
+    "routed to shard c; count = shards whose mask holds the entry (needs train.method sift-masks)",
+    needs_training="sift-masks",
+)

@@ -5,6 +5,13 @@ successor gives the same integers as summing the surviving adapters from scratch
 the served weights are then a fixed elementwise function of (base, sum, coefficient):
 
     W = fp32( fp64(W0) + fp64(sum) * (coefficient * 2**-bits) )
+
+A per-coordinate method (sift-masks-coordinate) keeps a second integer sum per weight, the count
+of adapters whose delta is nonzero at each entry (`counts`), and serves
+
+    W = fp32( fp64(W0) + fp64(sum) * 2**-bits / max(count, 1) )
+
+Counts are sums of per-adapter 0/1 tensors: exact and subtractable like the sums themselves.
 """
 
 from __future__ import annotations
@@ -28,6 +35,33 @@ _META = "state.json"
 PACKED = "packed-le-v1"  # sift.tensorio.pack_int64, shapes in state.json
 
 
+COUNT_SUFFIX = ":count"  # a weight's count entry in the saved sums: "<weight name>:count"
+
+
+def count_name(name: str) -> str:
+    return name + COUNT_SUFFIX
+
+
+def is_count(name: str) -> bool:
+    return name.endswith(COUNT_SUFFIX)
+
+
+def support_count(f: Any) -> torch.Tensor:
+    """An adapter's contribution to a weight's count: 1 where its delta is nonzero (a SIFT-Masks
+    shard's local mask, since sign-fixed tuning leaves tau_c zero exactly off the mask)."""
+    delta = getattr(f, "delta", None)
+    if delta is None:
+        raise SiftError("a per-coordinate merge counts dense deltas (train.method sift-masks), not LoRA factors")
+    return (delta != 0).to(torch.int64)
+
+
+def served_value_per_coordinate(w0: torch.Tensor, total: torch.Tensor, count: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp64(W0) + fp64(sum) * 2**-bits / max(count, 1), rounded to W0's dtype: the mean over the
+    adapters that moved each entry (an entry no adapter moved has sum 0 and stays W0)."""
+    mean = total.to(torch.float64).mul(2.0 ** (-bits)).div_(count.clamp(min=1).to(torch.float64))
+    return round_to(w0.to(torch.float64) + mean, w0.dtype)
+
+
 def served_value(w0: torch.Tensor, total: torch.Tensor, coefficient: float, bits: int) -> torch.Tensor:
     """The one formula every merge path serves: fp64(W0) + fp64(sum) * (c * 2**-bits), rounded
     to W0's dtype."""
@@ -48,18 +82,25 @@ class MergeState:
     base_fingerprint: str
     members: dict[int, str] = field(default_factory=dict)  # shard -> adapter sha256
     acc: dict[str, torch.Tensor] = field(default_factory=dict)  # base weight name -> int64 sum
+    counts: bool = False  # also keep each weight's per-entry count of nonzero deltas (count_name)
 
     def _apply(self, adapter: Adapter, sign: int) -> None:
         for name, factors in adapter.modules.items():
-            q = fixed_point_delta(factors, adapter.scaling, self.bits)
-            if name in self.acc:
-                if self.acc[name].shape != q.shape:
-                    raise SiftError(
-                        f"adapter of shard {adapter.shard}: {name} has shape {tuple(q.shape)}, expected {tuple(self.acc[name].shape)}"
-                    )
-                self.acc[name].add_(q, alpha=sign)
-            else:
-                self.acc[name] = q if sign > 0 else -q
+            terms = [(name, fixed_point_delta(factors, adapter.scaling, self.bits))]
+            if self.counts:
+                terms.append((count_name(name), support_count(factors)))
+            for key, q in terms:
+                if key in self.acc:
+                    if self.acc[key].shape != q.shape:
+                        raise SiftError(
+                            f"adapter of shard {adapter.shard}: {name} has shape {tuple(q.shape)}, expected {tuple(self.acc[key].shape)}"
+                        )
+                    self.acc[key].add_(q, alpha=sign)
+                else:
+                    self.acc[key] = q if sign > 0 else -q
+
+    def weight_names(self) -> list[str]:
+        return [name for name in self.acc if not is_count(name)]
 
     def add(self, adapter: Adapter) -> None:
         if adapter.shard in self.members:
@@ -80,9 +121,11 @@ class MergeState:
         self, base_state: dict[str, torch.Tensor], coefficient: float, masks: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
         """The merged values of every weight the adapters touch; with `masks` (SIFT-Masks' local
-        mask of one shard) only the masked entries of the sum are applied, the rest stay at base."""
+        mask of one shard) only the masked entries of the sum are applied, the rest stay at base.
+        With counts, each entry is the sum over its count (the coefficient is not used)."""
         out = {}
-        for name, total in self.acc.items():
+        for name in self.weight_names():
+            total = self.acc[name]
             if masks is not None:
                 keep = masks.get(name)
                 total = torch.zeros_like(total) if keep is None else torch.where(keep, total, torch.zeros_like(total))
@@ -93,7 +136,10 @@ class MergeState:
                 raise SiftError(
                     f"the adapters' delta for {name} has shape {tuple(total.shape)} but the base weight has {tuple(w0.shape)}: adapters and base do not match"
                 )
-            out[name] = served_value(w0, total, coefficient, self.bits)
+            if self.counts:
+                out[name] = served_value_per_coordinate(w0, total, self.acc[count_name(name)], self.bits)
+            else:
+                out[name] = served_value(w0, total, coefficient, self.bits)
         return out
 
     # -- persistence ------------------------------------------------------------------------
@@ -104,7 +150,7 @@ class MergeState:
         with SumsWriter(folder, names, {n: tuple(self.acc[n].shape) for n in names}) as out:
             for name in names:
                 out.write(name, self.acc[name])
-            out.finish(self.bits, self.base_fingerprint, self.members)
+            out.finish(self.bits, self.base_fingerprint, self.members, self.counts)
 
     @staticmethod
     def load(folder: Path) -> MergeState | None:
@@ -119,7 +165,11 @@ class MergeState:
             except Exception:
                 return None
         return MergeState(
-            bits=reader.bits, base_fingerprint=reader.base_fingerprint, members=dict(reader.members), acc=acc
+            bits=reader.bits,
+            base_fingerprint=reader.base_fingerprint,
+            members=dict(reader.members),
+            acc=acc,
+            counts=reader.counts,
         )
 
 
@@ -132,6 +182,7 @@ class SumsReader:
         self.bits = int(meta["bits"])
         self.base_fingerprint: str = meta["base_fingerprint"]
         self.members: dict[int, str] = {int(k): v for k, v in meta["members"].items()}
+        self.counts = bool(meta.get("counts", False))  # per-entry counts beside the sums
         self._shapes: dict[str, list[int]] | None = meta.get("shapes") if meta.get("encoding") == PACKED else None
         self._stored_sha256: dict[str, str] = dict(meta.get("stored_sha256") or {})
         if meta.get("encoding", "int64") not in (PACKED, "int64"):
@@ -199,9 +250,10 @@ class SumsWriter:
             raise RuntimeError(f"SumsWriter: {name} is not the planned int64 tensor")
         self._stored[name] = self._out.write(name, pack_int64(total))
 
-    def finish(self, bits: int, base_fingerprint: str, members: dict[int, str]) -> None:
+    def finish(self, bits: int, base_fingerprint: str, members: dict[int, str], counts: bool = False) -> None:
         self._out.close()
         meta = {
+            **({"counts": True} if counts else {}),  # sums written before counts keep their bytes
             "bits": bits,
             "base_fingerprint": base_fingerprint,
             "members": {str(k): v for k, v in sorted(members.items())},

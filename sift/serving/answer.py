@@ -16,6 +16,7 @@ from typing import Any
 
 from sift.config import FALLBACKS
 from sift.errors import SiftError
+from sift.merge import METHODS, IncrementalMethod
 from sift.merge.served import load_merge_state, served_info
 from sift.models import LazyBase
 from sift.routing.routers import (
@@ -58,6 +59,13 @@ class Target:
     shard: int | None
     router: str | None
     score: float | None
+
+
+def masked_merge(method: str | None) -> bool:
+    """A merge whose sums a routed SIFT-Masks request is answered from, with the shard's mask:
+    an incremental method over sift-masks shards (its sums hold every shard's delta)."""
+    m = METHODS.get(method or "")
+    return isinstance(m, IncrementalMethod) and m.needs_training == "sift-masks"
 
 
 class WorkspaceServer:
@@ -225,9 +233,11 @@ class WorkspaceServer:
         a sift-masks merge over exactly the shards that serve now."""
         info, state = served_info(self.ws.merged_dir), load_merge_state(self.ws.merged_dir)
         members = {s: self.view.plan(s).adapter_sha256 for s in self.serving_shards()}
-        if info is None or info.get("method") != "sift-masks" or state is None:
+        if info is None or not masked_merge(info.get("method")) or state is None:
+            known = ", ".join(name for name in METHODS if masked_merge(name))
             raise SiftError(
-                f"a SIFT-Masks shard is served from the merged sums: run `sift merge -w {self.ws.root} --method sift-masks` first"
+                f"a SIFT-Masks shard is served from the merged sums: run `sift merge -w {self.ws.root} --method sift-masks` "
+                f"first (methods that serve masks: {known})"
             )
         if state.members != members:
             raise SiftError(

@@ -17,6 +17,7 @@ base.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -76,6 +77,19 @@ def trainable_weights(model: Any, targets: list[str]) -> Iterator[dict[str, torc
             module.weight = own  # the base's own Parameter: its values were never written
 
 
+def keep_largest(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """tau with only its largest-magnitude entries kept: every entry with |tau| at or above the
+    k-th largest, k = ceil(density * numel) (ties at the threshold are all kept, so the choice
+    depends on the values alone, not on an order), the rest set to zero. Zeroing keeps
+    tau * v >= 0, and the mask {tau != 0} shrinks with it."""
+    k = math.ceil(density * tau.numel())
+    if k >= tau.numel():
+        return tau
+    magnitude = tau.abs().reshape(-1)
+    threshold = torch.kthvalue(magnitude.cpu(), tau.numel() - k + 1).values.to(tau.device)
+    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau)).contiguous()
+
+
 def tune_sign_fixed(
     model: Any,
     examples: Sequence[Example],
@@ -104,7 +118,7 @@ def tune_sign_fixed(
                     wrong = disagrees(p - start[name], v_pos[name])
                     p.copy_(torch.where(wrong, start[name], p))
 
-        settings = LoopSettings.for_training(cfg.train, lr=cfg.sift_masks.lr)
+        settings = LoopSettings.for_training(cfg.train, lr=cfg.sift_masks.lr, examples=len(examples))
         model.train()
         result = run_loop(
             model,
@@ -120,6 +134,8 @@ def tune_sign_fixed(
         model.eval()
         with torch.no_grad():
             deltas = {name: (p.detach() - start[name]).contiguous() for name, p in weights.items()}
+            if cfg.sift_masks.density < 1.0:
+                deltas = {name: keep_largest(tau, cfg.sift_masks.density) for name, tau in deltas.items()}
     for name, tau in deltas.items():  # the invariant the masks rest on; cheap to re-check
         if bool(disagrees(tau, v_pos[name]).any()):  # pragma: no cover - the projection forbids it
             raise SiftError(f"sign-fixed tuning broke tau * v >= 0 on {name}")

@@ -139,7 +139,8 @@ def _train_shard(
     else:
         fit = _fit_sift_masks if cfg.train.method == "sift-masks" else _fit_lora
         digest, result, extra = fit(base, examples, cfg, seed, staged, progress)
-        tokens = cfg.train.epochs * sum(len(ids) for ids, _ in examples)
+        epochs = LoopSettings.for_training(cfg.train, examples=len(examples)).epochs  # min_steps may add some
+        tokens = epochs * sum(len(ids) for ids, _ in examples)
     build_routers(base, rows, cfg, staged, content_hash)
     seconds = time.perf_counter() - started
     atomic_write_json(
@@ -176,7 +177,7 @@ def _fit_lora(
 ) -> tuple[str, LoopResult, dict[str, Any]]:
     """One LoRA adapter (peft), trained on the base itself and saved in peft's format."""
     t = cfg.train
-    settings = LoopSettings.for_training(t)
+    settings = LoopSettings.for_training(t, examples=len(examples))
     with lora_on_base(base, cfg, seed) as (peft_model, params):
         peft_model.train()
         lm = peft_model.base_model.model  # the causal LM, with the LoRA layers injected in place
