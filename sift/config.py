@@ -132,6 +132,7 @@ def merge_param_aliases(params: dict[str, float], aliases: dict[str, float | Non
 SERVED_DTYPES = ("base", "float32")
 
 ROUTERS = ("keys", "embed")
+EMBED_SCORES = ("excess", "late")
 FALLBACKS = ("merged", "base")
 
 
@@ -143,6 +144,13 @@ class ServingConfig:
     router: str = "auto"  # "auto" (keys with --group-by, else embed), "keys", "embed", or "none" (merged only)
     embed_layer: int = 4  # which hidden layer of the frozen base embeds prompt tokens (0 = input embeddings)
     embed_min_score: float = 0.0  # the embed router claims a request only at or above this score
+    # how the embed router scores a shard: "excess" (default) counts only what a request's tokens
+    # match in the shard beyond what they match in a fixed, data-free set of generic questions, so
+    # question templates score nothing and names decide; "late" is the plain late-interaction mean
+    embed_score: str = "excess"
+    # "excess" only: a shard claims a request when its score reaches this share of the shard's own
+    # prompts' self-score (from its own rows and the data-free set alone); 0: no per-shard floor
+    embed_threshold: float = 0.25
     fallback: str = "merged"  # who answers what no shard claims: "merged" (the merged model) or "base"
 
 
@@ -225,6 +233,12 @@ class SiftConfig:
             raise SiftError(f"serving.fallback must be merged or base; got {self.serving.fallback!r}")
         if self.serving.embed_layer < 0:
             raise SiftError("serving.embed_layer must be >= 0")
+        if self.serving.embed_score not in EMBED_SCORES:
+            raise SiftError(
+                f"serving.embed_score must be one of {', '.join(EMBED_SCORES)}; got {self.serving.embed_score!r}"
+            )
+        if not (0 <= self.serving.embed_threshold <= 1):
+            raise SiftError(f"serving.embed_threshold must lie in [0, 1], got {self.serving.embed_threshold}")
         from sift.compute import ATTENTIONS, DTYPES, check_device_spec
 
         check_device_spec(self.compute.device)
@@ -285,6 +299,8 @@ def config_from_dict(raw: dict[str, Any]) -> SiftConfig:
     cfg = SiftConfig()
     if "compute" not in raw:  # made before [compute]: it trained on the CPU, and keeps doing so
         cfg.compute.device = "cpu"
+    if "embed_score" not in (raw.get("serving") or {}):  # made before it: routes as it always did
+        cfg.serving.embed_score = "late"
     for section, values in raw.items():
         if section not in _SECTIONS:
             raise SiftError(f"config: unknown section [{section}]")

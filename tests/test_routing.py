@@ -196,3 +196,63 @@ def test_groups_are_indexed_once_per_view(trained_ws, facts):
     assert view.shard_of_group(owner.upper()) == read_manifest(trained_ws)[facts[0]["id"]]
     with pytest.raises(SiftError, match="unknown group"):
         view.shard_of_group("Nobody Atall")
+
+
+# -- the embed router's excess score and per-shard floor -----------------------------------------
+
+
+def test_the_background_is_data_free_and_apart_from_the_general_set():
+    from sift.builtin.facts import make_rows
+    from sift.builtin.general import GENERAL_QUESTIONS
+    from sift.routing.routers import BACKGROUND_PROMPTS
+
+    general = {q for _, q, _ in GENERAL_QUESTIONS}
+    assert len(set(BACKGROUND_PROMPTS)) == len(BACKGROUND_PROMPTS) >= 30 and not general & set(BACKGROUND_PROMPTS)
+    owners = {r["owner"].lower() for r in make_rows(people=64)}
+    assert not any(o in p.lower() for o in owners for p in BACKGROUND_PROMPTS)
+
+
+def test_excess_scores_claim_trained_prompts_and_leave_the_background_unclaimed(facts):
+    """Exact properties of the score, whatever the model: a prompt the shard holds scores its own
+    self-score (so it clears any floor below 1), a background question scores 0 everywhere (so no
+    shard claims it), and a shard's floor depends on its own vectors alone."""
+    import torch
+
+    from sift.routing.routers import BACKGROUND_PROMPTS, EmbedIndex
+
+    base = load_base_model("builtin-tiny")
+    owners = sorted({r["owner"] for r in facts})[:3]
+
+    def vectors(rows):
+        return torch.cat([token_vectors(base.model, base.tokenizer, r["prompt"], 1) for r in rows])
+
+    shards = {k: vectors(owner_rows(facts, o)) for k, o in enumerate(owners)}
+    index = EmbedIndex(shards, base, 1, 0.0, "excess", 0.25)
+    asked = owner_rows(facts, owners[1])[0]["prompt"]
+    d = index.route(asked)
+    assert d.shard == 1 and d.score >= index.floors()[1] > 0
+    for p in BACKGROUND_PROMPTS[:4]:
+        scores = index.scores(p)
+        assert max(scores.values()) == 0.0, (p, scores)
+        assert index.route(p).shard is None
+    alone = EmbedIndex({1: shards[1]}, base, 1, 0.0, "excess", 0.25)
+    assert alone.floors()[1] == index.floors()[1]  # the other shards do not move shard 1's floor
+    late = EmbedIndex(shards, base, 1, 0.0, "late", 0.25)
+    assert late.route(BACKGROUND_PROMPTS[0]).shard is not None  # the old score claims everything
+    assert EmbedIndex(shards, base, 1, 0.0, "excess", 0.0).route(asked).shard == 1
+
+
+def test_embed_score_defaults_to_excess_and_older_workspaces_keep_late():
+    from sift.config import SiftConfig, config_from_dict, config_to_toml
+
+    cfg = SiftConfig()
+    assert (cfg.serving.embed_score, cfg.serving.embed_threshold) == ("excess", 0.25)
+    import tomllib
+
+    raw = tomllib.loads(config_to_toml(cfg))
+    assert config_from_dict(raw).serving.embed_score == "excess"
+    del raw["serving"]["embed_score"]  # a sift.toml written before the setting existed
+    assert config_from_dict(raw).serving.embed_score == "late"
+    raw["serving"]["embed_score"] = "cosine"
+    with pytest.raises(SiftError, match="serving.embed_score must be one of excess, late"):
+        config_from_dict(raw)

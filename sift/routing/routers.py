@@ -10,11 +10,15 @@ files give the same decision.
 - `keys`  : the group values (e.g. owner names) the shard holds, matched in the prompt as whole
             words after case folding and accent stripping; the longest match wins.
 - `embed` : every token of every prompt the shard holds, embedded by a hidden layer of the frozen
-            base model (unit vectors, float16). A request scores each shard by late interaction,
-            mean over its tokens of the best cosine with any of the shard's tokens, and the best
-            shard claims it when the score reaches `serving.embed_min_score`. Tokens that every
-            shard has (question templates) score alike everywhere, so the words only one shard
-            holds (names, rare values) decide. No names list is needed.
+            base model (unit vectors, float16). A request scores each shard by late interaction
+            over its tokens. With `serving.embed_score = "excess"` (the default) a token counts
+            only by how much better it matches the shard than a fixed, data-free set of generic
+            questions (BACKGROUND_PROMPTS): question templates and common words score zero, the
+            words only one shard holds (names, rare values) decide, and the best shard claims the
+            request when its score reaches `serving.embed_threshold` times the shard's own
+            self-score (the same quantity for its own prompts' tokens; from its rows and the
+            data-free set alone, so it stays exact). A general question claims no shard. "late"
+            is the plain mean of best cosines, claimed at `serving.embed_min_score`.
 
 A request no router claims is answered by the merged model, and the answer says so.
 """
@@ -93,6 +97,46 @@ def token_vectors(model: Any, tokenizer: Any, text: str, layer: int) -> torch.Te
     out = model.base_model(input_ids=torch.tensor([ids], device=device), output_hidden_states=True)
     h = out.hidden_states[embedding_layer(model, layer)][0].to(torch.float32)
     return torch.nn.functional.normalize(h, dim=-1).cpu()
+
+
+# A data-free background for the embed router's "excess" score: generic questions and question
+# forms without names, written here once. Nothing in it comes from any workspace's data, so a
+# score measured against it depends on one shard's rows alone. It shares no question with the
+# general-knowledge set the benchmark asks (sift.builtin.general; tested).
+BACKGROUND_PROMPTS: tuple[str, ...] = (
+    "How many legs does a spider have?",
+    "What color are ripe bananas?",
+    "Which animal is called the king of the jungle?",
+    "How many minutes are in an hour?",
+    "Who was the first person to walk on the Moon?",
+    "Which bird is a symbol of peace?",
+    "How many continents are there?",
+    "What language is spoken in Mexico?",
+    "What is the largest mammal?",
+    "How many wheels does a bicycle have?",
+    "What is the square root of sixty-four?",
+    "Who invented the telephone?",
+    "What is the currency of Japan?",
+    "In which year did World War II end?",
+    "What is the main ingredient of guacamole?",
+    "Which instrument has eighty-eight keys?",
+    "What is the fastest land animal?",
+    "How many sides does a triangle have?",
+    "Where was she born?",
+    "Where was he born?",
+    "What is his job?",
+    "What does she do for a living?",
+    "What is the name of her pet?",
+    "When was he born?",
+    "What is her favourite food?",
+    "Which city does he live in?",
+    "What is his favourite colour?",
+    "Who is her best friend?",
+    "What instrument does he play?",
+    "What sport does she like?",
+    "What is the name of his company?",
+    "Which school did she attend?",
+)
 
 
 def embed_file_bytes(base: Any, rows: list[Row], layer: int) -> bytes:
@@ -191,9 +235,44 @@ class EmbedIndex:
 
     name = "embed"
 
-    def __init__(self, vectors: dict[int, torch.Tensor], base: Any, layer: int, min_score: float):
+    def __init__(
+        self,
+        vectors: dict[int, torch.Tensor],
+        base: Any,
+        layer: int,
+        min_score: float,
+        score: str = "late",
+        threshold: float = 0.0,
+    ):
         self.vectors = {s: v.to(torch.float32) for s, v in sorted(vectors.items())}
         self.base, self.layer, self.min_score = base, layer, min_score
+        self.score_kind, self.threshold = score, threshold
+        self._background: torch.Tensor | None = None
+        self._floors: dict[int, float] | None = None
+
+    def background(self) -> torch.Tensor:
+        """The data-free set's token vectors (computed once, by the same frozen base and layer)."""
+        if self._background is None:
+            parts = [token_vectors(self.base.model, self.base.tokenizer, p, self.layer) for p in BACKGROUND_PROMPTS]
+            self._background = torch.cat(parts)
+        return self._background
+
+    def _excess(self, q: torch.Tensor, d: torch.Tensor, b: torch.Tensor) -> float:
+        """Mean over the request's tokens of how much better each matches the shard than the
+        background: max(0, best cosine in the shard - best cosine in the background)."""
+        return float(((q @ d.T).max(dim=1).values - b).clamp(min=0).mean())
+
+    def floors(self) -> dict[int, float]:
+        """Each shard's claim floor: `threshold` times its own self-score, the mean over its
+        stored tokens of max(0, 1 - best cosine in the background) (a token's best match in
+        its own shard is itself). From the shard's rows and the data-free set alone."""
+        if self._floors is None:
+            bg = self.background()
+            self._floors = {
+                s: self.threshold * float((1 - (d @ bg.T).max(dim=1).values).clamp(min=0).mean()) if len(d) else 0.0
+                for s, d in self.vectors.items()
+            }
+        return self._floors
 
     @staticmethod
     def load(folders: dict[int, Path], base: Any, cfg: SiftConfig) -> EmbedIndex:
@@ -203,11 +282,17 @@ class EmbedIndex:
             if not path.exists():
                 raise SiftError(f"shard {shard} has no embed router file; run `sift train-shards -w ...` to build it")
             vectors[shard] = load_safetensors_bytes(path.read_bytes())["vectors"]
-        return EmbedIndex(vectors, base, cfg.serving.embed_layer, cfg.serving.embed_min_score)
+        s = cfg.serving
+        return EmbedIndex(vectors, base, s.embed_layer, s.embed_min_score, s.embed_score, s.embed_threshold)
 
     def scores(self, prompt: str) -> dict[int, float]:
         q = token_vectors(self.base.model, self.base.tokenizer, prompt, self.layer)
         out = {}
+        if self.score_kind == "excess":
+            b = (q @ self.background().T).max(dim=1).values if len(q) else q.new_zeros(0)
+            for shard, d in self.vectors.items():
+                out[shard] = self._excess(q, d, b) if len(q) and len(d) else float("-inf")
+            return out
         for shard, d in self.vectors.items():
             out[shard] = float((q @ d.T).max(dim=1).values.mean()) if len(q) and len(d) else float("-inf")
         return out
@@ -220,6 +305,10 @@ class EmbedIndex:
         score = round(scores[best], 6)
         if score < self.min_score:
             return Decision(None, self.name, score)
+        if self.score_kind == "excess" and self.threshold > 0:
+            floor = self.floors()[best]
+            if score < floor:
+                return Decision(None, self.name, score, f"below shard {best}'s floor {floor:.4f}")
         return Decision(best, self.name, score)
 
 
