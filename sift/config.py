@@ -89,8 +89,10 @@ class SiftMasksSettings:
     lr: float = 1e-3
     # the share of each tuned weight's entries a shard keeps: the largest |tau_c| (from its own
     # delta alone), the rest set to zero before it is stored, so the stored delta is exactly what
-    # is merged and masked. 1.0 keeps every entry sign-fixed tuning moved
-    density: float = 1.0
+    # is merged and masked. 1.0 keeps every entry sign-fixed tuning moved. 0.3 measured best on
+    # the builtin model (S = 4, 32 people): a shard alone still recalls 100 % of its facts, and
+    # masks that overlap less let sift-masks-coordinate serve it at 100 % (docs/benchmarks.md)
+    density: float = 0.3
 
 
 @dataclass
@@ -301,6 +303,8 @@ def config_from_dict(raw: dict[str, Any]) -> SiftConfig:
         cfg.compute.device = "cpu"
     if "embed_score" not in (raw.get("serving") or {}):  # made before it: routes as it always did
         cfg.serving.embed_score = "late"
+    if "density" not in (raw.get("sift_masks") or {}):  # made before it: kept every entry, and keeps its hashes
+        cfg.sift_masks.density = 1.0
     for section, values in raw.items():
         if section not in _SECTIONS:
             raise SiftError(f"config: unknown section [{section}]")

@@ -10,6 +10,17 @@ from sift.evaluation.recall import fact_recall, general_correct, general_recall
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# the rows each router adds to a workspace's table (LoRA and SIFT-Masks alike)
+ROUTED_PATHS = (
+    "routed: owner's shard (oracle, group given)",
+    "routed: keys router (no group id)",
+    "merged: what the keys router leaves unclaimed",
+    "routed: embed router (no group id)",
+    "merged: what the embed router leaves unclaimed",
+    "routed: keys router, base answers the unclaimed",
+    "routed: embed router, base answers the unclaimed",
+)
+
 
 def test_general_set_is_well_formed_and_names_no_invented_person():
     from sift.builtin.facts import make_rows
@@ -76,17 +87,7 @@ def test_bench_quality_runs_and_keys_routing_reuses_the_owners_answers(tmp_path)
     sm = {r["path"]: r for r in report["results"] if r["S"] == 2 and r["method"] == "sift-masks"}
     ta = [p for p in by if p.startswith("merged: task-arithmetic x")]
     assert len(ta) == 1 and by[ta[0]]["scale"] in (0.5, 1.0)
-    assert set(by) - set(ta) == {
-        "merged: mean",
-        "merged: ties (density 0.2, lambda 1)",
-        "routed: owner's shard (oracle, group given)",
-        "routed: keys router (no group id)",
-        "merged: what the keys router leaves unclaimed",
-        "routed: embed router (no group id)",
-        "merged: what the embed router leaves unclaimed",
-        "routed: keys router, base answers the unclaimed",
-        "routed: embed router, base answers the unclaimed",
-    }
+    assert set(by) - set(ta) == {"merged: mean", "merged: ties (density 0.2, lambda 1)", *ROUTED_PATHS}
     base = next(r for r in report["results"] if r["path"] == "base model, untrained")
     assert by["routed: keys router, base answers the unclaimed"]["general"] == base["general"], (
         "keys claims no general question"
@@ -103,16 +104,7 @@ def test_bench_quality_runs_and_keys_routing_reuses_the_owners_answers(tmp_path)
     assert set(sm) == {"sift-masks: each shard alone (base + tau_c, owner's questions)"} | {
         label + path
         for label, formula in variants.items()
-        for path in (
-            f"merged, no mask (base + {formula})",
-            "routed: owner's shard (oracle, group given)",
-            "routed: keys router (no group id)",
-            "merged: what the keys router leaves unclaimed",
-            "routed: embed router (no group id)",
-            "merged: what the embed router leaves unclaimed",
-            "routed: keys router, base answers the unclaimed",
-            "routed: embed router, base answers the unclaimed",
-        )
+        for path in (f"merged, no mask (base + {formula})", *ROUTED_PATHS)
     }
     # the masked shard answers the keys router picks are the oracle's; stored bytes are reported
     for label in variants:
@@ -122,3 +114,31 @@ def test_bench_quality_runs_and_keys_routing_reuses_the_owners_answers(tmp_path)
         )
     assert 0 < sm["sift-masks: merged, no mask (base + sum/T)"]["mask_density"] <= 1
     assert all(r["stored_bytes_per_shard"] > 0 for r in list(by.values()) + list(sm.values()))
+
+
+def test_bench_routing_builds_the_routers_as_training_does_and_reports_each(tmp_path):
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_routing.py"),
+            "--model",
+            "builtin-tiny",
+            "--people",
+            "4",
+            "--shards",
+            "3",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = {r["router"]: r for r in json.loads(p.stdout)}
+    assert set(rows) == {"keys", "embed (excess)", "embed (late)"}
+    keys = rows["keys"]  # every builtin question names its owner; no general question names anyone
+    assert keys["trained_to_owner"] == keys["paraphrased_to_owner"] == 1.0 and keys["general_claimed"] == 0.0
+    assert rows["embed (late)"]["general_claimed"] == 1.0  # the plain score claims every request
+    excess = rows["embed (excess)"]
+    assert excess["trained_to_owner"] == 1.0  # a trained prompt scores its full self-score
+    assert excess["threshold"] == 0.25 and excess["paraphrase_lowest_ratio"] >= 0

@@ -121,18 +121,26 @@ def test_served_is_base_plus_mean_and_routed_is_the_masked_sum(masks_ws):
     assert answers[0].path == "shard" and answers[0].shard == shards[0]
 
 
-def test_forget_is_incremental_and_bit_identical_to_scratch(masks_ws, facts, tmp_path):
+@pytest.mark.parametrize("method", ["sift-masks", "sift-masks-coordinate"])
+def test_forget_is_incremental_and_bit_identical_to_scratch(masks_ws, facts, tmp_path, method):
+    merge_workspace(masks_ws, method=method)
     owner = facts[0]["owner"]
     doomed = [r["id"] for r in facts if r["owner"] == owner][:2]
     cert = forget(masks_ws, doomed, quiet=True)
-    assert cert["merge"]["mode"] == "incremental" and cert["merge"]["method"] == "sift-masks"
+    assert cert["merge"]["mode"] == "incremental" and cert["merge"]["method"] == method
     kept = [r for r in facts if r["id"] not in doomed]
-    scratch = build_workspace(tmp_path / "scratch", kept, masks_config(), merge="sift-masks")
+    scratch = build_workspace(tmp_path / "scratch", kept, masks_config(), merge=method)
     assert served_hashes(masks_ws.merged_dir)[0] == served_hashes(scratch.merged_dir)[0]
-    assert load_merge_state(masks_ws).members == load_merge_state(scratch).members
+    mine, theirs = load_merge_state(masks_ws), load_merge_state(scratch)
+    assert mine.members == theirs.members and mine.acc.keys() == theirs.acc.keys()  # counts too, if kept
+    assert all(torch.equal(mine.acc[k], theirs.acc[k]) for k in mine.acc)
     rep = verify(masks_ws, quiet=True)
-    assert rep["identical"] and rep["merge_sums_match"] and rep["method"] == "sift-masks"
+    assert rep["identical"] and rep["merge_sums_match"] and rep["method"] == method
     assert rep["adapters_compared"] >= 2 and not rep["mismatched_adapters"]
+    last = facts[-1]["owner"]  # a dropped shard leaves the sums (and the counts) alike
+    cert = forget(masks_ws, [r["id"] for r in facts if r["owner"] == last][:1], drop=True, quiet=True)
+    assert cert["merge"]["mode"] == "incremental" and cert["shards_dropped"]
+    assert verify(masks_ws, quiet=True)["identical"]
 
 
 def test_dropping_a_shard_removes_its_delta_and_mask(masks_ws, facts):
@@ -367,26 +375,6 @@ def test_per_coordinate_variant_divides_each_entry_by_its_count(masks_ws):
             assert torch.equal(params[n].detach(), (base[n].double() + mean).float()), (s, n)
 
 
-def test_per_coordinate_forgets_are_incremental_and_bit_identical_to_scratch(masks_ws, facts, tmp_path):
-    merge_workspace(masks_ws, method="sift-masks-coordinate")
-    owner = facts[0]["owner"]
-    doomed = [r["id"] for r in facts if r["owner"] == owner][:2]
-    cert = forget(masks_ws, doomed, quiet=True)
-    assert cert["merge"]["mode"] == "incremental" and cert["merge"]["method"] == "sift-masks-coordinate"
-    kept = [r for r in facts if r["id"] not in doomed]
-    scratch = build_workspace(tmp_path / "scratch", kept, masks_config(), merge="sift-masks-coordinate")
-    assert served_hashes(masks_ws.merged_dir)[0] == served_hashes(scratch.merged_dir)[0]
-    mine, theirs = load_merge_state(masks_ws), load_merge_state(scratch)
-    assert mine.members == theirs.members and mine.acc.keys() == theirs.acc.keys()
-    assert all(torch.equal(mine.acc[k], theirs.acc[k]) for k in mine.acc)
-    rep = verify(masks_ws, quiet=True)
-    assert rep["identical"] and rep["merge_sums_match"] and rep["method"] == "sift-masks-coordinate"
-    last = facts[-1]["owner"]  # a dropped shard leaves the sums and the counts alike
-    cert = forget(masks_ws, [r["id"] for r in facts if r["owner"] == last][:1], drop=True, quiet=True)
-    assert cert["merge"]["mode"] == "incremental" and cert["shards_dropped"]
-    assert verify(masks_ws, quiet=True)["identical"]
-
-
 def test_per_coordinate_needs_sift_masks_shards(trained_ws):
     with pytest.raises(Exception, match="needs shards trained with `train-shards --method sift-masks`"):
         merge_workspace(trained_ws, method="sift-masks-coordinate")
@@ -401,11 +389,21 @@ def test_mask_density_keeps_each_weights_largest_deltas(tmp_path, facts):
     tau = torch.tensor([0.5, -0.125, 0.0, 0.25, -0.25, 0.0625, 0.0, 0.1875])
     assert keep_largest(tau, 0.25).tolist() == [0.5, 0.0, 0.0, 0.25, -0.25, 0.0, 0.0, 0.0]  # ties at 0.25 both kept
     assert torch.equal(keep_largest(tau, 1.0), tau) and keep_largest(tau, 0.1).tolist().count(0.0) == 7
-    dense = build_workspace(tmp_path / "dense", facts, masks_config(), merge=None)
+    full_cfg = masks_config()
+    full_cfg.sift_masks.density = 1.0
+    dense = build_workspace(tmp_path / "dense", facts, full_cfg, merge=None)
     cfg = masks_config()
     cfg.sift_masks.density = 0.1
-    assert cfg.training_hash() != masks_config().training_hash()
-    assert "density" not in masks_config().training_dict()["sift_masks"]  # older hashes unchanged
+    assert cfg.training_hash() != full_cfg.training_hash() != masks_config().training_hash()
+    assert "density" not in full_cfg.training_dict()["sift_masks"]  # older hashes unchanged
+    import tomllib
+
+    from sift.config import config_from_dict, config_to_toml
+
+    raw = tomllib.loads(config_to_toml(masks_config()))
+    assert config_from_dict(raw).sift_masks.density == 0.3  # the default for new workspaces
+    del raw["sift_masks"]["density"]  # a sift.toml written before the setting: it kept every entry
+    assert config_from_dict(raw).sift_masks.density == 1.0
     sparse = build_workspace(tmp_path / "sparse", facts, cfg, merge="sift-masks")
     for shard in sorted(int(p.name.split("-")[1]) for p in sparse.adapters_dir.iterdir()):
         full = load_adapter(dense.adapter_dir(shard), shard)
