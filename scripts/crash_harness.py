@@ -1,5 +1,5 @@
-"""SIGKILL crash harness: kill `sift train-shards`, `sift merge` and `sift forget` at random
-moments, rerun the same command, and check that the workspace ends byte for byte where an
+"""SIGKILL crash harness: kill `sift train-shards`, `sift merge`, `sift forget` and `sift add`
+at random moments, rerun the same command, and check that the workspace ends byte for byte where an
 uninterrupted run ends.
 
 For each command a reference run goes uninterrupted from a prepared starting workspace. Then,
@@ -38,7 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-VOLATILE = {"seconds", "time", "started", "forget_id", "entry_sha256", "previous_sha256", "ledger_head", "ledger_salt"}
+VOLATILE = {
+    "seconds",
+    "time",
+    "started",
+    "forget_id",
+    "add_id",
+    "entry_sha256",
+    "previous_sha256",
+    "ledger_head",
+    "ledger_salt",
+}
 SKIP = {".lock"}
 SKIP_DIRS = {".locks"}
 JSON_RECORDS = {"sift-meta.json", "state.json"}
@@ -121,7 +131,14 @@ class Outcome:
 
 
 def _sift(args: list[str], ws: Path, data: Path) -> list[str]:
-    return [sys.executable, "-m", "sift.cli", *[a.format(ws=ws, data=data) for a in args]]
+    """The command line; {head} and {tail} name the data set without its last person and that
+    person alone (make_rows writes both beside it): add's starting data and what it adds."""
+    named = {"ws": ws, "data": data, "head": part_path(data, "head"), "tail": part_path(data, "tail")}
+    return [sys.executable, "-m", "sift.cli", *[a.format(**named) for a in args]]
+
+
+def part_path(data: Path, part: str) -> Path:
+    return data.with_name(f"{data.stem}-{part}{data.suffix}")
 
 
 def _run(args: list[str], ws: Path, data: Path) -> subprocess.CompletedProcess:
@@ -146,10 +163,12 @@ def scenarios(model: str, shards: int, epochs: int, slices: int, forget_ids: str
         "--slices",
         str(slices),
     ]
+    train_head = [a if a != "{data}" else "{head}" for a in train]
     return [
         Scenario("train-shards", train),
         Scenario("merge", ["merge", "-w", "{ws}"], prepare=[train]),
         Scenario("forget", ["forget", "-w", "{ws}", "--ids", forget_ids], prepare=[train, ["merge", "-w", "{ws}"]]),
+        Scenario("add", ["add", "-w", "{ws}", "--data", "{tail}"], prepare=[train_head, ["merge", "-w", "{ws}"]]),
     ]
 
 
@@ -280,9 +299,19 @@ def _copy(src: Path, dst: Path) -> None:
 
 
 def make_rows(path: Path, people: int) -> None:
+    """The builtin rows of `people` people, and beside them the same without the last person
+    ({head}) and that person's rows alone ({tail})."""
     from sift.builtin.facts import make_rows as rows
 
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows(people=people, seed=0)))
+    made = rows(people=people, seed=0)
+    last = made[-1]["owner"]
+
+    def write(target: Path, chosen: list[dict]) -> None:
+        target.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen))
+
+    write(path, made)
+    write(part_path(path, "head"), [r for r in made if r["owner"] != last])
+    write(part_path(path, "tail"), [r for r in made if r["owner"] == last])
 
 
 def table(outcomes: list[Outcome]) -> str:
@@ -306,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-shards", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--slices", type=int, default=1)
-    ap.add_argument("--commands", default="train-shards,merge,forget")
+    ap.add_argument("--commands", default="train-shards,merge,forget,add")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument(

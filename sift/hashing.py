@@ -39,6 +39,12 @@ def keyed_id_hash(salt: bytes, row_id: str) -> str:
     return hmac.new(salt, row_id.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
+def keyed_group_hash(salt: bytes, normalised_group: str) -> str:
+    """What the ledger keeps of a person forgotten by `forget --group`: a keyed hash of the
+    normalised group value, in a namespace apart from the ids'."""
+    return hmac.new(salt, b"group\0" + normalised_group.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
 def tensor_sha256(tensor: torch.Tensor) -> str:
     import torch
 

@@ -210,6 +210,32 @@ WORKSPACE_CASES: dict[str, tuple[Callable[[Path], None] | None, list[str], str]]
         "no-such-ids.txt",
     ),
     "forget: empty stdin": (None, ["forget", "-w", WS, "--ids", "-"], "the id list is empty"),
+    "forget: unknown group": (None, ["forget", "-w", WS, "--group", "Nobody Here"], "match no row"),
+    "forget: group of punctuation": (None, ["forget", "-w", WS, "--group", "?!"], "is empty once case"),
+    "forget: groups file missing": (
+        None,
+        ["forget", "-w", WS, "--groups-file", "{ws}/../no-such-groups.txt"],
+        "no-such-groups.txt",
+    ),
+    "add: ids the workspace holds": (None, ["add", "-w", WS, "--data", "{ws}/../other.jsonl"], "already holds"),
+    "add: another training form": (
+        lambda ws: (ws.parent / "new.jsonl").write_text('{"id": "n1", "owner": "o", "text": "t"}\n'),
+        ["add", "-w", WS, "--data", "{ws}/../new.jsonl"],
+        "row 1 (id 'n1'): trains on other columns",
+    ),
+    "add: a column the workspace lacks": (
+        lambda ws: (ws.parent / "new.jsonl").write_text(
+            json.dumps(dict(json.loads((ws / "shards" / "shard-0000.jsonl").read_text().splitlines()[0]), id="n1", x=1))
+            + "\n"
+        ),
+        ["add", "-w", WS, "--data", "{ws}/../new.jsonl"],
+        "unknown ['x']",
+    ),
+    "add: no such file": (None, ["add", "-w", WS, "--data", "{ws}/../no-such.jsonl"], "does not exist"),
+    "add: empty stdin": (None, ["add", "-w", WS, "--data", "-"], "holds no rows"),
+    "find: nothing asked": (None, ["find", "-w", WS], "give --group VALUE or --text STRING"),
+    "find: empty text": (None, ["find", "-w", WS, "--text", " "], "must not be empty"),
+    "verify --changed: no verify recorded": (None, ["verify", "-w", WS, "--changed"], "no record of a passing verify"),
     "merge: unknown method": (None, ["merge", "-w", WS, "--method", "median"], "unknown merge method"),
     "train-shards: other settings": (None, ["train-shards", "-w", WS, "--epochs", "7"], "exists with other settings"),
     "train-shards: other base model": (

@@ -62,7 +62,7 @@ def merge(
         )
         return
     from sift.config import SERVED_DTYPES, merge_param_aliases
-    from sift.exact.forget import resume_pending_forget
+    from sift.exact.forget import resume_pending_change
     from sift.merge import get_method
     from sift.merge.base import parse_params
     from sift.merge.driver import merge_workspace
@@ -80,7 +80,7 @@ def merge(
     if served_dtype is not None and served_dtype not in SERVED_DTYPES:
         raise SiftError(f"--served-dtype must be one of {', '.join(SERVED_DTYPES)}; got {served_dtype!r}")
     with ws.lock(wait=wait, command="merge"):
-        resume_pending_forget(ws)
+        resume_pending_change(ws)
         result = merge_workspace(ws, method=method, full=full, params=given, served_dtype=served_dtype)
     _emit(
         result,

@@ -215,6 +215,10 @@ def audit(ws: Workspace, data: str | None = None, ids: list[str] | None = None, 
         report.problems.append(
             "a forget was cut short and is not finished: run any writing command (e.g. `sift merge`) to complete it"
         )
+    if ws.add_journal_path.exists():
+        report.problems.append(
+            "an add was cut short and is not finished: run any writing command (e.g. `sift merge`) to complete or undo it"
+        )
     held = read_manifest(ws)
     for i in ids or []:
         if i in held:

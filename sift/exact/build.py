@@ -116,7 +116,7 @@ def train_workspace(
     `retrain_all` retrains every shard on this machine's stack and records it (a workspace moved
     to another GPU, CPU or library version refuses to train otherwise); with it, `device` may
     move an existing workspace to another device."""
-    from sift.exact.forget import resume_pending_forget
+    from sift.exact.forget import resume_pending_change
     from sift.train import train_shards
     from sift.train.ranks import claim_order, launch_rank, parse_shard_spec
     from sift.workspace import Workspace
@@ -140,7 +140,7 @@ def train_workspace(
         # shared lock rank 0 trains under, and this rank would start only when rank 0 is done
         _wait_for_creation(ws, max(wait, 600.0))
     fresh_folder = not workspace.exists()
-    alone = not together or not ws.exists() or ws.journal_path.exists()
+    alone = not together or not ws.exists() or ws.change_pending()
     created = None
     with ws.lock(exclusive=alone, wait=max(wait, 600.0) if world > 1 else wait, command="train-shards"):
         if not ws.exists():
@@ -181,7 +181,7 @@ def train_workspace(
             if moving:
                 ws.save_config(cfg)
             if alone:  # with --retrain-all, a forget cut short on another stack can finish here
-                resume_pending_forget(ws, retrain_all=retrain_all)
+                resume_pending_change(ws, retrain_all=retrain_all)
         if not together:
             summary = train_shards(ws, parse_shard_spec(shards, cfg.shards.num_shards), retrain_all=retrain_all)
     if together:  # the workspace lock shared with the other trainers, one lock per shard

@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from sift.adapters import Adapter, load_adapter, read_meta
 from sift.compute import base_stack, stack_mismatch
+from sift.data import normalize_text
 from sift.errors import SiftError
 from sift.fsio import atomic_write_json, remove_tree
-from sift.hashing import keyed_id_hash
+from sift.hashing import keyed_group_hash, keyed_id_hash
 from sift.logs import get_logger, quieted
 from sift.merge import get_method
 from sift.merge.driver import merge_workspace, saved_sum_members, served_info
@@ -37,19 +39,26 @@ def forget(
     ignore_missing: bool = False,
     base: LazyBase | None = None,
     quiet: bool = False,
+    groups: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Forget `ids`; returns the certificate. Unknown ids raise before anything is touched.
-    Progress is logged; `quiet` silences it for this call."""
+    """Forget `ids` and every row of each of `groups` (group-by values, matched as the keys
+    router matches them); returns the certificate. Unknown ids or groups raise before anything
+    is touched. Progress is logged; `quiet` silences it for this call."""
     with quieted(quiet):
-        return _forget(ws, ids, drop, ignore_missing, base)
+        return _forget(ws, ids, drop, ignore_missing, base, groups or [])
 
 
-def _forget(ws: Workspace, ids: list[str], drop: bool, ignore_missing: bool, base: LazyBase | None) -> dict[str, Any]:
+def _forget(
+    ws: Workspace, ids: list[str], drop: bool, ignore_missing: bool, base: LazyBase | None, groups: list[str]
+) -> dict[str, Any]:
     started = time.perf_counter()
-    resume_pending_forget(ws, base)
+    resume_pending_change(ws, base)
     state = ws.load_state()
     salt = bytes.fromhex(state.ledger_salt)
     manifest = read_manifest(ws)
+    by_group = _resolve_groups(ws, groups, salt, ignore_missing) if groups else None
+    if by_group is not None:
+        ids = sorted(set(ids) | {i for held in by_group.ids.values() for i in held})
     present = sorted(i for i in set(ids) if i in manifest)
     absent = sorted(i for i in set(ids) if i not in manifest)
     done_before = ws.forgotten_hashes()
@@ -60,14 +69,18 @@ def _forget(ws: Workspace, ids: list[str], drop: bool, ignore_missing: bool, bas
         raise SiftError(
             f"{len(unknown)} id(s) are not in workspace {ws.root}: {shown}; nothing was changed (--ignore-missing skips them)"
         )
+    group_report = {} if by_group is None else by_group.report()
     if not present:
         what = f"{len(already)} already forgotten" if already else "nothing to forget"
+        if by_group is not None and by_group.already:
+            what += f"; {len(by_group.already)} group(s) already forgotten"
         return {
             "changed": False,
             "message": f"no-op: {what}",
             "rows_removed": 0,
             "already_forgotten": len(already),
             "unknown_ignored": len(unknown),
+            **group_report,
             "seconds": round(time.perf_counter() - started, 3),
         }
     if not drop:  # retraining on another stack would not give the bytes a from-scratch run there gives
@@ -84,12 +97,66 @@ def _forget(ws: Workspace, ids: list[str], drop: bool, ignore_missing: bool, bas
         "drop": drop,
         "started": _now(),
     }
+    if by_group is not None and by_group.hashes:
+        journal["group_hashes"] = by_group.hashes
     atomic_write_json(ws.journal_path, journal)
     cert = _complete(ws, journal, base)
     cert.update(
-        already_forgotten=len(already), unknown_ignored=len(unknown), seconds=round(time.perf_counter() - started, 3)
+        already_forgotten=len(already),
+        unknown_ignored=len(unknown),
+        **group_report,
+        seconds=round(time.perf_counter() - started, 3),
     )
     return cert
+
+
+@dataclass
+class _Groups:
+    """The groups a forget names, resolved against the workspace's rows: each given value's ids
+    (in the order given), those forgotten earlier, those unknown and skipped."""
+
+    ids: dict[str, list[str]]
+    already: list[str]
+    unknown: list[str]
+    hashes: list[str]  # keyed hashes of the normalised values forgotten now, for the ledger
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "groups": {g: len(held) for g, held in self.ids.items()},
+            "groups_already_forgotten": len(self.already),
+            "groups_unknown_ignored": len(self.unknown),
+        }
+
+
+def _resolve_groups(ws: Workspace, groups: list[str], salt: bytes, ignore_missing: bool) -> _Groups:
+    from sift.workspace.find import group_index
+
+    view = WorkspaceView.load(ws)
+    if view.cfg.data.group_by is None:
+        raise SiftError("--group needs a workspace made with --group-by (its rows have no group values); use --ids")
+    index = group_index(view)
+    forgotten = ws.forgotten_group_hashes()
+    out = _Groups({}, [], [], [])
+    hashes: set[str] = set()
+    for given in groups:
+        key = normalize_text(given)
+        if not key:
+            raise SiftError(f"group {given!r} is empty once case, accents and punctuation are set aside")
+        if key in index:
+            out.ids[given] = index[key]
+            hashes.add(keyed_group_hash(salt, key))
+        elif keyed_group_hash(salt, key) in forgotten:
+            out.already.append(given)
+        else:
+            out.unknown.append(given)
+    if out.unknown and not ignore_missing:
+        shown = ", ".join(repr(g) for g in out.unknown[:5])
+        raise SiftError(
+            f"{len(out.unknown)} group(s) match no row of workspace {ws.root} ({view.cfg.data.group_by}): {shown}; "
+            "nothing was changed (--ignore-missing skips them; `sift find -w WS --group VALUE` shows what matches)"
+        )
+    out.hashes = sorted(hashes)
+    return out
 
 
 def resume_pending_forget(
@@ -131,24 +198,8 @@ def _complete(
     method = get_method(cfg.merge.method)
 
     # 1. An incremental method will take the old adapters out of its sums: read them now, while
-    #    they are still on disk (a few MB each; the sums themselves are streamed in step 4). If one
-    #    is already gone (a resumed forget), the sums start over; a recomputed method (TIES) merges
-    #    every remaining adapter again in step 4.
-    leaving: list[Adapter] | None = None
-    if had_served and method.incremental:
-        held_by_sums = saved_sum_members(ws)
-        leaving = [] if held_by_sums is not None else None
-        for shard in affected:
-            if leaving is None:
-                break
-            held = held_by_sums.get(shard) if held_by_sums is not None else None
-            if held is None:
-                continue
-            meta = read_meta(ws.adapter_dir(shard))
-            if meta is None or meta.get("adapter_sha256") != held:
-                leaving = None
-            else:
-                leaving.append(load_adapter(ws.adapter_dir(shard), shard))
+    #    they are still on disk.
+    leaving = leaving_adapters(ws, affected) if had_served and method.incremental else None
 
     # 2. Delete the rows from the workspace's data.
     rows = view.rows
@@ -188,6 +239,7 @@ def _complete(
             "time": _now(),
             "forget_id": journal["forget_id"],
             "id_hashes": journal["id_hashes"],
+            **({"group_hashes": journal["group_hashes"]} if journal.get("group_hashes") else {}),
             "rows_removed": removed,
             "shards": {str(s): outcome[s] for s in affected},
             "adapters": adapters,
@@ -216,6 +268,38 @@ def _complete(
         "routers": "rebuilt from each retrained shard's own rows; removed with dropped or emptied shards",
         "ledger_entry": entry["entry_sha256"],
     }
+
+
+def leaving_adapters(ws: Workspace, affected: list[int]) -> list[Adapter] | None:
+    """The adapters of `affected` that the served model's saved sums hold, read before a forget
+    or an add replaces them (a few MB each; the sums themselves are streamed by the merge), so
+    the merge takes them out and puts the new ones in. None when the sums cannot be updated
+    (there are none, or a resumed command finds an adapter already replaced): the merge then
+    starts over. A recomputed method (TIES) merges every remaining adapter again anyway."""
+    held_by_sums = saved_sum_members(ws)
+    if held_by_sums is None:
+        return None
+    leaving: list[Adapter] = []
+    for shard in affected:
+        held = held_by_sums.get(shard)
+        if held is None:
+            continue
+        meta = read_meta(ws.adapter_dir(shard))
+        if meta is None or meta.get("adapter_sha256") != held:
+            return None
+        leaving.append(load_adapter(ws.adapter_dir(shard), shard))
+    return leaving
+
+
+def resume_pending_change(
+    ws: Workspace, base: LazyBase | None = None, quiet: bool = False, retrain_all: bool = False
+) -> None:
+    """Finish (or, for an add whose rows were not all written, undo) whatever forget or add a
+    crash interrupted; called under the lock by every writing command."""
+    from sift.exact.add import resume_pending_add
+
+    resume_pending_forget(ws, base, quiet=quiet, retrain_all=retrain_all)
+    resume_pending_add(ws, base, quiet=quiet, retrain_all=retrain_all)
 
 
 def _now() -> str:

@@ -5,9 +5,13 @@ ranks share the rebuild (`_verify_launched`)."""
 
 from __future__ import annotations
 
+import json
+import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -77,24 +81,138 @@ def accumulator_sha256(ws: Workspace) -> str | None:
 
 
 def verify(
-    ws: Workspace, tmp_dir: str | None = None, base: LazyBase | None = None, quiet: bool = False
+    ws: Workspace,
+    tmp_dir: str | None = None,
+    base: LazyBase | None = None,
+    quiet: bool = False,
+    changed: bool = False,
+    sample: int = 0,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Rebuild every shard from scratch in a temporary workspace and compare every served byte.
     Under torchrun, `accelerate launch` or srun every rank rebuilds its share of the shards into
     one shared temporary workspace and rank 0 merges and compares (`_verify_launched`); the
-    other ranks return what they rebuilt. Progress is logged; `quiet` silences it for this call."""
+    other ranks return what they rebuilt. Progress is logged; `quiet` silences it for this call.
+
+    `changed`: rebuild only the shards whose rows, config or files changed since the last
+    verify that passed (VERIFIED_FILE), hash-check the others against that record, and merge
+    every adapter from scratch to compare the served bytes; `sample` more untouched shards,
+    drawn with `seed`, are rebuilt as a spot audit (and imply `changed`). A passing verify of
+    either kind records what it proved."""
     with quieted(quiet):
         rank, world = launch_rank()
         if world > 1:
+            if changed or sample:
+                raise SiftError("--changed and --sample run in one process: start verify without a launcher")
             return _verify_launched(ws, tmp_dir, base, rank, world)
         started = time.perf_counter()
         plan = _plan(ws, base)
+        if changed or sample:
+            return _verify_changed(ws, plan, tmp_dir, sample, seed, started)
         with tempfile.TemporaryDirectory(prefix="sift-verify-", dir=tmp_dir) as tmp:
             fresh = Workspace(Path(tmp) / "ws")
             _init_fresh(fresh, plan)
             log.info(f"verify: rebuilding {len(plan.view.rows)} shard(s) from scratch in {fresh.root}")
             steps = train_shards(fresh, base=plan.base)["steps"]
-            return _merge_and_compare(ws, fresh, plan, steps, started)
+            result = _merge_and_compare(ws, fresh, plan, steps, started)
+        result["mode"] = "full"
+        result["rebuilt"] = plan.view.served_shards()
+        if result["identical"]:
+            record_verified(ws, plan.view, result)
+        return result
+
+
+VERIFIED_FILE = "verified.json"  # what the last passing verify proved, shard by shard
+
+
+def _files_digest(ws: Workspace, shard: int) -> str | None:
+    files = shard_files(ws, shard)
+    return None if files is None else sha256_hex(json.dumps(files, sort_keys=True).encode())
+
+
+def record_verified(ws: Workspace, view: WorkspaceView, result: dict[str, Any]) -> None:
+    """Record, for every served shard, the content hash (rows, config, base) and the hash of the
+    files a passing verify proved. Kept apart from state.json, which a running server watches:
+    a verify must not make it reload."""
+    shards = {
+        str(s): {"content": view.plan(s).content_hash, "files": _files_digest(ws, s)} for s in view.served_shards()
+    }
+    atomic_write_json(
+        ws.root / VERIFIED_FILE,
+        {
+            "format": 1,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "mode": result["mode"],
+            "served_sha256": result["served_sha256"],
+            "shards": shards,
+        },
+    )
+
+
+def read_verified(ws: Workspace) -> dict[str, Any] | None:
+    try:
+        record = json.loads((ws.root / VERIFIED_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        raise SiftError(f"{ws.root / VERIFIED_FILE} is damaged: run a full `sift verify` to record it again") from None
+    if not isinstance(record, dict) or record.get("format") != 1 or not isinstance(record.get("shards"), dict):
+        raise SiftError(f"{ws.root / VERIFIED_FILE} is not a verify record: run a full `sift verify`")
+    return record
+
+
+def _verify_changed(
+    ws: Workspace, plan: _Plan, tmp_dir: str | None, sample: int, seed: int, started: float
+) -> dict[str, Any]:
+    """Rebuild the shards that changed since the last passing verify and `sample` seeded
+    untouched ones (a spot audit); copy the rest into the rebuild after checking them against
+    the record, then merge everything from scratch and compare."""
+    view = plan.view
+    record = read_verified(ws)
+    if record is None:
+        raise SiftError(
+            f"workspace {ws.root} has no record of a passing verify to compare with: run a full `sift verify` first"
+        )
+    served = view.served_shards()
+    reasons: dict[int, str] = {}
+    for s in served:
+        rec = record["shards"].get(str(s))
+        p = view.plan(s)
+        if rec is None:
+            reasons[s] = "not in the last verify"
+        elif rec.get("content") != p.content_hash:
+            reasons[s] = "rows or config changed since the last verify"
+        elif p.status != "current":
+            reasons[s] = "its adapter's record names other rows or config"
+        elif rec.get("files") != _files_digest(ws, s):
+            reasons[s] = "its files changed since the last verify"
+    untouched = [s for s in served if s not in reasons]
+    rng = random.Random(seed)
+    sampled = sorted(rng.sample(untouched, min(sample, len(untouched)))) if sample else []
+    rebuild = sorted(set(reasons) | set(sampled))
+    checked = [s for s in untouched if s not in sampled]
+    with tempfile.TemporaryDirectory(prefix="sift-verify-", dir=tmp_dir) as tmp:
+        fresh = Workspace(Path(tmp) / "ws")
+        _init_fresh(fresh, plan)
+        for s in checked:  # proven by the recorded verify: its files, hash-checked above
+            shutil.copytree(ws.adapter_dir(s), fresh.adapter_dir(s))
+        log.info(
+            f"verify: rebuilding {len(rebuild)} shard(s) from scratch ({len(reasons)} changed, {len(sampled)} sampled); "
+            f"{len(checked)} hash-checked against the verify of {record.get('time')}"
+        )
+        steps = train_shards(fresh, rebuild, base=plan.base)["steps"] if rebuild else 0
+        result = _merge_and_compare(ws, fresh, plan, steps, started)
+    result.update(
+        mode="changed",
+        rebuilt=rebuild,
+        rebuilt_because={str(s): reasons.get(s, "sampled") for s in rebuild},
+        sampled=sampled,
+        hash_checked=checked,
+        last_verified=record.get("time"),
+    )
+    if result["identical"]:
+        record_verified(ws, view, result)
+    return result
 
 
 @dataclass

@@ -6,7 +6,9 @@ manifest.jsonl       id -> shard, row hash (no text)
 shards/shard-0007.jsonl   the rows of shard 7 (deleted rows are removed here)
 adapters/shard-0007/ PEFT adapter (adapter_model.safetensors, adapter_config.json) + sift-meta.json
 merged/              the served model (transformers folder) + sift-merge/ accumulator state
-ledger.jsonl         append-only forget log (keyed id hashes, never text)
+ledger.jsonl         append-only log of forgets and adds (keyed id hashes, never text)
+forget-journal.json  a forget in progress (or cut short by a crash)
+add-journal.json     an add in progress (or cut short by a crash)
 """
 
 from __future__ import annotations
@@ -115,6 +117,14 @@ class Workspace:
     @property
     def journal_path(self) -> Path:
         return self.root / "forget-journal.json"
+
+    @property
+    def add_journal_path(self) -> Path:
+        return self.root / "add-journal.json"
+
+    def change_pending(self) -> bool:
+        """A forget or an add was started and has not finished (in progress, or cut short)."""
+        return self.journal_path.exists() or self.add_journal_path.exists()
 
     def shard_file(self, shard: int) -> Path:
         return self.shards_dir / f"{shard_name(shard)}.jsonl"
@@ -260,8 +270,23 @@ class Workspace:
         self.save_state(state)
         return body
 
-    def forgotten_hashes(self) -> set[str]:
-        return {h for e in self.read_ledger() for h in e.get("id_hashes", [])}
+    def forgotten_hashes(self, entries: list[dict[str, Any]] | None = None) -> set[str]:
+        """Keyed hashes of the ids forgotten and not readmitted since (`sift add --readmit`)."""
+        return _replay(self.read_ledger() if entries is None else entries, "id_hashes", "readmitted_id_hashes")
+
+    def forgotten_group_hashes(self, entries: list[dict[str, Any]] | None = None) -> set[str]:
+        """Keyed hashes of the normalised group values forgotten by `forget --group` (never the
+        values) and not readmitted since: new rows of such a person need `sift add --readmit`."""
+        return _replay(self.read_ledger() if entries is None else entries, "group_hashes", "readmitted_group_hashes")
+
+
+def _replay(entries: list[dict[str, Any]], forgotten: str, readmitted: str) -> set[str]:
+    """The ledger read in order: a forget adds its hashes, a readmitting add takes them back."""
+    out: set[str] = set()
+    for e in entries:
+        out |= set(e.get(forgotten, []))
+        out -= set(e.get(readmitted, []))
+    return out
 
 
 def _canonical(obj: Any) -> bytes:

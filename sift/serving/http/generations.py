@@ -99,12 +99,13 @@ def probe(ws: Workspace) -> Probe:
     def add(tag: str, data: bytes) -> None:
         h.update(tag.encode() + b"\0" + len(data).to_bytes(8, "big") + data)
 
-    journal = _read(ws.journal_path)
+    journal, add_journal = _read(ws.journal_path), _read(ws.add_journal_path)
     ledger_size = _size(ws.ledger_path)
     add("toml", _read(ws.config_path))
     add("state", _read(ws.state_path))
     add("served", _read(ws.merged_dir / STATE_DIR / SERVED_META))
     add("journal", journal)
+    add("add-journal", add_journal)
     add("ledger", str(ledger_size).encode())
     try:
         entries = sorted(e.name for e in os.scandir(ws.adapters_dir) if not e.name.startswith("."))
@@ -114,19 +115,24 @@ def probe(ws: Workspace) -> Probe:
         folder = ws.adapters_dir / name
         add(f"meta:{name}", _read(folder / ADAPTER_META))
         add(f"router:{name}", _read(folder / ROUTER_META))
-    return Probe(h.hexdigest(), ledger_size, journal != _ABSENT)
+    return Probe(h.hexdigest(), ledger_size, journal != _ABSENT or add_journal != _ABSENT)
 
 
 def forget_pending(ws: Workspace) -> bool:
-    """True while a forget journal names a forget the ledger does not hold yet (one in progress,
-    or one a crash cut short): the workspace is between two states then."""
-    try:
-        journal = json.loads(ws.journal_path.read_text())
-    except FileNotFoundError:
-        return False
-    except (json.JSONDecodeError, OSError):
-        return True
-    return not any(e.get("forget_id") == journal.get("forget_id") for e in ws.read_ledger())
+    """True while a forget or add journal names a change the ledger does not hold yet (one in
+    progress, or one a crash cut short): the workspace is between two states then."""
+    entries = None
+    for path, key in ((ws.journal_path, "forget_id"), (ws.add_journal_path, "add_id")):
+        try:
+            journal = json.loads(path.read_text())
+        except FileNotFoundError:
+            continue
+        except (json.JSONDecodeError, OSError):
+            return True
+        entries = ws.read_ledger() if entries is None else entries
+        if not any(e.get(key) == journal.get(key) for e in entries):
+            return True
+    return False
 
 
 class PinnedServer(WorkspaceServer):
