@@ -10,6 +10,9 @@ The calls a user needs, importable from the package itself::
     sift.train_workspace(Path("ws"), "rows.jsonl")      # or both, as `sift train-shards` does
     sift.merge_workspace(ws)                            # the served model, ws/merged/
     cert = sift.forget(ws, ["id-1", "id-2"])            # retrain or drop only the affected shards
+    cert = sift.forget(ws, [], groups=["Ana Diaz"])     # every row of a person
+    cert = sift.add(ws, "new.jsonl")                    # rows that arrive later, exactly
+    sift.find_rows(sift.WorkspaceView.load(ws), texts=["ana@example.com"]).ids
     assert sift.verify(ws)["identical"]                 # rebuild from scratch, compare every byte
     sift.evaluate(...)                                  # open-unlearning's metrics (sift.evaluation.run)
 
@@ -40,6 +43,8 @@ _API = {
     "TrainSettings": "sift.exact.build",
     "merge_workspace": "sift.merge.driver",
     "forget": "sift.exact.forget",
+    "add": "sift.exact.add",
+    "find_rows": "sift.workspace.find",
     "verify": "sift.exact.verify",
     "audit": "sift.exact.audit",
     "evaluate": "sift.evaluation.run",
@@ -50,6 +55,7 @@ __all__ = ["SiftError", "__version__", *_API]
 if TYPE_CHECKING:  # for type checkers and editors; at run time the names load lazily
     from sift.config import SiftConfig, load_config  # noqa: F401
     from sift.evaluation.run import evaluate  # noqa: F401
+    from sift.exact.add import add  # noqa: F401
     from sift.exact.audit import audit  # noqa: F401
     from sift.exact.build import TrainSettings, train_workspace  # noqa: F401
     from sift.exact.forget import forget  # noqa: F401
@@ -57,6 +63,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time the names load l
     from sift.merge.driver import merge_workspace  # noqa: F401
     from sift.train import train_shards  # noqa: F401
     from sift.workspace.create import create_workspace  # noqa: F401
+    from sift.workspace.find import find_rows  # noqa: F401
     from sift.workspace.layout import Workspace  # noqa: F401
     from sift.workspace.view import WorkspaceView  # noqa: F401
 

@@ -96,3 +96,34 @@ def test_changed_fails_when_the_changed_shards_adapter_is_altered(verified):
 def test_changed_needs_a_recorded_verify(trained_ws):
     with pytest.raises(SiftError, match="no record of a passing verify"):
         verify(trained_ws, changed=True, quiet=True)
+
+
+def test_bench_forget_script_runs_on_the_tiny_model():
+    """scripts/bench_forget.py end to end (a smoke run): every proof it times says identical."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_forget.py"
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--model",
+            "builtin-tiny",
+            "--people",
+            "4",
+            "--shards",
+            "2",
+            "--slices",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    result = json.loads(p.stdout)
+    assert result["identical"] and result["plain"]["changed_rebuilt"] == result["plain"]["second_retrained"]
+    assert result["changed_over_forget2"] > 0
