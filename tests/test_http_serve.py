@@ -163,8 +163,11 @@ def test_bad_requests_get_an_openai_error(served, facts):
     client = client_for(url)
     chat = [{"role": "user", "content": "hi"}]
     refused = [
-        (lambda: client.completions.create(model=NAME, prompt="hi", stream=True), "stream"),
-        (lambda: client.chat.completions.create(model=NAME, messages=chat, stream=True), "stream"),
+        (
+            lambda: client.completions.create(model=NAME, prompt="hi", stream_options={"include_usage": True}),
+            "stream_options",
+        ),
+        (lambda: client.completions.create(model=NAME, prompt="hi", stream=True, n=2), "n"),
         (lambda: client.completions.create(model=NAME, prompt="hi", n=2), "n"),
         (lambda: client.chat.completions.create(model=NAME, messages=chat, n=3), "n"),
         (lambda: client.completions.create(model=NAME, prompt="hi", max_tokens=65), "max_tokens"),
@@ -343,6 +346,72 @@ def test_a_merge_is_served_once_its_writer_releases_the_lock(trained_template, t
         assert client.models.retrieve("merged").sift["method"] == "task-arithmetic"
 
 
+def test_streamed_answers_are_the_answers_in_one_piece(served, facts):
+    """stream=true through the official client: OpenAI's chunk format, and the pieces put
+    together are exactly the non-streamed answer, for both endpoints, with and without stops."""
+    ws, url = served
+    client = client_for(url)
+    q = facts[0]["prompt"]
+    for prompt, tokens, stop in ((q, 12, None), (GENERAL, 12, None), (q, 20, [" "]), (facts[3]["prompt"], 1, None)):
+        whole = client.completions.create(model=NAME, prompt=prompt, max_tokens=tokens, stop=stop)
+        chunks = list(
+            client.completions.create(
+                model=NAME,
+                prompt=prompt,
+                max_tokens=tokens,
+                stop=stop,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert text == whole.choices[0].text, (prompt, stop)
+        finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finals == [whole.choices[0].finish_reason]
+        assert chunks[0].choices[0].sift["served_by"] == whole.sift["served_by"]
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    whole = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": q}], max_tokens=10)
+    chunks = list(
+        client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": q}], max_tokens=10, stream=True
+        )
+    )
+    assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    # several prompts: one choice index each, as without streaming
+    many = list(client.completions.create(model=NAME, prompt=[q, GENERAL], max_tokens=4, stream=True))
+    one = client.completions.create(model=NAME, prompt=[q, GENERAL], max_tokens=4)
+    for i in range(2):
+        assert "".join(c.choices[0].text for c in many if c.choices[0].index == i) == one.choices[i].text
+    # refused before the first byte, with its status
+    with pytest.raises(openai.BadRequestError) as err:
+        list(client.completions.create(model=NAME, prompt=q, stream=True, extra_body={"sift_group": "Nobody"}))
+    assert err.value.param == "sift_group"
+
+
+def test_api_keys_guard_v1_and_health_answers_without(trained_template, tmp_path, facts):
+    ws = copy_ws(trained_template, tmp_path)
+    with serving(create_app(ws, log=False, api_keys=["k-one", "k-two"])) as url:
+        for key in ("k-one", "k-two"):
+            r = openai.OpenAI(base_url=url, api_key=key, max_retries=0).completions.create(
+                model=NAME, prompt=facts[0]["prompt"], max_tokens=2
+            )
+            assert r.choices[0].text is not None
+        for key in ("k-on", "k-one2", ""):
+            with pytest.raises(openai.AuthenticationError) as err:
+                openai.OpenAI(base_url=url, api_key=key or "x", max_retries=0).models.list()
+            assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
+        status, body = post(url, "/completions", json.dumps({"model": NAME, "prompt": "hi"}).encode())
+        assert status == 401 and body["error"]["type"] == "invalid_request_error"
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=30) as r:
+            health = json.loads(r.read())
+        assert health["status"] == "ok" and health["shards"] == len(set(read_manifest(ws).values()))
+    with pytest.raises(Exception, match="must not be empty"):
+        create_app(ws, log=False, api_keys=[" "])
+
+
 def test_cli_serve_starts_answers_and_stops(trained_template, tmp_path, facts):
     ws = copy_ws(trained_template, tmp_path)
     bad = subprocess.run(
@@ -396,3 +465,44 @@ def test_an_internal_error_is_logged_and_the_client_gets_a_generic_500(trained_t
     assert body["type"] == "server_error" and body["message"] == "internal server error"
     assert "secret" not in r.text and "RuntimeError" not in r.text
     assert any("secret internal detail" in str(rec.exc_info[1]) for rec in caplog.records if rec.exc_info)
+
+
+def test_a_stream_open_across_a_forget_finishes_on_its_generation(trained_template, tmp_path, facts, monkeypatch):
+    """A stream holds the generation it started on: a forget that completes while it is open
+    changes none of its chunks; a request accepted after the certificate gets the new one."""
+    import sift.serving.http.stream as stream_module
+
+    ws = copy_ws(trained_template, tmp_path)
+    owner = facts[0]["owner"]
+    q = facts[0]["prompt"]
+    real = stream_module.stream_tokens
+    resume, started = threading.Event(), threading.Event()
+
+    def paused(*args: Any, **kwargs: Any):  # the generation stops after its first token until the forget is done
+        for n, ids in enumerate(real(*args, **kwargs)):
+            yield ids
+            if n == 0:
+                started.set()
+                assert resume.wait(60)
+
+    app = create_app(ws, log=False, reload_wait=30)
+    with serving(app) as url:
+        client = client_for(url)
+        before = client.completions.create(model=NAME, prompt=q, max_tokens=12)
+        monkeypatch.setattr(stream_module, "stream_tokens", paused)
+        with ThreadPoolExecutor(1) as pool:
+            chunks = pool.submit(
+                lambda: list(client.completions.create(model=NAME, prompt=q, max_tokens=12, stream=True))
+            )
+            assert started.wait(60)
+            with ws.lock(command="forget"):
+                cert = sift.exact.forget.forget(ws, [r["id"] for r in facts if r["owner"] == owner], quiet=True)
+            resume.set()
+            chunks = chunks.result(timeout=60)
+        monkeypatch.undo()
+        after = client.completions.create(model=NAME, prompt=q, max_tokens=12)
+    assert {c.system_fingerprint for c in chunks} == {before.system_fingerprint}
+    assert "".join(c.choices[0].text for c in chunks) == before.choices[0].text
+    assert chunks[0].choices[0].sift["served_by"]["path"] == "routed"
+    assert after.sift["ledger_head"] == cert["ledger_entry"] and after.system_fingerprint != before.system_fingerprint
+    assert after.sift["served_by"]["path"] == "merged"  # no shard holds the owner any more

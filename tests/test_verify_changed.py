@@ -93,6 +93,18 @@ def test_changed_fails_when_the_changed_shards_adapter_is_altered(verified):
     assert not (ws.root / VERIFIED_FILE).read_text().count('"changed"')  # a failed verify records nothing
 
 
+def test_changed_after_an_add_rebuilds_the_shards_it_trained(trained_ws, facts, tmp_path):
+    from sift.exact.add import add
+
+    from conftest import write_rows
+
+    assert verify(trained_ws, quiet=True)["identical"]
+    new = [dict(r, id="n-" + r["id"], owner="Ana Newcomer") for r in facts[:4]]
+    cert = add(trained_ws, str(write_rows(tmp_path / "new.jsonl", new)), quiet=True)
+    result = verify(trained_ws, changed=True, quiet=True)
+    assert result["identical"] and result["rebuilt"] == cert["shards_retrained"] + cert["shards_trained"]
+
+
 def test_changed_needs_a_recorded_verify(trained_ws):
     with pytest.raises(SiftError, match="no record of a passing verify"):
         verify(trained_ws, changed=True, quiet=True)

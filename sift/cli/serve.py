@@ -200,11 +200,21 @@ def serve(
     max_tokens_limit: Annotated[
         int, typer.Option(help="Largest max_tokens a request may ask for (more is refused with 400).")
     ] = 256,
+    api_key: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--api-key",
+            envvar="SIFT_API_KEY",
+            help="A key clients must send as 'Authorization: Bearer KEY' (repeatable; or SIFT_API_KEY). "
+            "Without one, any client that reaches the port is served.",
+        ),
+    ] = None,
     wait: Wait = 0.0,
 ) -> None:
     """Serve the workspace over HTTP with an OpenAI-compatible API: /v1/completions,
-    /v1/chat/completions, /v1/models. Requests are routed as `sift generate` routes them; a
-    forget on the workspace is picked up before any request accepted after its certificate."""
+    /v1/chat/completions (both with stream: true), /v1/models, and /health. Requests are routed
+    as `sift generate` routes them; a forget on the workspace is picked up before any request
+    accepted after its certificate."""
     import uvicorn
 
     from sift.serving.http.app import create_app
@@ -220,6 +230,7 @@ def serve(
         default_max_tokens=max_tokens,
         max_tokens_limit=max_tokens_limit,
         startup_wait=wait,
+        api_keys=list(api_key or []),
     )
     name = application.state.settings.name
     print(
@@ -227,6 +238,13 @@ def serve(
         file=sys.stderr,
         flush=True,
     )
+    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"sift: warning: serving on {host} with no API key: anyone who reaches port {port} is answered "
+            "(give --api-key or SIFT_API_KEY)",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         uvicorn.run(application, host=host, port=port, log_level="warning")
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on; stopping is the normal end

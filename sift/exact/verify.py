@@ -379,7 +379,9 @@ def _verify_launched(
     with launch.lock(exclusive=True, wait=timeout, command="verify rank 0"):
         steps = sum(int(read_meta(fresh.adapter_dir(s)).get("steps", 0)) for s in plan.view.served_shards())
         result = _merge_and_compare(ws, fresh, plan, steps, started)
-        result.update(rank=0, world_size=world, rebuilt=summary["trained"])
+        result.update(rank=0, world_size=world, rebuilt=summary["trained"], mode="full")
+        if result["identical"]:
+            record_verified(ws, plan.view, result)
         remove_tree(fresh.root)
         atomic_write_json(report, result)
     return result

@@ -201,6 +201,21 @@ class WorkspaceServer:
         drawn (the shards share one copy of the base)."""
         return self._group(self.targets(prompts, router, merged, shard, group), self._fallback(fallback), merged)
 
+    def answer_plan(
+        self,
+        prompts: list[str],
+        router: str | None = None,
+        merged: bool = False,
+        shard: int | None = None,
+        group: str | None = None,
+        fallback: str | None = None,
+    ) -> tuple[list[Target], Iterator[tuple[Any, Any, str, int | None, list[int]]]]:
+        """Who serves each prompt (`targets`) and the models, grouped as `models_for` gives them:
+        for a caller that generates on its own (a streamed answer), on the very path `answer`
+        takes. A group's model is valid only until the next group is drawn."""
+        targets = self.targets(prompts, router, merged, shard, group)
+        return targets, self._group(targets, self._fallback(fallback), merged)
+
     def _fallback(self, fallback: str | None) -> str:
         fallback = fallback or self.view.cfg.serving.fallback
         if fallback not in FALLBACKS:

@@ -65,7 +65,8 @@ def check_same_data(ws: Workspace, source: str, cfg: SiftConfig) -> None:
         )
     if set(given) != set(held) or any(_differs(given[i], held[i]) for i in given):
         raise SiftError(
-            f"workspace {ws.root} already holds a different data set than {source}; use a new workspace (-w)"
+            f"workspace {ws.root} already holds a different data set than {source}; use a new workspace (-w), "
+            "or leave out --data to train the rows it holds (rows added with `sift add` are among them)"
         )
 
 

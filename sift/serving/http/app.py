@@ -18,24 +18,32 @@ state it was loaded from, also in system_fingerprint) with the ledger head it in
 sift/http/generations.py for how a forget under a running server is handled.
 
 Decoding is greedy (temperature, top_p, seed and penalties are accepted and have no effect);
-streaming, n > 1, best_of > 1, echo, suffix, logprobs, tools and token-id prompts are refused
-with an OpenAI-style 400 error.
+`stream: true` sends server-sent events in OpenAI's chunk format whose text, put together, is
+the answer the same request gets without streaming (sift/serving/http/stream.py); n > 1,
+best_of > 1, echo, suffix, logprobs, tools and token-id prompts are refused with an
+OpenAI-style 400 error.
+
+With API keys (`api_keys`), every /v1 request needs `Authorization: Bearer KEY` with one of
+them, or gets 401 in OpenAI's shape; GET /health (liveness) needs none.
 """
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 import re
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -96,6 +104,7 @@ class _Request(BaseModel):
     sift_shard: int | None = None
     sift_router: Literal[ROUTERS] | None = None  # the registered routers (sift.routing)
     sift_fallback: Literal[FALLBACKS] | None = None
+    stream_options: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Request):
@@ -143,12 +152,14 @@ def create_app(
     reload_wait: float = 60.0,
     startup_wait: float = 0.0,
     log: bool = True,
+    api_keys: list[str] | None = None,
 ) -> FastAPI:
     """The FastAPI app serving workspace `ws`. Loads the first generation now (so that a
     workspace that cannot be served fails here, with a SiftError, not at the first request).
     `router` / `fallback` are the server's defaults (a request's sift_router / sift_fallback
     win); `reload_wait`: how long a request accepted after a completed forget waits for the
-    workspace's lock before it is refused with 503."""
+    workspace's lock before it is refused with 503. `api_keys`: the keys a /v1 request may
+    present as a bearer token (None or empty: no key needed)."""
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
     ws.require()
     if router is not None:
@@ -164,6 +175,9 @@ def create_app(
         raise SiftError(
             f"model name {name!r} clashes with the ids of the merged model or a shard; pick another with --model-name"
         )
+    keys = [k.encode() for k in (api_keys or [])]
+    if any(not k.strip() for k in keys):
+        raise SiftError("an API key must not be empty")
     settings = ServeSettings(name, router, fallback, default_max_tokens, max_tokens_limit)
     generations = Generations(ws, reload_wait=reload_wait, log=log)
     generations.start(wait=startup_wait)
@@ -182,6 +196,29 @@ def create_app(
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
+
+    if keys:
+
+        @app.middleware("http")
+        async def _authorize(request: Request, call_next: Any) -> Response:
+            if request.url.path.startswith("/v1"):
+                scheme, _, token = request.headers.get("authorization", "").partition(" ")
+                given = token.strip().encode()
+                # every key compared, each in constant time: no early exit tells which came close
+                matches = [hmac.compare_digest(given, k) for k in keys]
+                if scheme.lower() != "bearer" or not any(matches):
+                    return error_response(
+                        401,
+                        "missing or incorrect API key: send it as 'Authorization: Bearer KEY' (sift serve --api-key)",
+                        code="invalid_api_key",
+                    )
+            return await call_next(request)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        """Liveness: the process answers; the generation it last served, without loading any."""
+        gen = generations.latest()
+        return {"status": "ok", "generation": gen.id if gen else None, "shards": len(gen.shards) if gen else 0}
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -235,7 +272,7 @@ def create_app(
         raise _no_such_model(model_id, gen, settings)
 
     @app.post("/v1/completions")
-    def completions(body: CompletionRequest) -> dict[str, Any]:
+    def completions(body: CompletionRequest) -> Any:
         _refuse_common(body)
         for param, bad in (
             ("echo", bool(body.echo)),
@@ -248,6 +285,8 @@ def create_app(
         prompts = _completion_prompts(body.prompt)
         max_tokens = _max_tokens(body.max_tokens, "max_tokens", settings)
         gen = current()
+        if body.stream:
+            return _streaming(gen, body, prompts, max_tokens, settings, infer, chat=False)
         results = _answer(gen, body, prompts, max_tokens, settings, infer)
         choices = [
             {"index": i, "text": text, "logprobs": None, "finish_reason": finish, "sift": _choice_sift(gen, a)}
@@ -256,7 +295,7 @@ def create_app(
         return _response("cmpl", "text_completion", body.model, gen, choices, results)
 
     @app.post("/v1/chat/completions")
-    def chat_completions(body: ChatCompletionRequest) -> dict[str, Any]:
+    def chat_completions(body: ChatCompletionRequest) -> Any:
         _refuse_common(body)
         if body.logprobs or body.top_logprobs:
             raise APIError(400, "logprobs are not supported by sift serve", param="logprobs", code="unsupported")
@@ -276,6 +315,8 @@ def create_app(
         else:
             max_tokens = _max_tokens(body.max_tokens, "max_tokens", settings)
         gen = current()
+        if body.stream:
+            return _streaming(gen, body, [prompt], max_tokens, settings, infer, chat=True)
         results = _answer(gen, body, [prompt], max_tokens, settings, infer)
         a, text, finish, _, _ = results[0]
         choices = [
@@ -295,13 +336,8 @@ def create_app(
 
 
 def _refuse_common(body: _Request) -> None:
-    if body.stream:
-        raise APIError(
-            400,
-            "stream=true is not supported: sift serve answers in one piece; send stream=false",
-            param="stream",
-            code="unsupported",
-        )
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options needs stream=true", param="stream_options")
     if body.n not in (None, 1):
         raise APIError(
             400,
@@ -376,11 +412,9 @@ def _no_such_model(model: str, gen: Generation, settings: ServeSettings) -> APIE
 # -- answering --------------------------------------------------------------------------------------
 
 
-def _answer(
-    gen: Generation, body: _Request, prompts: list[str], max_tokens: int, settings: ServeSettings, infer: threading.Lock
-) -> list[tuple[Answer, str, str, int, int]]:
-    """(answer, text, finish_reason, prompt tokens, completion tokens) per prompt, on the path
-    the request's model id and sift_* fields choose."""
+def _path(gen: Generation, body: _Request, settings: ServeSettings) -> tuple[int | None, bool]:
+    """(shard, merged) the request's model id and sift_* fields choose; checked before any
+    model runs, so a bad request is refused with its status even when it asks to stream."""
     shard, merged = body.sift_shard, False
     if body.model == settings.name:
         pass
@@ -398,7 +432,35 @@ def _answer(
         shard = k
     else:
         raise _no_such_model(body.model, gen, settings)
-    stops = [body.stop] if isinstance(body.stop, str) else [s for s in (body.stop or []) if s]
+    return shard, merged
+
+
+def _stops(body: _Request) -> list[str]:
+    return [body.stop] if isinstance(body.stop, str) else [s for s in (body.stop or []) if s]
+
+
+def _finish(tok: Any, answer: str, stops: list[str], max_tokens: int, prompt: str) -> tuple[str, str, int, int]:
+    """(text, finish_reason, prompt tokens, completion tokens) of one greedy answer: cut at the
+    first stop string, else 'length' when it used every token allowed."""
+    text, finish = answer, "stop"
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if cuts:
+        text = text[: min(cuts)]
+    elif len(tok(answer, add_special_tokens=False)["input_ids"]) >= max_tokens:
+        finish = "length"
+    # the answer re-encoded: it can count more tokens than were generated (bytes of a broken
+    # character decode to one replacement character), hence the cap
+    used = min(len(tok(text, add_special_tokens=False)["input_ids"]), max_tokens)
+    return text, finish, len(prompt_ids(tok, prompt)), used
+
+
+def _answer(
+    gen: Generation, body: _Request, prompts: list[str], max_tokens: int, settings: ServeSettings, infer: threading.Lock
+) -> list[tuple[Answer, str, str, int, int]]:
+    """(answer, text, finish_reason, prompt tokens, completion tokens) per prompt, on the path
+    the request's model id and sift_* fields choose."""
+    shard, merged = _path(gen, body, settings)
+    stops = _stops(body)
     try:
         with infer:
             answers = gen.server.answer(
@@ -411,22 +473,13 @@ def _answer(
                 fallback=body.sift_fallback or settings.fallback,
             )
             tok = gen.server.tokenizer()  # tokenizers are not safe to share between threads: count under the lock
-            out = []
-            for p, a in zip(prompts, answers):
-                text, finish = a.answer, "stop"
-                cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-                if cuts:
-                    text = text[: min(cuts)]
-                elif len(tok(a.answer, add_special_tokens=False)["input_ids"]) >= max_tokens:
-                    finish = "length"
-                # the answer re-encoded: it can count more tokens than were generated (bytes of a
-                # broken character decode to one replacement character), hence the cap
-                used = min(len(tok(text, add_special_tokens=False)["input_ids"]), max_tokens)
-                out.append((a, text, finish, len(prompt_ids(tok, p)), used))
-            return out
+            return [(a, *_finish(tok, a.answer, stops, max_tokens, p)) for p, a in zip(prompts, answers)]
     except SiftError as exc:
-        param = "sift_group" if body.sift_group is not None else "sift_shard" if body.sift_shard is not None else None
-        raise APIError(400, str(exc), param=param) from None
+        raise APIError(400, str(exc), param=_sift_param(body)) from None
+
+
+def _sift_param(body: _Request) -> str | None:
+    return "sift_group" if body.sift_group is not None else "sift_shard" if body.sift_shard is not None else None
 
 
 def _choice_sift(gen: Generation, a: Answer) -> dict[str, Any]:
@@ -466,3 +519,110 @@ def _response(
             **_choice_sift(gen, results[0][0]),
         },
     }
+
+
+# -- streaming --------------------------------------------------------------------------------------
+
+
+def _streaming(
+    gen: Generation,
+    body: _Request,
+    prompts: list[str],
+    max_tokens: int,
+    settings: ServeSettings,
+    infer: threading.Lock,
+    chat: bool,
+) -> StreamingResponse:
+    """Server-sent events for `stream: true`. What can be refused is refused here, with its
+    status, before the first byte; the answer then streams from `gen`, the generation current
+    when the request was accepted, to its end, whatever a forget does meanwhile."""
+    shard, merged = _path(gen, body, settings)
+    if body.sift_group is not None:
+        try:
+            gen.server.view.shard_of_group(body.sift_group)
+        except SiftError as exc:
+            raise APIError(400, str(exc), param="sift_group") from None
+    return StreamingResponse(
+        _events(gen, body, prompts, max_tokens, settings, infer, chat, shard, merged),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
+def _events(
+    gen: Generation,
+    body: _Request,
+    prompts: list[str],
+    max_tokens: int,
+    settings: ServeSettings,
+    infer: threading.Lock,
+    chat: bool,
+    shard: int | None,
+    merged: bool,
+) -> Iterator[str]:
+    from sift.serving.http.stream import TextPieces, stream_tokens
+
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
+    created = int(time.time())
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    stops = _stops(body)
+    usage = [0, 0]
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+        payload = {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": body.model,
+            "system_fingerprint": gen.id,
+            "choices": choices,
+            "sift": {"generation": gen.id, "generation_number": gen.number, "ledger_head": gen.ledger_head},
+            **extra,
+        }
+        return f"data: {json.dumps(payload)}\n\n"
+
+    def choice(i: int, piece: str | None, finish: str | None, first: bool = False, **extra: Any) -> dict[str, Any]:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if piece:
+                delta["content"] = piece
+            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish, **extra}
+        return {"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish, **extra}
+
+    try:
+        with infer:  # one generation at a time through the model, as for answers in one piece
+            targets, groups = gen.server.answer_plan(
+                prompts,
+                router=body.sift_router or settings.router,
+                merged=merged,
+                shard=shard,
+                group=body.sift_group,
+                fallback=body.sift_fallback or settings.fallback,
+            )
+            for model, tok, path, k, idx in groups:
+                for i in idx:
+                    t = targets[i]
+                    a = Answer(prompts[i], "", path if k is None else t.path, t.shard, t.router, t.score)
+                    yield event([choice(i, None, None, first=True, sift=_choice_sift(gen, a))])
+                    pieces, cancel = TextPieces(tok, stops), threading.Event()
+                    for ids in stream_tokens(model, tok, prompts[i], max_tokens, cancel):
+                        piece = pieces.feed(ids)
+                        if piece:
+                            yield event([choice(i, piece, None)])
+                        if pieces.stopped:
+                            cancel.set()  # the text ends at the stop string: no need to go on
+                    answer, rest = pieces.final()
+                    _, finish, used_prompt, used = _finish(tok, answer, stops, max_tokens, prompts[i])
+                    usage[0], usage[1] = usage[0] + used_prompt, usage[1] + used
+                    yield event([choice(i, rest, finish)])
+        if (body.stream_options or {}).get("include_usage"):
+            yield event(
+                [],
+                usage={"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)},
+            )
+        yield "data: [DONE]\n\n"
+    except SiftError as exc:
+        yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'invalid_request_error', 'param': _sift_param(body), 'code': None}})}\n\n"
+    except Exception as exc:  # noqa: BLE001 - logged here; the client learns nothing of the internals
+        logger.error("internal error while streaming %s", rid, exc_info=exc)
+        yield f"data: {json.dumps({'error': {'message': 'internal server error', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"

@@ -255,6 +255,10 @@ class Generations:
             self._current = self._build(wait, first=True)
             return self._current
 
+    def latest(self) -> Generation | None:
+        """The generation served last, without looking at the workspace (for /health)."""
+        return self._current
+
     def current(self) -> Generation:
         """The generation a request accepted now must be answered by."""
         gen = self._current
