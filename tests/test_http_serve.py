@@ -506,3 +506,33 @@ def test_a_stream_open_across_a_forget_finishes_on_its_generation(trained_templa
     assert chunks[0].choices[0].sift["served_by"]["path"] == "routed"
     assert after.sift["ledger_head"] == cert["ledger_entry"] and after.system_fingerprint != before.system_fingerprint
     assert after.sift["served_by"]["path"] == "merged"  # no shard holds the owner any more
+
+
+def test_a_full_queue_gets_429_and_a_long_wait_503(trained_template, tmp_path, facts):
+    ws = copy_ws(trained_template, tmp_path)
+    app = create_app(ws, log=False, max_queue=1, request_timeout=2.0)
+    gate = app.state.gate
+    with serving(app) as url:
+        client = client_for(url)
+        gate.lock.acquire()  # the model is busy with a long generation
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(client.completions.create, model=NAME, prompt=facts[0]["prompt"], max_tokens=2)
+                deadline = time.monotonic() + 30
+                while gate.waiting < 1:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                for call in (
+                    lambda: client.completions.create(model=NAME, prompt="hi", max_tokens=2),
+                    lambda: list(client.completions.create(model=NAME, prompt="hi", max_tokens=2, stream=True)),
+                ):
+                    with pytest.raises(openai.RateLimitError) as err:
+                        call()
+                    assert err.value.status_code == 429 and err.value.code == "queue_full"
+                with pytest.raises(openai.InternalServerError) as err:
+                    waiting.result(timeout=30)
+                assert err.value.status_code == 503 and err.value.code == "timeout"
+        finally:
+            gate.lock.release()
+        r = client.completions.create(model=NAME, prompt=facts[0]["prompt"], max_tokens=2)
+        assert r.choices[0].text is not None and gate.waiting == 0

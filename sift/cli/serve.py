@@ -209,6 +209,12 @@ def serve(
             "Without one, any client that reaches the port is served.",
         ),
     ] = None,
+    max_queue: Annotated[
+        int, typer.Option(help="Requests that may wait for the model at once; more are refused with 429.")
+    ] = 64,
+    request_timeout: Annotated[
+        float, typer.Option(help="Seconds a request may wait for its turn at the model before a 503.")
+    ] = 300.0,
     wait: Wait = 0.0,
 ) -> None:
     """Serve the workspace over HTTP with an OpenAI-compatible API: /v1/completions,
@@ -231,6 +237,8 @@ def serve(
         max_tokens_limit=max_tokens_limit,
         startup_wait=wait,
         api_keys=list(api_key or []),
+        max_queue=max_queue,
+        request_timeout=request_timeout,
     )
     name = application.state.settings.name
     print(

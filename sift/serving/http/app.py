@@ -29,6 +29,7 @@ them, or gets 401 in OpenAI's shape; GET /health (liveness) needs none.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -127,6 +128,51 @@ class ChatCompletionRequest(_Request):
     response_format: dict[str, Any] | None = None
 
 
+class Gate:
+    """One generation at a time through the model, with a bounded queue in front of it: a request
+    that finds `max_queue` others waiting is refused at once with 429, and one that waits longer
+    than `timeout` seconds for its turn gets 503. Requests are served in no promised order."""
+
+    def __init__(self, max_queue: int = 64, timeout: float = 300.0):
+        if max_queue < 1 or timeout <= 0:
+            raise SiftError("the request queue needs room for at least 1 request and a timeout above 0 s")
+        self.max_queue, self.timeout = max_queue, timeout
+        self.lock = threading.Lock()  # held while a generation runs
+        self._count = threading.Lock()
+        self.waiting = 0
+
+    def check_room(self) -> None:
+        if self.waiting >= self.max_queue:
+            raise APIError(
+                429,
+                f"the server is busy: {self.waiting} request(s) are waiting (sift serve --max-queue); retry later",
+                type_="rate_limit_error",
+                code="queue_full",
+            )
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        with self._count:
+            self.check_room()
+            self.waiting += 1
+        try:
+            got = self.lock.acquire(timeout=self.timeout)
+        finally:
+            with self._count:
+                self.waiting -= 1
+        if not got:
+            raise APIError(
+                503,
+                f"timed out after {self.timeout:g} s waiting for the model (sift serve --request-timeout)",
+                type_="server_error",
+                code="timeout",
+            )
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     name: str  # the model id of routed serving
@@ -153,13 +199,16 @@ def create_app(
     startup_wait: float = 0.0,
     log: bool = True,
     api_keys: list[str] | None = None,
+    max_queue: int = 64,
+    request_timeout: float = 300.0,
 ) -> FastAPI:
     """The FastAPI app serving workspace `ws`. Loads the first generation now (so that a
     workspace that cannot be served fails here, with a SiftError, not at the first request).
     `router` / `fallback` are the server's defaults (a request's sift_router / sift_fallback
     win); `reload_wait`: how long a request accepted after a completed forget waits for the
     workspace's lock before it is refused with 503. `api_keys`: the keys a /v1 request may
-    present as a bearer token (None or empty: no key needed)."""
+    present as a bearer token (None or empty: no key needed). `max_queue` requests may wait for
+    the model at once (more get 429), each at most `request_timeout` seconds (then 503)."""
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
     ws.require()
     if router is not None:
@@ -181,7 +230,7 @@ def create_app(
     settings = ServeSettings(name, router, fallback, default_max_tokens, max_tokens_limit)
     generations = Generations(ws, reload_wait=reload_wait, log=log)
     generations.start(wait=startup_wait)
-    infer = threading.Lock()  # one request at a time through the model
+    infer = Gate(max_queue, request_timeout)  # one request at a time through the model, a bounded queue before it
 
     app = FastAPI(
         title="sift",
@@ -191,6 +240,7 @@ def create_app(
         description="OpenAI-compatible API over a sift workspace's routed serving",
     )
     app.state.generations = generations
+    app.state.gate = infer
     app.state.settings = settings
 
     @app.exception_handler(APIError)
@@ -455,14 +505,14 @@ def _finish(tok: Any, answer: str, stops: list[str], max_tokens: int, prompt: st
 
 
 def _answer(
-    gen: Generation, body: _Request, prompts: list[str], max_tokens: int, settings: ServeSettings, infer: threading.Lock
+    gen: Generation, body: _Request, prompts: list[str], max_tokens: int, settings: ServeSettings, infer: Gate
 ) -> list[tuple[Answer, str, str, int, int]]:
     """(answer, text, finish_reason, prompt tokens, completion tokens) per prompt, on the path
     the request's model id and sift_* fields choose."""
     shard, merged = _path(gen, body, settings)
     stops = _stops(body)
     try:
-        with infer:
+        with infer.turn():
             answers = gen.server.answer(
                 prompts,
                 router=body.sift_router or settings.router,
@@ -530,13 +580,14 @@ def _streaming(
     prompts: list[str],
     max_tokens: int,
     settings: ServeSettings,
-    infer: threading.Lock,
+    infer: Gate,
     chat: bool,
 ) -> StreamingResponse:
     """Server-sent events for `stream: true`. What can be refused is refused here, with its
     status, before the first byte; the answer then streams from `gen`, the generation current
     when the request was accepted, to its end, whatever a forget does meanwhile."""
     shard, merged = _path(gen, body, settings)
+    infer.check_room()  # a full queue is refused with its status, before the stream starts
     if body.sift_group is not None:
         try:
             gen.server.view.shard_of_group(body.sift_group)
@@ -555,7 +606,7 @@ def _events(
     prompts: list[str],
     max_tokens: int,
     settings: ServeSettings,
-    infer: threading.Lock,
+    infer: Gate,
     chat: bool,
     shard: int | None,
     merged: bool,
@@ -590,7 +641,7 @@ def _events(
         return {"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish, **extra}
 
     try:
-        with infer:  # one generation at a time through the model, as for answers in one piece
+        with infer.turn():  # one generation at a time through the model, as for answers in one piece
             targets, groups = gen.server.answer_plan(
                 prompts,
                 router=body.sift_router or settings.router,
@@ -621,6 +672,8 @@ def _events(
                 usage={"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)},
             )
         yield "data: [DONE]\n\n"
+    except APIError as exc:  # the queue filled or the wait timed out after the stream began
+        yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.type, 'param': exc.param, 'code': exc.code}})}\n\n"
     except SiftError as exc:
         yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'invalid_request_error', 'param': _sift_param(body), 'code': None}})}\n\n"
     except Exception as exc:  # noqa: BLE001 - logged here; the client learns nothing of the internals
