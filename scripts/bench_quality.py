@@ -113,6 +113,7 @@ def make_config(args: argparse.Namespace, S: int) -> SiftConfig:
         cfg.sift_masks.lr = args.sift_masks_lr
     if args.mask_density:
         cfg.sift_masks.density = args.mask_density
+    cfg.sift_masks.form = args.mask_form
     return cfg
 
 
@@ -159,6 +160,12 @@ def main() -> None:
     ap.add_argument("--min-steps", type=int, default=None, help="train.min_steps: a floor on each shard's steps")
     ap.add_argument("--sift-masks-lr", type=float, default=None, help="override sift_masks.lr")
     ap.add_argument("--mask-density", type=float, default=None, help="sift_masks.density: share of entries kept")
+    ap.add_argument(
+        "--mask-form",
+        choices=("dense", "lora"),
+        default="dense",
+        help="sift_masks.form of the sift-masks rows: dense (the paper's) or lora (sift's LoRA form, merged with sift-masks-lora[-coordinate])",
+    )
     ap.add_argument("--model", default="builtin")
     ap.add_argument("--batch-size", type=int, default=16, help="questions answered per generate() call")
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -237,13 +244,14 @@ def main() -> None:
         nonlocal base
         cfg = make_config(args, S)
         cfg.train.method = method
-        ws = Workspace(work / (f"ws-S{S}" if method == "lora" else f"ws-S{S}-{method}"))
+        tag = method if method == "lora" or args.mask_form == "dense" else f"{method}-lora-form"
+        ws = Workspace(work / (f"ws-S{S}" if method == "lora" else f"ws-S{S}-{tag}"))
         if not ws.exists():
             create_workspace(ws, str(data), cfg)
         base = base or LazyBase(cfg.model.name, cfg.model.revision, ws.load_state().base_model_fingerprint)
         log(f"S={S} {method}: training")
         summary = train_shards(ws, base=base, quiet=True)
-        timing_file = work / (f"train-S{S}.json" if method == "lora" else f"train-S{S}-{method}.json")
+        timing_file = work / (f"train-S{S}.json" if method == "lora" else f"train-S{S}-{tag}.json")
         if summary["trained"]:  # time of the run that trained it (a resumed run keeps the first's)
             timing_file.write_text(json.dumps({"seconds": summary["seconds"], "steps": summary["steps"]}))
         train = json.loads(timing_file.read_text()) if timing_file.exists() else {"seconds": None, "steps": None}
@@ -379,8 +387,10 @@ def main() -> None:
         from sift.adapters import load_adapter
 
         b = base.get()  # type: ignore[union-attr]
+        cfg = ws.load_config()
+        lora_form = cfg.sift_masks.form == "lora"
         for shard in nonempty:
-            key = f"sm-alone-{shard}"
+            key = f"sml-alone-{shard}" if lora_form else f"sm-alone-{shard}"
             prompts = [q for qs in (trained_q, para_q) for q, s in zip(qs, owner_shard) if s == shard]
             if cache.missing(S, key, prompts):
                 deltas = load_adapter(ws.adapter_dir(shard), shard).modules
@@ -389,16 +399,26 @@ def main() -> None:
                 try:
                     with __import__("torch").no_grad():
                         for name, f in deltas.items():
-                            params[name].add_(f.delta.to(params[name].dtype))
+                            if lora_form:  # tau_c = s * B_c @ A
+                                from sift.siftmasks.lowrank import frozen_a, lowrank_product
+
+                                a = frozen_a(name, cfg.lora.r, params[name].shape[1], cfg.sift_masks.sign_seed)
+                                tau = lowrank_product(f.delta, a).mul_(cfg.lora.alpha / cfg.lora.r)
+                            else:
+                                tau = f.delta
+                            params[name].add_(tau.to(params[name].dtype))
                     cache.fill(S, key, prompts, gen(b.model, b.tokenizer), args.batch_size)
                 finally:
                     with __import__("torch").no_grad():
                         for name, value in saved.items():
                             params[name].copy_(value)
-        got = [cache.get(S, f"sm-alone-{s}", q) for q, s in zip(trained_q + para_q, owner_shard + owner_shard)]
+        prefix = "sml" if lora_form else "sm"
+        got = [cache.get(S, f"{prefix}-alone-{s}", q) for q, s in zip(trained_q + para_q, owner_shard + owner_shard)]
         results.append(
             {
-                "path": "sift-masks: each shard alone (base + tau_c, owner's questions)",
+                "path": "sift-masks"
+                + (" (LoRA form)" if lora_form else "")
+                + ": each shard alone (base + tau_c, owner's questions)",
                 **common,
                 **score([a for a, _ in got], [t for _, t in got], rows, [], n),
             }
@@ -481,16 +501,21 @@ def main() -> None:
         common = {**common, "mask_density": round(sum(mask_ones) / len(mask_ones) / tuned, 4)}
         log(f"S={S}: sift-masks, each shard alone (theta0 + tau_c)")
         alone_rows(S, ws, common, owner_shard, nonempty)
-        for method, prefix, label in (
-            ("sift-masks", "sm-", "sift-masks: "),
-            ("sift-masks-coordinate", "smc-", "sift-masks-coordinate: "),
-        ):
+        variants = (
+            (
+                ("sift-masks-lora", "sml-", "sift-masks-lora: "),
+                ("sift-masks-lora-coordinate", "smlc-", "sift-masks-lora-coordinate: "),
+            )
+            if args.mask_form == "lora"
+            else (("sift-masks", "sm-", "sift-masks: "), ("sift-masks-coordinate", "smc-", "sift-masks-coordinate: "))
+        )
+        for method, prefix, label in variants:
             merge_workspace(ws, method=method, base=base)
             server = WorkspaceServer(ws, base=base)
             model, tok, _ = server.merged_model()
             log(f"S={S}: {method} merged, no mask")
             ans, sec = answer_all(S, f"{prefix}merged", all_q, gen(model, tok))
-            formula = "sum/T" if method == "sift-masks" else "sum/count"
+            formula = "sum/count" if method.endswith("coordinate") else "sum/T"
             results.append(
                 {"path": f"{label}merged, no mask (base + {formula})", **common, **score(ans, sec, rows, general, n)}
             )

@@ -93,6 +93,15 @@ class SiftMasksSettings:
     # the builtin model (S = 4, 32 people): a shard alone still recalls 100 % of its facts, and
     # masks that overlap less let sift-masks-coordinate serve it at 100 % (docs/benchmarks.md)
     density: float = 0.3
+    # "dense": each shard stores tau_c for every tuned weight (the paper's form). "lora": sift's
+    # LoRA form of it (not the paper's): a frozen A of each tuned weight drawn from sign_seed alone
+    # and shared by every shard, B (lora.r columns, scale lora.alpha / lora.r) trained and
+    # sign-fixed against its own seeded signs, the mask on B; served base + scale * (m_c * sum of
+    # B) / T @ A. Storage r x d_out per weight instead of d_in x d_out (sift.siftmasks.lowrank).
+    form: str = "dense"
+
+
+SIFT_MASKS_FORMS = ("dense", "lora")
 
 
 @dataclass
@@ -217,6 +226,8 @@ class SiftConfig:
             raise SiftError(f"sift_masks.lr must be a positive number, got {sm.lr}")
         if not (0 < sm.density <= 1):
             raise SiftError(f"sift_masks.density must lie in (0, 1], got {sm.density}")
+        if sm.form not in SIFT_MASKS_FORMS:
+            raise SiftError(f"sift_masks.form must be one of {', '.join(SIFT_MASKS_FORMS)}; got {sm.form!r}")
         if not (isinstance(t.min_steps, int) and 0 <= t.min_steps <= 1_000_000):
             raise SiftError(f"train.min_steps must be an integer in 0..1000000, got {t.min_steps!r}")
         if t.min_steps and t.slices > 1:
@@ -272,7 +283,11 @@ class SiftConfig:
             d["train"].pop("method")  # LoRA workspaces keep the hashes they had before)
             d.pop("sift_masks")
         else:
-            d.pop("lora")
+            lora = d.pop("lora")
+            if self.sift_masks.form == "dense":  # workspaces made before the LoRA form keep their hashes
+                d["sift_masks"].pop("form")
+            else:  # the LoRA form's rank and scale shape its B
+                d["sift_masks"]["lora_r"], d["sift_masks"]["lora_alpha"] = lora["r"], lora["alpha"]
             d["train"].pop("lr")  # sift_masks.lr is the one that applies
             if self.compute.dtype != "float32":  # a half-precision base trains float32 master weights
                 d["sift_masks"]["master_dtype"] = "float32"

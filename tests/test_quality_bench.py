@@ -116,6 +116,44 @@ def test_bench_quality_runs_and_keys_routing_reuses_the_owners_answers(tmp_path)
     assert all(r["stored_bytes_per_shard"] > 0 for r in list(by.values()) + list(sm.values()))
 
 
+def test_bench_quality_measures_the_lora_form_of_sift_masks(tmp_path):
+    """--mask-form lora: the same rows for sift-masks-lora and its per-coordinate variant."""
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_quality.py"),
+            "--model",
+            "builtin-tiny",
+            "--people",
+            "3",
+            "--shards",
+            "2",
+            "--epochs",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "--methods",
+            "sift-masks",
+            "--mask-form",
+            "lora",
+            "--routers",
+            "keys",
+            "--workdir",
+            str(tmp_path / "bq"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    paths = {r["path"] for r in json.loads(p.stdout)["results"] if r["S"] == 2}
+    assert "sift-masks (LoRA form): each shard alone (base + tau_c, owner's questions)" in paths
+    for label, formula in {"sift-masks-lora: ": "sum/T", "sift-masks-lora-coordinate: ": "sum/count"}.items():
+        assert f"{label}merged, no mask (base + {formula})" in paths
+        assert f"{label}routed: keys router (no group id)" in paths
+
+
 def test_bench_routing_builds_the_routers_as_training_does_and_reports_each(tmp_path):
     p = subprocess.run(
         [

@@ -78,7 +78,15 @@ def train_shards_cmd(
     mask_density: Annotated[
         Optional[float],
         typer.Option(
-            help="sift-masks: the share of each tuned weight's entries a shard keeps, its largest deltas (default 1: every entry tuning moved)."
+            help="sift-masks: the share of each tuned weight's entries a shard keeps, its largest deltas (default 0.3; 1 keeps every entry tuning moved)."
+        ),
+    ] = None,
+    mask_form: Annotated[
+        Optional[str],
+        typer.Option(
+            help="sift-masks: dense (each shard stores its delta of every tuned weight, the paper's form) or lora "
+            "(sift's LoRA form: a seeded frozen A shared by all shards, a sign-fixed B of --lora-r columns per shard, "
+            "the mask on B; merged with sift-masks-lora[-coordinate]). Default dense."
         ),
     ] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Rows per step (default 8).")] = None,
@@ -168,6 +176,7 @@ def train_shards_cmd(
         gradient_checkpointing=gradient_checkpointing,
         min_steps=min_steps,
         mask_density=mask_density,
+        mask_form=mask_form,
     )
     summary = train_workspace(
         workspace, data, settings, config=config, shards=shards, wait=wait, retrain_all=retrain_all

@@ -51,6 +51,7 @@ class TrainSettings:
     gradient_checkpointing: bool | None = None
     min_steps: int | None = None
     mask_density: float | None = None
+    mask_form: str | None = None
 
     def overrides(self, sift_masks: bool) -> dict[tuple[str, str], Any]:
         """(section, key) -> value, for config.apply_overrides."""
@@ -60,6 +61,8 @@ class TrainSettings:
             )
         if self.mask_density is not None and not sift_masks:
             raise SiftError("--mask-density applies to --method sift-masks only")
+        if self.mask_form is not None and not sift_masks:
+            raise SiftError("--mask-form applies to --method sift-masks only")
         where = {
             "model": ("model", "name"),
             "num_shards": ("shards", "num_shards"),
@@ -82,6 +85,7 @@ class TrainSettings:
             "gradient_checkpointing": ("compute", "gradient_checkpointing"),
             "min_steps": ("train", "min_steps"),
             "mask_density": ("sift_masks", "density"),
+            "mask_form": ("sift_masks", "form"),
         }
         return {where[f.name]: getattr(self, f.name) for f in fields(self)}
 
@@ -94,8 +98,11 @@ def _wait_for_creation(ws: Any, timeout: float) -> None:
         time.sleep(0.2)
 
 
+_FLAGS = {"target_modules": "--targets", "density": "--mask-density", "form": "--mask-form"}
+
+
 def _flag(section: str, key: str) -> str:
-    return "--targets" if key == "target_modules" else f"--{key.replace('_', '-')}"
+    return _FLAGS.get(key) or f"--{key.replace('_', '-')}"
 
 
 def train_workspace(
@@ -149,7 +156,8 @@ def train_workspace(
                 if cfg.train.method == "sift-masks" and cfg.merge.method == "mean":
                     # serve what the method is for, unless told otherwise: sift's per-coordinate variant,
                     # which the measurements favour (docs/benchmarks.md#sift-masks-that-learns)
-                    cfg.merge.method = "sift-masks-coordinate"
+                    lora_form = cfg.sift_masks.form == "lora"
+                    cfg.merge.method = "sift-masks-lora-coordinate" if lora_form else "sift-masks-coordinate"
                 cfg.validate()
                 assert data is not None
                 created = create_workspace(ws, data, cfg)

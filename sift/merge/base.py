@@ -50,6 +50,7 @@ class MergeMethod(ABC):
     incremental: bool = False
     params: tuple[Param, ...] = ()
     needs_training: str | None = None  # a train.method the shards must have been trained with
+    lowrank: bool = False  # merges the LoRA form of SIFT-Masks (sums of B, sift_masks.form lora)
 
     def resolve(self, given: dict[str, float | None]) -> dict[str, float]:
         """Fill defaults, check ranges, refuse parameters this method does not take."""
@@ -81,6 +82,17 @@ class IncrementalMethod(MergeMethod):
 
     incremental = True
     counts = False  # keeps per-entry counts of nonzero deltas beside the sums (a per-coordinate mean)
+
+    def for_workspace(self, cfg: Any) -> IncrementalMethod:
+        """This method with what it needs of the workspace's config (none, for most)."""
+        return self
+
+    def routed_weights(
+        self, acc: MergeState, base_state: dict[str, torch.Tensor], n: int, masks: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The weights a request routed to one SIFT-Masks shard gets: the sums with that shard's
+        local mask applied (only methods over sift-masks shards serve them)."""
+        return acc.served_weights(base_state, 1.0 / n if n else 0.0, masks=masks)
 
     @abstractmethod
     def served_coefficient(self, n: int, params: dict[str, float]) -> float:

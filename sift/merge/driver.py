@@ -20,6 +20,7 @@ from sift.config import SERVED_DTYPES, SiftConfig, merge_param_aliases
 from sift.errors import SiftError
 from sift.logs import get_logger
 from sift.merge import IncrementalMethod, MergeMethod, MergeState, RecomputedMethod, get_method
+from sift.merge.registry import METHODS
 from sift.merge.served import BaseFiles, served_hashes, tokenizer_files, write_served, write_served_stream
 from sift.merge.served import load_merge_state as _load_state
 from sift.merge.served import served_info as _served_info
@@ -131,6 +132,16 @@ def merge_workspace(
             f"merge method {m.name!r} needs shards trained with `train-shards --method {m.needs_training}`; "
             f"this workspace trains {cfg.train.method}"
         )
+    lora_form = cfg.train.method == "sift-masks" and cfg.sift_masks.form == "lora"
+    if m.lowrank != lora_form:
+        raise SiftError(
+            f"this workspace's SIFT-Masks shards are in the LoRA form (sift_masks.form lora): merge them with "
+            f"{' or '.join(n for n, x in METHODS.items() if x.lowrank)}"
+            if lora_form
+            else f"merge method {m.name!r} merges the LoRA form of SIFT-Masks (train-shards --method sift-masks --mask-form lora)"
+        )
+    if isinstance(m, IncrementalMethod):
+        m = m.for_workspace(cfg)  # what the method needs of the config (the LoRA form: A's seed, rank, scale)
     params = method_params(view, m)
     try:
         members = current_adapters(view)
@@ -173,6 +184,9 @@ def merge_workspace(
         adapter = load_adapter(ws.adapter_dir(shard), shard, lazy=True)  # modules read when merged
         if any(name not in shapes for name in adapter.modules):  # the files may name weights otherwise
             shapes = base.weight_shapes(on_disk=False)
+        if m.lowrank:  # each module is B ([rows, r]) of a weight
+            rows = {name: (shapes[name][0], cfg.lora.r) if name in shapes else None for name in adapter.modules}
+            return check_fits_base(adapter, {k: v for k, v in rows.items() if v is not None}, ws.adapter_dir(shard))
         return check_fits_base(adapter, shapes, ws.adapter_dir(shard))
 
     stats: dict[str, int] = {}  # merged entries, and those that equal the base's
@@ -381,7 +395,8 @@ def write_incremental(
     try:
         names = plan.names() if members else set()
         dtype = base.compute.dtype if base.compute is not None else "float32"
-        files = BaseFiles.open(base_weight_folder(base.name, base.revision), names, dtype)
+        # the LoRA form's sums are [rows, r], not the weights' shape: it merges in memory
+        files = None if m.lowrank else BaseFiles.open(base_weight_folder(base.name, base.revision), names, dtype)
         if files is None:
             acc = plan.in_memory()
             weights = m.served_weights(acc, _cpu_state(base, served_dtype), len(members), params)

@@ -249,10 +249,11 @@ class WorkspaceServer:
         info, state = served_info(self.ws.merged_dir), load_merge_state(self.ws.merged_dir)
         members = {s: self.view.plan(s).adapter_sha256 for s in self.serving_shards()}
         if info is None or not masked_merge(info.get("method")) or state is None:
-            known = ", ".join(name for name in METHODS if masked_merge(name))
+            lora_form = self.view.cfg.sift_masks.form == "lora"
+            known = [name for name, m in METHODS.items() if masked_merge(name) and m.lowrank == lora_form]
             raise SiftError(
-                f"a SIFT-Masks shard is served from the merged sums: run `sift merge -w {self.ws.root} --method sift-masks` "
-                f"first (methods that serve masks: {known})"
+                f"a SIFT-Masks shard is served from the merged sums: run `sift merge -w {self.ws.root} --method {known[0]}` "
+                f"first (methods that serve masks: {', '.join(known)})"
             )
         if state.members != members:
             raise SiftError(
@@ -261,7 +262,9 @@ class WorkspaceServer:
         import torch
 
         dtype = torch.float32 if info.get("served_dtype") == "float32" else None
-        return MaskedShards(self.base.get().model, state, len(members), dtype)
+        method = METHODS[info["method"]]
+        bound = method.for_workspace(self.view.cfg) if isinstance(method, IncrementalMethod) else None
+        return MaskedShards(self.base.get().model, state, len(members), dtype, method=bound)
 
     def base_model(self) -> tuple[Any, Any, str]:
         """(model, tokenizer, "base"): the untrained base, which holds no data."""

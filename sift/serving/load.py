@@ -71,8 +71,11 @@ class MaskedShards:
     rewrites only the tuned weights. A shard's mask is read from its folder at each switch, or
     from memory once `pin_masks` has read them all (a server that must not see later files)."""
 
-    def __init__(self, base_model: Any, state: Any, n: int, dtype: torch.dtype | None = None):
-        """`dtype`: the served dtype when it is not the base's (merge.served_dtype float32)."""
+    def __init__(self, base_model: Any, state: Any, n: int, dtype: torch.dtype | None = None, method: Any = None):
+        """`dtype`: the served dtype when it is not the base's (merge.served_dtype float32).
+        `method`: the merge method bound to the workspace (its routed_weights formula; None: the
+        sums with the mask, over T)."""
+        self._method = method
         self._model = copy.deepcopy(base_model).eval()
         if dtype is not None:
             self._model = self._model.to(dtype)
@@ -96,7 +99,10 @@ class MaskedShards:
 
         if self._current != shard:
             masks = self._pinned[shard] if self._pinned is not None else load_masks(adapter_dir)
-            weights = self._state.served_weights(self._base_state, 1.0 / self._n, masks=masks)
+            if self._method is not None:
+                weights = self._method.routed_weights(self._state, self._base_state, self._n, masks)
+            else:
+                weights = self._state.served_weights(self._base_state, 1.0 / self._n, masks=masks)
             with torch.no_grad():
                 for name, value in weights.items():
                     self._model.get_parameter(name).copy_(value)

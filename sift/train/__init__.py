@@ -206,9 +206,14 @@ def _fit_sift_masks(
     """Sign-fixed full fine-tuning of the target weights, on the base itself (its weights are
     put back afterwards); saves the mask and the masked delta."""
     model = base.model
+    lowrank = cfg.sift_masks.form == "lora"
+    if lowrank:
+        from sift.siftmasks.lowrank import tune_sign_fixed_lowrank as tune
+    else:
+        tune = tune_sign_fixed
     with restored_on_exit(model, cfg.compute.gradient_checkpointing):
         use_checkpointing(model, cfg)
-        deltas, result = tune_sign_fixed(
+        deltas, result = tune(
             model,
             examples,
             base.tokenizer.pad_token_id,
@@ -220,7 +225,10 @@ def _fit_sift_masks(
     digest = save_delta(staged / DELTA_FILE, deltas)
     tuned = sum(t.numel() for t in deltas.values())
     moved = sum(int((t != 0).sum()) for t in deltas.values())
-    return digest, result, {"tuned_weights": tuned, "mask_ones": moved, "sign_seed": cfg.sift_masks.sign_seed}
+    extra = {"tuned_weights": tuned, "mask_ones": moved, "sign_seed": cfg.sift_masks.sign_seed}
+    if lowrank:  # B of each weight is stored: rank x rows values, the mask on them
+        extra.update(form="lora", lora_r=cfg.lora.r, lora_alpha=cfg.lora.alpha)
+    return digest, result, extra
 
 
 def train_shards(
