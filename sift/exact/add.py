@@ -237,7 +237,7 @@ def _complete(
     ws: Workspace, journal: dict[str, Any], base: LazyBase | None, view: WorkspaceView, retrain_all: bool = False
 ) -> dict[str, Any]:
     """Train the shards that received rows, re-merge, record the add in the ledger, drop the journal."""
-    from sift.exact.forget import leaving_adapters
+    from sift.exact.forget import leaving_adapters, merge_summary
 
     cfg, state = view.cfg, view.state
     base = base or LazyBase.of(cfg, state)
@@ -284,16 +284,7 @@ def _complete(
         "steps": steps,
         "readmitted_rows": len(journal["readmitted_id_hashes"]),
         "readmitted_groups": len(journal["readmitted_group_hashes"]),
-        "merge": None
-        if merge is None
-        else {
-            "mode": merge.get("mode", "unchanged"),
-            "method": merge["method"],
-            "exact": method.exact,
-            "incremental": method.incremental,
-            "served_sha256": merge["served_sha256"],
-            "served_dtype": merge.get("served_dtype"),
-        },
+        "merge": merge_summary(merge, method),
         "routers": "rebuilt from each trained shard's own rows",
         "ledger_entry": entry["entry_sha256"],
     }

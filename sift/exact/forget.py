@@ -255,18 +255,23 @@ def _complete(
         "steps": steps,  # optimizer steps of the retraining (a resumed forget counts what it ran)
         "shards_dropped": [s for s in affected if outcome[s] == "dropped"],
         "shards_emptied": [s for s in affected if outcome[s] == "emptied"],
-        "merge": None
-        if merge is None
-        else {
-            "mode": merge.get("mode", "unchanged"),
-            "method": merge["method"],
-            "exact": method.exact,
-            "incremental": method.incremental,
-            "served_sha256": merge["served_sha256"],
-            "served_dtype": merge.get("served_dtype"),
-        },
+        "merge": merge_summary(merge, method),
         "routers": "rebuilt from each retrained shard's own rows; removed with dropped or emptied shards",
         "ledger_entry": entry["entry_sha256"],
+    }
+
+
+def merge_summary(merge: dict[str, Any] | None, method: Any) -> dict[str, Any] | None:
+    """What a certificate says of the re-merge (None: the workspace serves no merged model yet)."""
+    if merge is None:
+        return None
+    return {
+        "mode": merge.get("mode", "unchanged"),
+        "method": merge["method"],
+        "exact": method.exact,
+        "incremental": method.incremental,
+        "served_sha256": merge["served_sha256"],
+        "served_dtype": merge.get("served_dtype"),
     }
 
 
