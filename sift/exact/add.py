@@ -92,7 +92,8 @@ def _add(ws: Workspace, source: str, readmit: bool, base: LazyBase | None) -> di
     check_schema(rows, view, source)
     entries = ws.read_ledger()
     forgotten_ids = ws.forgotten_hashes(entries)
-    readmitted_ids = sorted(keyed_id_hash(salt, r.id) for r in rows if keyed_id_hash(salt, r.id) in forgotten_ids)
+    id_hash = {r.id: keyed_id_hash(salt, r.id) for r in rows}
+    readmitted_ids = sorted(h for h in id_hash.values() if h in forgotten_ids)
     readmitted_groups: list[str] = []
     if cfg.data.group_by is not None:
         forgotten_groups = ws.forgotten_group_hashes(entries)
@@ -102,7 +103,7 @@ def _add(ws: Workspace, source: str, readmit: bool, base: LazyBase | None) -> di
     if (readmitted_ids or readmitted_groups) and not readmit:
         what = []
         if readmitted_ids:
-            back = [r.id for r in rows if keyed_id_hash(salt, r.id) in forgotten_ids]
+            back = [i for i, h in id_hash.items() if h in forgotten_ids]
             what.append(f"{len(back)} row(s) forgotten earlier (e.g. {back[0]!r})")
         if readmitted_groups:
             what.append(f"rows of {len(readmitted_groups)} {cfg.data.group_by} value(s) forgotten with --group")
@@ -210,12 +211,10 @@ def resume_pending_add(
         journal = json.loads(ws.add_journal_path.read_text())
         entries = ws.read_ledger()
         done = next((e for e in entries if e.get("add_id") == journal["add_id"]), None)
-        if done is not None:  # it had finished: only the anchor update and the journal's removal were left
-            state = ws.load_state()
-            if state.ledger_entries != len(entries):
-                state.ledger_entries, state.ledger_head = len(entries), entries[-1]["entry_sha256"]
-                ws.save_state(state)
-            ws.add_journal_path.unlink()
+        if done is not None:
+            from sift.exact.forget import settle_recorded
+
+            settle_recorded(ws, entries, ws.add_journal_path)
             return None
         view = WorkspaceView.load(ws)
         if journal["phase"] == ROWS:

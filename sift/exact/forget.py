@@ -12,6 +12,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from sift.adapters import Adapter, load_adapter, read_meta
@@ -173,13 +174,7 @@ def _resume(ws: Workspace, base: LazyBase | None, retrain_all: bool = False) -> 
     journal = json.loads(ws.journal_path.read_text())
     entries = ws.read_ledger()
     if any(e.get("forget_id") == journal["forget_id"] for e in entries):
-        # It had finished; what a crash can have cut off is the ledger anchor's update (state.json)
-        # and the journal's removal: both are done now.
-        state = ws.load_state()
-        if state.ledger_entries != len(entries):
-            state.ledger_entries, state.ledger_head = len(entries), entries[-1]["entry_sha256"]
-            ws.save_state(state)
-        ws.journal_path.unlink()
+        settle_recorded(ws, entries, ws.journal_path)
         return None
     log.info(f"sift: completing an interrupted forget ({len(journal['id_hashes'])} ids)")
     return _complete(ws, journal, base, retrain_all)
@@ -259,6 +254,17 @@ def _complete(
         "routers": "rebuilt from each retrained shard's own rows; removed with dropped or emptied shards",
         "ledger_entry": entry["entry_sha256"],
     }
+
+
+def settle_recorded(ws: Workspace, entries: list[dict[str, Any]], journal_path: Path) -> None:
+    """A journalled change (forget or add) whose ledger entry exists had finished; what a crash
+    can have cut off is the ledger anchor's update (state.json) and the journal's removal: both
+    are done here."""
+    state = ws.load_state()
+    if state.ledger_entries != len(entries):
+        state.ledger_entries, state.ledger_head = len(entries), entries[-1]["entry_sha256"]
+        ws.save_state(state)
+    journal_path.unlink()
 
 
 def merge_summary(merge: dict[str, Any] | None, method: Any) -> dict[str, Any] | None:

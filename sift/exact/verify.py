@@ -114,28 +114,33 @@ def verify(
             _init_fresh(fresh, plan)
             log.info(f"verify: rebuilding {len(plan.view.rows)} shard(s) from scratch in {fresh.root}")
             steps = train_shards(fresh, base=plan.base)["steps"]
-            result = _merge_and_compare(ws, fresh, plan, steps, started)
+            result = _merge_and_compare(ws, fresh, plan, steps, started, read := {})
         result["mode"] = "full"
         result["rebuilt"] = plan.view.served_shards()
         if result["identical"]:
-            record_verified(ws, plan.view, result)
+            record_verified(ws, plan.view, result, read)
         return result
 
 
 VERIFIED_FILE = "verified.json"  # what the last passing verify proved, shard by shard
 
 
-def _files_digest(ws: Workspace, shard: int) -> str | None:
-    files = shard_files(ws, shard)
+def _files_digest(ws: Workspace, shard: int, files: dict[str, str] | None = None) -> str | None:
+    """One hash of shard_files (computed here unless the caller already read them)."""
+    files = shard_files(ws, shard) if files is None else files
     return None if files is None else sha256_hex(json.dumps(files, sort_keys=True).encode())
 
 
-def record_verified(ws: Workspace, view: WorkspaceView, result: dict[str, Any]) -> None:
+def record_verified(
+    ws: Workspace, view: WorkspaceView, result: dict[str, Any], read: dict[int, dict[str, str]] | None = None
+) -> None:
     """Record, for every served shard, the content hash (rows, config, base) and the hash of the
     files a passing verify proved. Kept apart from state.json, which a running server watches:
     a verify must not make it reload."""
+    read = read or {}  # the shard files the comparison read: not hashed twice
     shards = {
-        str(s): {"content": view.plan(s).content_hash, "files": _files_digest(ws, s)} for s in view.served_shards()
+        str(s): {"content": view.plan(s).content_hash, "files": _files_digest(ws, s, read.get(s))}
+        for s in view.served_shards()
     }
     atomic_write_json(
         ws.root / VERIFIED_FILE,
@@ -201,7 +206,7 @@ def _verify_changed(
             f"{len(checked)} hash-checked against the verify of {record.get('time')}"
         )
         steps = train_shards(fresh, rebuild, base=plan.base)["steps"] if rebuild else 0
-        result = _merge_and_compare(ws, fresh, plan, steps, started)
+        result = _merge_and_compare(ws, fresh, plan, steps, started, read := {})
     result.update(
         mode="changed",
         rebuilt=rebuild,
@@ -211,7 +216,7 @@ def _verify_changed(
         last_verified=record.get("time"),
     )
     if result["identical"]:
-        record_verified(ws, view, result)
+        record_verified(ws, view, result, read)
     return result
 
 
@@ -274,16 +279,27 @@ def _init_fresh(fresh: Workspace, plan: _Plan) -> None:
     fresh.save_config(plan.cfg)  # last: the rebuild exists once its config does
 
 
-def _merge_and_compare(ws: Workspace, fresh: Workspace, plan: _Plan, steps: int, started: float) -> dict[str, Any]:
-    """Merge the rebuilt shards from scratch and compare every served byte with `ws`."""
+def _merge_and_compare(
+    ws: Workspace,
+    fresh: Workspace,
+    plan: _Plan,
+    steps: int,
+    started: float,
+    read: dict[int, dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """Merge the rebuilt shards from scratch and compare every served byte with `ws`; `read`
+    receives the workspace's shard_files, for a record of what was proved."""
     cfg = plan.cfg
     merge_workspace(fresh, full=True, base=plan.base)
     rebuilt_overall, rebuilt_per = served_hashes(fresh.merged_dir)
     adapter_diff: list[int] = []
     router_diff: list[str] = []
+    read = {} if read is None else read
     compared = routers = 0
     for shard in range(cfg.shards.num_shards):
         a, b = shard_files(ws, shard), shard_files(fresh, shard)
+        if a is not None:
+            read[shard] = a
         if a is None and b is None:
             continue
         compared += 1
@@ -378,10 +394,10 @@ def _verify_launched(
     # still walking shards they find done
     with launch.lock(exclusive=True, wait=timeout, command="verify rank 0"):
         steps = sum(int(read_meta(fresh.adapter_dir(s)).get("steps", 0)) for s in plan.view.served_shards())
-        result = _merge_and_compare(ws, fresh, plan, steps, started)
+        result = _merge_and_compare(ws, fresh, plan, steps, started, read := {})
         result.update(rank=0, world_size=world, rebuilt=summary["trained"], mode="full")
         if result["identical"]:
-            record_verified(ws, plan.view, result)
+            record_verified(ws, plan.view, result, read)
         remove_tree(fresh.root)
         atomic_write_json(report, result)
     return result
