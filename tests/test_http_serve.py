@@ -467,15 +467,20 @@ def test_an_internal_error_is_logged_and_the_client_gets_a_generic_500(trained_t
     assert any("secret internal detail" in str(rec.exc_info[1]) for rec in caplog.records if rec.exc_info)
 
 
-def test_a_stream_open_across_a_forget_finishes_on_its_generation(trained_template, tmp_path, facts, monkeypatch):
+@pytest.mark.parametrize("batch_size", [1, 16])
+def test_a_stream_open_across_a_forget_finishes_on_its_generation(
+    trained_template, tmp_path, facts, monkeypatch, batch_size
+):
     """A stream holds the generation it started on: a forget that completes while it is open
-    changes none of its chunks; a request accepted after the certificate gets the new one."""
+    changes none of its chunks; a request accepted after the certificate gets the new one.
+    Alone (batch size 1) and through the batcher."""
+    import sift.serving.http.batcher as batcher_module
     import sift.serving.http.stream as stream_module
 
     ws = copy_ws(trained_template, tmp_path)
     owner = facts[0]["owner"]
     q = facts[0]["prompt"]
-    real = stream_module.stream_tokens
+    real, real_batch = stream_module.stream_tokens, batcher_module.greedy_batch
     resume, started = threading.Event(), threading.Event()
 
     def paused(*args: Any, **kwargs: Any):  # the generation stops after its first token until the forget is done
@@ -485,11 +490,28 @@ def test_a_stream_open_across_a_forget_finishes_on_its_generation(trained_templa
                 started.set()
                 assert resume.wait(60)
 
-    app = create_app(ws, log=False, reload_wait=30)
+    def paused_batch(*args: Any, on_step: Any = None, **kwargs: Any) -> Any:
+        steps = [0]
+
+        def step(fresh: list) -> Any:
+            out = on_step(fresh) if on_step is not None else None
+            if steps[0] == 0:
+                started.set()
+                assert resume.wait(60)
+            steps[0] += 1
+            return out
+
+        return real_batch(*args, on_step=step, **kwargs)
+
+    app = create_app(ws, log=False, reload_wait=30, batch_size=batch_size)
+    assert app.state.batching["on"] is (batch_size > 1)
     with serving(app) as url:
         client = client_for(url)
         before = client.completions.create(model=NAME, prompt=q, max_tokens=12)
-        monkeypatch.setattr(stream_module, "stream_tokens", paused)
+        if batch_size == 1:
+            monkeypatch.setattr(stream_module, "stream_tokens", paused)
+        else:
+            monkeypatch.setattr(batcher_module, "greedy_batch", paused_batch)
         with ThreadPoolExecutor(1) as pool:
             chunks = pool.submit(
                 lambda: list(client.completions.create(model=NAME, prompt=q, max_tokens=12, stream=True))
@@ -508,9 +530,10 @@ def test_a_stream_open_across_a_forget_finishes_on_its_generation(trained_templa
     assert after.sift["served_by"]["path"] == "merged"  # no shard holds the owner any more
 
 
-def test_a_full_queue_gets_429_and_a_long_wait_503(trained_template, tmp_path, facts):
+@pytest.mark.parametrize("batch_size", [1, 16])
+def test_a_full_queue_gets_429_and_a_long_wait_503(trained_template, tmp_path, facts, batch_size):
     ws = copy_ws(trained_template, tmp_path)
-    app = create_app(ws, log=False, max_queue=1, request_timeout=2.0)
+    app = create_app(ws, log=False, max_queue=1, request_timeout=2.0, batch_size=batch_size)
     gate = app.state.gate
     with serving(app) as url:
         client = client_for(url)

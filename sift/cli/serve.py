@@ -215,6 +215,14 @@ def serve(
     request_timeout: Annotated[
         float, typer.Option(help="Seconds a request may wait for its turn at the model before a 503.")
     ] = 300.0,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            help="Concurrent requests for the same model share one batched generation of up to this many rows "
+            "(1: one request at a time). On by default where a probe at start finds answers alike alone and "
+            "batched, bit for bit; /health says whether it is on and why.",
+        ),
+    ] = 16,
     wait: Wait = 0.0,
 ) -> None:
     """Serve the workspace over HTTP with an OpenAI-compatible API: /v1/completions,
@@ -239,6 +247,7 @@ def serve(
         api_keys=list(api_key or []),
         max_queue=max_queue,
         request_timeout=request_timeout,
+        batch_size=batch_size,
     )
     name = application.state.settings.name
     print(

@@ -229,11 +229,16 @@ class WorkspaceServer:
         for i, t in enumerate(targets):
             groups.setdefault(t.shard, []).append(i)
         for k in sorted(groups, key=lambda x: (x is None, x or 0)):
-            if k is None:
-                model, tok, path = self.base_model() if fallback == "base" and not merged else self.merged_model()
-                yield model, tok, path, None, groups[k]
-            else:
-                yield self._shard_model(k), self.base.get().tokenizer, targets[groups[k][0]].path, k, groups[k]
+            model, tok, path = self.model_of(k, fallback, merged)
+            yield model, tok, path if k is None else targets[groups[k][0]].path, k, groups[k]
+
+    def model_of(self, shard: int | None, fallback: str, merged: bool) -> tuple[Any, Any, str]:
+        """(model, tokenizer, path) serving a target: the shard's adapter, or for shard None the
+        fallback (the base for fallback "base" unless `merged`, else the merged model). Valid
+        until the next model is drawn (the shards share one copy of the base)."""
+        if shard is None:
+            return self.base_model() if fallback == "base" and not merged else self.merged_model()
+        return self._shard_model(shard), self.base.get().tokenizer, "shard"
 
     def _shard_model(self, shard: int) -> Any:
         if self._adapters is None:

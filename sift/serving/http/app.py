@@ -54,6 +54,7 @@ from sift.errors import SiftError
 from sift.models import prompt_ids
 from sift.routing.routers import check_router
 from sift.serving.answer import Answer
+from sift.serving.http.batcher import Batcher, Job, QueueFull, TimedOut
 from sift.serving.http.generations import Generation, Generations, Unavailable, iter_model_ids
 from sift.workspace import Workspace
 
@@ -143,12 +144,7 @@ class Gate:
 
     def check_room(self) -> None:
         if self.waiting >= self.max_queue:
-            raise APIError(
-                429,
-                f"the server is busy: {self.waiting} request(s) are waiting (sift serve --max-queue); retry later",
-                type_="rate_limit_error",
-                code="queue_full",
-            )
+            raise _queue_full(self.waiting)
 
     @contextlib.contextmanager
     def turn(self) -> Iterator[None]:
@@ -161,16 +157,61 @@ class Gate:
             with self._count:
                 self.waiting -= 1
         if not got:
-            raise APIError(
-                503,
-                f"timed out after {self.timeout:g} s waiting for the model (sift serve --request-timeout)",
-                type_="server_error",
-                code="timeout",
-            )
+            raise _timed_out(self.timeout)
         try:
             yield
         finally:
             self.lock.release()
+
+
+def _queue_full(waiting: int) -> APIError:
+    return APIError(
+        429,
+        f"the server is busy: {waiting} request(s) are waiting (sift serve --max-queue); retry later",
+        type_="rate_limit_error",
+        code="queue_full",
+    )
+
+
+def _timed_out(timeout: float) -> APIError:
+    return APIError(
+        503,
+        f"timed out after {timeout:g} s waiting for the model (sift serve --request-timeout)",
+        type_="server_error",
+        code="timeout",
+    )
+
+
+class Batched:
+    """The batcher (sift.serving.http.batcher) with the server's error shapes: a full queue is
+    a 429, a wait past the timeout a 503."""
+
+    def __init__(self, batcher: Batcher):
+        self.batcher = batcher
+        self.lock = batcher.lock  # held while a round of batches runs
+
+    @property
+    def waiting(self) -> int:
+        return self.batcher.waiting
+
+    def check_room(self) -> None:
+        try:
+            self.batcher.check_room()
+        except QueueFull:
+            raise _queue_full(self.batcher.waiting) from None
+
+    def submit(self, job: Job) -> Job:
+        try:
+            return self.batcher.submit(job)
+        except QueueFull:
+            raise _queue_full(self.batcher.waiting) from None
+
+    def run(self, job: Job) -> Job:
+        try:
+            self.batcher.wait(self.submit(job))
+        except TimedOut:
+            raise _timed_out(self.batcher.timeout) from None
+        return job
 
 
 @dataclass(frozen=True)
@@ -180,6 +221,31 @@ class ServeSettings:
     fallback: str | None  # None: the workspace's serving.fallback
     default_max_tokens: int
     max_tokens_limit: int
+
+
+def probe_batching(gen: Generation | None, batch_size: int) -> dict[str, Any]:
+    """Whether this server may batch: every model it serves from (the fallback and one shard's
+    adapter, as the kernels differ by shape) decodes a few prompts of different lengths to the
+    same logits, bit for bit, alone and in one batch (sift.serving.invariant.probe)."""
+    from sift.serving.invariant import PROBE_PROMPTS, probe
+
+    if batch_size <= 1:
+        return {"on": False, "batch_size": 1, "reason": "--batch-size 1: one request at a time"}
+    if gen is None:
+        return {"on": False, "batch_size": 1, "reason": "no generation to probe"}
+    server = gen.server
+    models: list[tuple[str, int | None]] = [("fallback", None)]
+    if gen.shards:
+        models.append((f"shard {gen.shards[0]}", gen.shards[0]))
+    for label, shard in models:
+        try:
+            model, tok, _ = server.model_of(shard, "merged", False)
+        except SiftError as exc:
+            return {"on": False, "batch_size": 1, "reason": f"the {label} model cannot be probed: {exc}"}
+        verdict = probe(model, tok, [prompt_ids(tok, p) for p in PROBE_PROMPTS])
+        if not verdict.invariant:
+            return {"on": False, "batch_size": 1, "reason": f"the {label} model: {verdict.detail}"}
+    return {"on": True, "batch_size": batch_size, "reason": "probed: answers alike alone and batched"}
 
 
 def shard_of_model_id(model: str) -> int | None:
@@ -201,6 +267,7 @@ def create_app(
     api_keys: list[str] | None = None,
     max_queue: int = 64,
     request_timeout: float = 300.0,
+    batch_size: int = 16,
 ) -> FastAPI:
     """The FastAPI app serving workspace `ws`. Loads the first generation now (so that a
     workspace that cannot be served fails here, with a SiftError, not at the first request).
@@ -208,7 +275,10 @@ def create_app(
     win); `reload_wait`: how long a request accepted after a completed forget waits for the
     workspace's lock before it is refused with 503. `api_keys`: the keys a /v1 request may
     present as a bearer token (None or empty: no key needed). `max_queue` requests may wait for
-    the model at once (more get 429), each at most `request_timeout` seconds (then 503)."""
+    the model at once (more get 429), each at most `request_timeout` seconds (then 503).
+    `batch_size` > 1: requests for the same model share batched generations of up to that many
+    rows, if `probe_batching` finds this machine's kernels give every prompt the same logits
+    alone and batched; else (and for 1) one request at a time, as `sift generate` answers."""
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
     ws.require()
     if router is not None:
@@ -230,7 +300,13 @@ def create_app(
     settings = ServeSettings(name, router, fallback, default_max_tokens, max_tokens_limit)
     generations = Generations(ws, reload_wait=reload_wait, log=log)
     generations.start(wait=startup_wait)
-    infer = Gate(max_queue, request_timeout)  # one request at a time through the model, a bounded queue before it
+    batching = probe_batching(generations.latest(), batch_size)
+    if batching["on"]:
+        infer: Gate | Batched = Batched(Batcher(batch_size, max_queue, request_timeout))
+    else:  # one request at a time through the model, a bounded queue before it
+        infer = Gate(max_queue, request_timeout)
+        if batch_size > 1 and log:
+            logger.warning("sift serve: batching is off: %s", batching["reason"])
 
     app = FastAPI(
         title="sift",
@@ -241,6 +317,7 @@ def create_app(
     )
     app.state.generations = generations
     app.state.gate = infer
+    app.state.batching = batching
     app.state.settings = settings
 
     @app.exception_handler(APIError)
@@ -268,7 +345,15 @@ def create_app(
     def health() -> dict[str, Any]:
         """Liveness: the process answers; the generation it last served, without loading any."""
         gen = generations.latest()
-        return {"status": "ok", "generation": gen.id if gen else None, "shards": len(gen.shards) if gen else 0}
+        batch = {**batching, "waiting": infer.waiting}
+        if isinstance(infer, Batched):
+            batch.update(batches=infer.batcher.batches, rows=infer.batcher.rows)
+        return {
+            "status": "ok",
+            "generation": gen.id if gen else None,
+            "shards": len(gen.shards) if gen else 0,
+            "batching": batch,
+        }
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -505,12 +590,14 @@ def _finish(tok: Any, answer: str, stops: list[str], max_tokens: int, prompt: st
 
 
 def _answer(
-    gen: Generation, body: _Request, prompts: list[str], max_tokens: int, settings: ServeSettings, infer: Gate
+    gen: Generation, body: _Request, prompts: list[str], max_tokens: int, settings: ServeSettings, infer: Gate | Batched
 ) -> list[tuple[Answer, str, str, int, int]]:
     """(answer, text, finish_reason, prompt tokens, completion tokens) per prompt, on the path
     the request's model id and sift_* fields choose."""
     shard, merged = _path(gen, body, settings)
     stops = _stops(body)
+    if isinstance(infer, Batched):
+        return _answer_batched(gen, body, prompts, max_tokens, settings, infer, shard, merged, stops)
     try:
         with infer.turn():
             answers = gen.server.answer(
@@ -526,6 +613,62 @@ def _answer(
             return [(a, *_finish(tok, a.answer, stops, max_tokens, p)) for p, a in zip(prompts, answers)]
     except SiftError as exc:
         raise APIError(400, str(exc), param=_sift_param(body)) from None
+
+
+def _job(
+    gen: Generation,
+    body: _Request,
+    prompts: list[str],
+    max_tokens: int,
+    settings: ServeSettings,
+    shard: int | None,
+    merged: bool,
+) -> Job:
+    return Job(
+        gen.server,
+        prompts,
+        max_tokens,
+        router=body.sift_router or settings.router,
+        merged=merged,
+        shard=shard,
+        group=body.sift_group,
+        fallback=body.sift_fallback or settings.fallback or gen.server.view.cfg.serving.fallback,
+    )
+
+
+def _answer_batched(
+    gen: Generation,
+    body: _Request,
+    prompts: list[str],
+    max_tokens: int,
+    settings: ServeSettings,
+    infer: Batched,
+    shard: int | None,
+    merged: bool,
+    stops: list[str],
+) -> list[tuple[Answer, str, str, int, int]]:
+    """`_answer` through the batcher: the same answers, decoded with other requests' prompts."""
+    job = _job(gen, body, prompts, max_tokens, settings, shard, merged)
+    results: list[Any] = [None] * len(prompts)
+    paths: list[str] = [""] * len(prompts)
+
+    def on_start(i: int, path: str) -> None:
+        paths[i] = path
+
+    def on_end(i: int, ids: list[int]) -> None:  # on the worker thread: the tokenizer is free
+        tok = gen.server.tokenizer()
+        text = tok.decode(ids, skip_special_tokens=True).strip()
+        t = job.targets[i]  # type: ignore[index]
+        a = Answer(prompts[i], text, paths[i], t.shard, t.router, t.score)
+        results[i] = (a, *_finish(tok, text, stops, max_tokens, prompts[i]))
+
+    job.on_start, job.on_end = on_start, on_end
+    infer.run(job)
+    if job.error is not None:
+        if isinstance(job.error, SiftError):
+            raise APIError(400, str(job.error), param=_sift_param(body))
+        raise job.error
+    return results
 
 
 def _sift_param(body: _Request) -> str | None:
@@ -580,7 +723,7 @@ def _streaming(
     prompts: list[str],
     max_tokens: int,
     settings: ServeSettings,
-    infer: Gate,
+    infer: Gate | Batched,
     chat: bool,
 ) -> StreamingResponse:
     """Server-sent events for `stream: true`. What can be refused is refused here, with its
@@ -606,17 +749,14 @@ def _events(
     prompts: list[str],
     max_tokens: int,
     settings: ServeSettings,
-    infer: Gate,
+    infer: Gate | Batched,
     chat: bool,
     shard: int | None,
     merged: bool,
 ) -> Iterator[str]:
-    from sift.serving.http.stream import TextPieces, stream_tokens
-
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
     created = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
-    stops = _stops(body)
     usage = [0, 0]
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -641,31 +781,14 @@ def _events(
         return {"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish, **extra}
 
     try:
-        with infer.turn():  # one generation at a time through the model, as for answers in one piece
-            targets, groups = gen.server.answer_plan(
-                prompts,
-                router=body.sift_router or settings.router,
-                merged=merged,
-                shard=shard,
-                group=body.sift_group,
-                fallback=body.sift_fallback or settings.fallback,
+        if isinstance(infer, Batched):
+            yield from _batched_events(
+                gen, body, prompts, max_tokens, settings, infer, shard, merged, event, choice, usage
             )
-            for model, tok, path, k, idx in groups:
-                for i in idx:
-                    t = targets[i]
-                    a = Answer(prompts[i], "", path if k is None else t.path, t.shard, t.router, t.score)
-                    yield event([choice(i, None, None, first=True, sift=_choice_sift(gen, a))])
-                    pieces, cancel = TextPieces(tok, stops), threading.Event()
-                    for ids in stream_tokens(model, tok, prompts[i], max_tokens, cancel):
-                        piece = pieces.feed(ids)
-                        if piece:
-                            yield event([choice(i, piece, None)])
-                        if pieces.stopped:
-                            cancel.set()  # the text ends at the stop string: no need to go on
-                    answer, rest = pieces.final()
-                    _, finish, used_prompt, used = _finish(tok, answer, stops, max_tokens, prompts[i])
-                    usage[0], usage[1] = usage[0] + used_prompt, usage[1] + used
-                    yield event([choice(i, rest, finish)])
+        else:
+            yield from _events_alone(
+                gen, body, prompts, max_tokens, settings, infer, shard, merged, event, choice, usage
+            )
         if (body.stream_options or {}).get("include_usage"):
             yield event(
                 [],
@@ -679,3 +802,110 @@ def _events(
     except Exception as exc:  # noqa: BLE001 - logged here; the client learns nothing of the internals
         logger.error("internal error while streaming %s", rid, exc_info=exc)
         yield f"data: {json.dumps({'error': {'message': 'internal server error', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+
+
+def _events_alone(
+    gen: Generation,
+    body: _Request,
+    prompts: list[str],
+    max_tokens: int,
+    settings: ServeSettings,
+    infer: Gate,
+    shard: int | None,
+    merged: bool,
+    event: Any,
+    choice: Any,
+    usage: list[int],
+) -> Iterator[str]:
+    """The events of a stream answered alone, one generation at a time through the model."""
+    from sift.serving.http.stream import TextPieces, stream_tokens
+
+    stops = _stops(body)
+    with infer.turn():
+        targets, groups = gen.server.answer_plan(
+            prompts,
+            router=body.sift_router or settings.router,
+            merged=merged,
+            shard=shard,
+            group=body.sift_group,
+            fallback=body.sift_fallback or settings.fallback,
+        )
+        for model, tok, path, k, idx in groups:
+            for i in idx:
+                t = targets[i]
+                a = Answer(prompts[i], "", path if k is None else t.path, t.shard, t.router, t.score)
+                yield event([choice(i, None, None, first=True, sift=_choice_sift(gen, a))])
+                pieces, cancel = TextPieces(tok, stops), threading.Event()
+                for ids in stream_tokens(model, tok, prompts[i], max_tokens, cancel):
+                    piece = pieces.feed(ids)
+                    if piece:
+                        yield event([choice(i, piece, None)])
+                    if pieces.stopped:
+                        cancel.set()  # the text ends at the stop string: no need to go on
+                answer, rest = pieces.final()
+                _, finish, used_prompt, used = _finish(tok, answer, stops, max_tokens, prompts[i])
+                usage[0], usage[1] = usage[0] + used_prompt, usage[1] + used
+                yield event([choice(i, rest, finish)])
+
+
+def _batched_events(
+    gen: Generation,
+    body: _Request,
+    prompts: list[str],
+    max_tokens: int,
+    settings: ServeSettings,
+    infer: Batched,
+    shard: int | None,
+    merged: bool,
+    event: Any,
+    choice: Any,
+    usage: list[int],
+) -> Iterator[str]:
+    """The events of a stream whose tokens come from the batcher's shared generations: the
+    worker turns tokens into text pieces (it alone uses the tokenizer) and hands the events
+    over a queue; a client that goes away withdraws its request, or ends its rows."""
+    import queue
+
+    from sift.serving.http.stream import TextPieces
+
+    stops = _stops(body)
+    job = _job(gen, body, prompts, max_tokens, settings, shard, merged)
+    events: queue.Queue[str | None] = queue.Queue()
+    pieces: dict[int, TextPieces] = {}
+
+    def on_start(i: int, path: str) -> None:
+        t = job.targets[i]  # type: ignore[index]
+        a = Answer(prompts[i], "", path, t.shard, t.router, t.score)
+        pieces[i] = TextPieces(gen.server.tokenizer(), stops)
+        events.put(event([choice(i, None, None, first=True, sift=_choice_sift(gen, a))]))
+
+    def on_tokens(i: int, ids: list[int]) -> bool:
+        piece = pieces[i].feed(ids)
+        if piece:
+            events.put(event([choice(i, piece, None)]))
+        return pieces[i].stopped  # the text ends at a stop string: no need to go on
+
+    def on_end(i: int, ids: list[int]) -> None:
+        answer, rest = pieces[i].final()
+        _, finish, used_prompt, used = _finish(gen.server.tokenizer(), answer, stops, max_tokens, prompts[i])
+        usage[0], usage[1] = usage[0] + used_prompt, usage[1] + used
+        events.put(event([choice(i, rest, finish)]))
+
+    job.on_start, job.on_tokens, job.on_end = on_start, on_tokens, on_end
+    job.on_done = lambda: events.put(None)
+    infer.submit(job)
+    try:
+        try:
+            item = events.get(timeout=infer.batcher.timeout)
+        except queue.Empty:
+            if infer.batcher.withdraw(job):
+                raise _timed_out(infer.batcher.timeout) from None
+            item = events.get()
+        while item is not None:
+            yield item
+            item = events.get()
+        if job.error is not None:
+            raise job.error
+    finally:
+        if not job.done:
+            infer.batcher.withdraw(job)
