@@ -134,17 +134,31 @@ def ask(url: str, prompt: str, max_tokens: int) -> tuple[int, dict[str, Any]]:
         return 0, {"error": str(e)}
 
 
-def load(url: str, questions: list[str], clients: int, seconds: float, max_tokens: int) -> list[dict[str, Any]]:
-    """`clients` threads asking in turn until `seconds` have passed (a request under way then
-    finishes and is counted)."""
+def load(
+    url: str,
+    questions: list[str],
+    clients: int,
+    seconds: float,
+    max_tokens: int,
+    stop: threading.Event | None = None,
+    switch: tuple[threading.Event, list[str]] | None = None,
+) -> list[dict[str, Any]]:
+    """`clients` threads asking in turn until `seconds` have passed, or until `stop` is set when
+    given (a request under way then finishes and is counted). `switch` (event, questions): once
+    the event is set, every other request asks one of these questions."""
     out: list[dict[str, Any]] = []
     lock = threading.Lock()
     end = time.monotonic() + seconds
 
+    def running() -> bool:
+        return not stop.is_set() if stop is not None else time.monotonic() < end
+
     def client(c: int) -> None:
         k = c
-        while time.monotonic() < end:
+        while running():
             q = questions[k % len(questions)]
+            if switch is not None and switch[0].is_set() and k % 2:
+                q = switch[1][k % len(switch[1])]
             k += clients
             sent = time.monotonic()
             status, body = ask(url, q, max_tokens)
@@ -230,16 +244,24 @@ def forget_under_load(
     before = ask(server.url, rows[0]["prompt"], 4)[1]
     old_adapter = before["sift"]["adapter_sha256"]
     cert: dict[str, Any] = {}
+    stop, certified = threading.Event(), threading.Event()
 
     def do_forget() -> None:
-        time.sleep(args.seconds / 3)
-        started = time.monotonic()
-        out = run([*SIFT, "-q", "forget", "-w", str(copy), "--ids", "-", "--json"], input="\n".join(ids))
-        cert.update(json.loads(out), printed=time.monotonic(), took=time.monotonic() - started)
+        try:
+            time.sleep(args.seconds / 3)
+            started = time.monotonic()
+            out = run([*SIFT, "-q", "forget", "-w", str(copy), "--ids", "-", "--json"], input="\n".join(ids))
+            cert.update(json.loads(out), printed=time.monotonic(), took=time.monotonic() - started)
+            certified.set()  # from now on, half the requests ask the forgotten owner's questions
+            time.sleep(args.seconds * 2 / 3)  # the load goes on as long again after the certificate
+        finally:
+            stop.set()
 
     forgetter = threading.Thread(target=do_forget)
     forgetter.start()
-    recs = load(server.url, questions, 16, args.seconds, args.max_tokens)
+    recs = load(
+        server.url, questions, 16, args.seconds, args.max_tokens, stop=stop, switch=(certified, sorted(owner_questions))
+    )
     forgetter.join()
     server.stop()
     after = [r for r in recs if r["sent"] > cert["printed"]]

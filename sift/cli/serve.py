@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -223,6 +224,20 @@ def serve(
             "batched, bit for bit; /health says whether it is on and why.",
         ),
     ] = 16,
+    upstream: Annotated[
+        Optional[str],
+        typer.Option(
+            help="URL of an OpenAI-compatible engine that generates (vLLM with --enable-lora and runtime LoRA "
+            "loading, or another sift serve): sift routes and keeps the forget guarantee, the engine serves each "
+            "shard adapter under its content id shard-NNNN-<sha12>. Needs --fallback base and --upstream-model.",
+        ),
+    ] = None,
+    upstream_model: Annotated[
+        Optional[str], typer.Option(help="The name the upstream engine serves the base model under.")
+    ] = None,
+    upstream_key: Annotated[
+        Optional[str], typer.Option(envvar="SIFT_UPSTREAM_KEY", help="Bearer key for the upstream engine.")
+    ] = None,
     wait: Wait = 0.0,
 ) -> None:
     """Serve the workspace over HTTP with an OpenAI-compatible API: /v1/completions,
@@ -248,6 +263,10 @@ def serve(
         max_queue=max_queue,
         request_timeout=request_timeout,
         batch_size=batch_size,
+        worker_thread=False,
+        upstream=upstream,
+        upstream_model=upstream_model,
+        upstream_key=upstream_key,
     )
     name = application.state.settings.name
     print(
@@ -262,7 +281,30 @@ def serve(
             file=sys.stderr,
             flush=True,
         )
+    batcher = getattr(application.state.gate, "batcher", None)
+    if batcher is None:
+        try:
+            uvicorn.run(application, host=host, port=port, log_level="warning")
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on; stopping is the normal end
+            pass
+        return
+    # batching: the model work runs on the main thread (faster matrix products there, see
+    # sift.serving.http.batcher), the HTTP server on a thread of its own
+    server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level="warning"))
+    stop = threading.Event()
+
+    def serve_http() -> None:
+        try:
+            server.run()
+        finally:
+            stop.set()
+
+    http = threading.Thread(target=serve_http, name="sift-http", daemon=True)
+    http.start()
     try:
-        uvicorn.run(application, host=host, port=port, log_level="warning")
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on; stopping is the normal end
+        batcher.run(stop)
+    except KeyboardInterrupt:  # Ctrl-C: stop the HTTP server too; stopping is the normal end
         pass
+    finally:
+        server.should_exit = True
+        http.join(30)

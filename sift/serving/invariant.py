@@ -7,8 +7,9 @@ bit and, some tokens later, flip an argmax. Two changes make every prompt's arit
 whatever its neighbours:
 
 - every linear layer sees at least `min_rows` rows (zero rows are appended and their outputs
-  dropped): a product's rows are independent, and from that many rows on the kernel, and its
-  summation order, no longer depend on the count (checked on the model by `probe`);
+  dropped, by hooks on each nn.Linear): a product's rows are independent, and from that many
+  rows on the kernel, and its summation order, no longer depend on the count (checked on the
+  model by `probe`);
 - attention runs one sequence at a time, on that sequence's own tokens only (its left padding
   cut away), through transformers' own SDPA function with no mask: the exact call the prompt
   alone makes.
@@ -27,8 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from sift.models import model_device
 
@@ -38,24 +37,25 @@ DEFAULT_MIN_ROWS = 16
 _local = threading.local()  # the pads of the batch being decoded, read by the attention function
 
 
-class _PaddedLinear(TorchFunctionMode):
-    """Every F.linear call sees at least `min_rows` rows."""
+def _pad_rows(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Forward pre-hook of a linear layer: fewer than `min_rows` rows get zero rows appended."""
+    need = getattr(_local, "min_rows", 0)
+    x = args[0]
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    if not 0 < rows < need:
+        return None
+    module._sift_rows = (rows, x.shape)  # type: ignore[assignment]
+    flat = x.reshape(rows, x.shape[-1])
+    return (torch.cat([flat, flat.new_zeros(need - rows, x.shape[-1])]), *args[1:])
 
-    def __init__(self, min_rows: int):
-        super().__init__()
-        self.min_rows = min_rows
 
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x = args[0]
-            rows = x.numel() // x.shape[-1] if x.dim() else 0
-            if x.dim() >= 1 and 0 < rows < self.min_rows:
-                flat = x.reshape(rows, x.shape[-1])
-                flat = torch.cat([flat, flat.new_zeros(self.min_rows - rows, x.shape[-1])])
-                out = func(flat, *args[1:], **kwargs)[:rows]
-                return out.reshape(*x.shape[:-1], out.shape[-1])
-        return func(*args, **kwargs)
+def _unpad_rows(module: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook of a linear layer: the appended rows' outputs dropped, the input's shape back."""
+    info = module.__dict__.pop("_sift_rows", None)
+    if info is None:
+        return None
+    rows, shape = info
+    return out[:rows].reshape(*shape[:-1], out.shape[-1])
 
 
 def _rowwise_attention(
@@ -93,16 +93,23 @@ def _register() -> None:
 
 @contextlib.contextmanager
 def _invariant(model: Any, pads: list[int], min_rows: int) -> Iterator[None]:
+    """Row padding on every linear layer (peft's LoRA A and B included: they are nn.Linear too)
+    and row-wise attention, for the duration of one batched decoding."""
     _register()
-    config = model.config
-    before = getattr(config, "_attn_implementation", None)
+    before = getattr(model.config, "_attn_implementation", None)
     model.set_attn_implementation(ATTENTION)
-    _local.pads = pads
+    handles = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            handles.append(m.register_forward_pre_hook(_pad_rows))
+            handles.append(m.register_forward_hook(_unpad_rows))
+    _local.pads, _local.min_rows = pads, min_rows
     try:
-        with _PaddedLinear(min_rows):
-            yield
+        yield
     finally:
-        _local.pads = None
+        _local.pads, _local.min_rows = None, 0
+        for h in handles:
+            h.remove()
         if before is not None:
             model.set_attn_implementation(before)
 
@@ -116,12 +123,15 @@ def greedy_batch(
     min_rows: int = DEFAULT_MIN_ROWS,
     on_step: Callable[[list[int | None]], Any] | None = None,
     scores: list[torch.Tensor] | None = None,
+    adapter_names: list[str] | None = None,
 ) -> list[list[int]]:
     """The new token ids of each prompt's greedy answer (up to and without the end-of-sequence
     token), the same for a prompt whatever else is in the batch. `max_new_tokens` per prompt or
     for all. `on_step(tokens)`: called after each step with every row's new token (None for a
     row that has finished); it may return row indices to finish there (a client that went away,
-    a stop string seen). `scores`: when given, each step's logits are appended to it."""
+    a stop string seen). `scores`: when given, each step's logits are appended to it.
+    `adapter_names`: one peft adapter per row (a peft model holding them all): peft's mixed
+    batch, whose rows get their own adapter's LoRA term by the same operations as alone."""
     from transformers import DynamicCache
 
     n = len(prompts_ids)
@@ -139,8 +149,9 @@ def greedy_batch(
     out: list[list[int]] = [[] for _ in range(n)]
     done = [limit <= 0 for limit in limits]
     cache = DynamicCache()
+    extra = {"adapter_names": list(adapter_names)} if adapter_names is not None else {}
     with _invariant(model, pads, min_rows):
-        logits = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, **extra).logits[:, -1]
         for _ in range(max(limits)):
             if scores is not None:
                 scores.append(logits.clone())
@@ -163,7 +174,7 @@ def greedy_batch(
                 break
             feed = torch.tensor([[t if not d else pad_id] for t, d in zip(nxt, done)], dtype=torch.long).to(device)
             positions = positions[:, -1:] + 1
-            logits = model(input_ids=feed, position_ids=positions, cache=cache, use_cache=True).logits[:, -1]
+            logits = model(input_ids=feed, position_ids=positions, cache=cache, use_cache=True, **extra).logits[:, -1]
     return out
 
 

@@ -55,13 +55,14 @@ from sift.models import prompt_ids
 from sift.routing.routers import check_router
 from sift.serving.answer import Answer
 from sift.serving.http.batcher import Batcher, Job, QueueFull, TimedOut
-from sift.serving.http.generations import Generation, Generations, Unavailable, iter_model_ids
+from sift.serving.http.generations import Generation, Generations, Unavailable, adapter_model_id, iter_model_ids
+from sift.serving.http.upstream import Upstream, UpstreamError
 from sift.workspace import Workspace
 
 logger = logging.getLogger("sift.merge.driver")
 
 MERGED_ID = "merged"
-_SHARD_ID = re.compile(r"shard-(\d{4,})")
+_SHARD_ID = re.compile(r"shard-(\d{4,})(?:-([0-9a-f]{12}))?")
 
 
 class APIError(Exception):
@@ -214,6 +215,39 @@ class Batched:
         return job
 
 
+class Forwarded:
+    """Requests answered by an upstream engine (`--upstream`): routed here, generated there, at
+    most `max_queue` of them in flight (more get 429). Routing and the tokenizer (for stop
+    strings and token counts) are used by one request at a time."""
+
+    def __init__(self, upstream: Upstream, max_queue: int):
+        self.upstream, self.max_queue = upstream, max_queue
+        self.waiting = 0  # requests in flight
+        self.lock = threading.Lock()  # routing and the tokenizer
+        self._count = threading.Lock()
+        self._tokenizer: Any = None
+
+    def check_room(self) -> None:
+        if self.waiting >= self.max_queue:
+            raise _queue_full(self.waiting)
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        with self._count:
+            self.check_room()
+            self.waiting += 1
+        try:
+            yield
+        finally:
+            with self._count:
+                self.waiting -= 1
+
+    def tokenizer(self, gen: Generation) -> Any:
+        if self._tokenizer is None:  # the tokenizer only: the weights are the engine's
+            self._tokenizer = gen.server.base.tokenizer()
+        return self._tokenizer
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     name: str  # the model id of routed serving
@@ -249,8 +283,14 @@ def probe_batching(gen: Generation | None, batch_size: int) -> dict[str, Any]:
 
 
 def shard_of_model_id(model: str) -> int | None:
+    """The shard a model id names: shard-0003, or its content id shard-0003-<sha256[:12]>."""
     m = _SHARD_ID.fullmatch(model)
     return int(m.group(1)) if m else None
+
+
+def _content_of_model_id(model: str) -> str | None:
+    m = _SHARD_ID.fullmatch(model)
+    return m.group(2) if m else None
 
 
 def create_app(
@@ -268,6 +308,10 @@ def create_app(
     max_queue: int = 64,
     request_timeout: float = 300.0,
     batch_size: int = 16,
+    worker_thread: bool = True,
+    upstream: str | None = None,
+    upstream_model: str | None = None,
+    upstream_key: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving workspace `ws`. Loads the first generation now (so that a
     workspace that cannot be served fails here, with a SiftError, not at the first request).
@@ -278,7 +322,12 @@ def create_app(
     the model at once (more get 429), each at most `request_timeout` seconds (then 503).
     `batch_size` > 1: requests for the same model share batched generations of up to that many
     rows, if `probe_batching` finds this machine's kernels give every prompt the same logits
-    alone and batched; else (and for 1) one request at a time, as `sift generate` answers."""
+    alone and batched; else (and for 1) one request at a time, as `sift generate` answers.
+    `worker_thread=False`: the batcher's worker is not started; the caller runs
+    `app.state.gate.batcher.run(stop)` (on the main thread, as `sift serve` does).
+    `upstream`: the URL of an OpenAI-compatible engine that generates (sift.serving.http.upstream):
+    shard adapters under their content ids, what no shard claims by `upstream_model` (the
+    engine's base model), with `upstream_key` as its bearer key."""
     ws = ws if isinstance(ws, Workspace) else Workspace(ws)
     ws.require()
     if router is not None:
@@ -298,11 +347,28 @@ def create_app(
     if any(not k.strip() for k in keys):
         raise SiftError("an API key must not be empty")
     settings = ServeSettings(name, router, fallback, default_max_tokens, max_tokens_limit)
-    generations = Generations(ws, reload_wait=reload_wait, log=log)
+    forward: Upstream | None = None
+    if upstream is not None:
+        from sift.workspace.view import WorkspaceView
+
+        if (fallback or WorkspaceView.load(ws).cfg.serving.fallback) != "base":
+            raise SiftError(
+                "with --upstream, what no shard claims goes to the engine's base model (an engine cannot swap the "
+                "merged model's full weights after a forget): pass --fallback base"
+            )
+        if not upstream_model:
+            raise SiftError("--upstream needs --upstream-model: the name the engine serves the base model under")
+        forward = Upstream(upstream, upstream_model, upstream_key, request_timeout)
+    generations = Generations(
+        ws, reload_wait=reload_wait, log=log, load_models=forward is None, on_new=forward.sync if forward else None
+    )
     generations.start(wait=startup_wait)
-    batching = probe_batching(generations.latest(), batch_size)
-    if batching["on"]:
-        infer: Gate | Batched = Batched(Batcher(batch_size, max_queue, request_timeout))
+    batching = probe_batching(generations.latest(), batch_size if forward is None else 1)
+    if forward is not None:
+        infer: Gate | Batched | Forwarded = Forwarded(forward, max_queue)
+        batching = {"on": False, "batch_size": 1, "reason": f"--upstream {forward.url}: the engine batches"}
+    elif batching["on"]:
+        infer = Batched(Batcher(batch_size, max_queue, request_timeout, start=worker_thread))
     else:  # one request at a time through the model, a bounded queue before it
         infer = Gate(max_queue, request_timeout)
         if batch_size > 1 and log:
@@ -405,6 +471,30 @@ def create_app(
             if i == model_id:
                 return model_card(i, info, gen)
         raise _no_such_model(model_id, gen, settings)
+
+    @app.post("/v1/load_lora_adapter")
+    def load_lora_adapter(body: dict[str, Any]) -> dict[str, Any]:
+        """vLLM's runtime LoRA endpoint, so that one `sift serve` can be another's upstream: it
+        serves its own workspace's adapters, so it accepts exactly their current content ids."""
+        name = body.get("lora_name")
+        gen = current()
+        k = shard_of_model_id(name) if isinstance(name, str) else None
+        content = _content_of_model_id(name) if isinstance(name, str) else None
+        sha = gen.server.adapter_sha256(k) if k is not None and k in gen.shards else None
+        if content is None or sha is None or content != sha[:12]:
+            held = ", ".join(adapter_model_id(s, gen.server.adapter_sha256(s) or "") for s in gen.shards[:8])
+            raise APIError(
+                404,
+                f"sift serve holds no adapter {name!r}: it serves its workspace's current adapters ({held})",
+                param="lora_name",
+                code="model_not_found",
+            )
+        return {"status": "ok", "lora_name": name, "generation": gen.id}
+
+    @app.post("/v1/unload_lora_adapter")
+    def unload_lora_adapter(body: dict[str, Any]) -> dict[str, Any]:
+        """Accepted and ignored: a sift server holds what its workspace holds, nothing more."""
+        return {"status": "ok", "lora_name": body.get("lora_name")}
 
     @app.post("/v1/completions")
     def completions(body: CompletionRequest) -> Any:
@@ -560,6 +650,15 @@ def _path(gen: Generation, body: _Request, settings: ServeSettings) -> tuple[int
             )
         merged = True
     elif (k := shard_of_model_id(body.model)) is not None and k in gen.shards:
+        content, sha = _content_of_model_id(body.model), gen.server.adapter_sha256(k) or ""
+        if content is not None and content != sha[:12]:
+            raise APIError(
+                404,
+                f"the adapter {body.model!r} is not served: shard {k} now serves {adapter_model_id(k, sha)} "
+                "(it was retrained, e.g. by a forget)",
+                param="model",
+                code="model_not_found",
+            )
         if body.sift_group is not None or body.sift_shard not in (None, k):
             raise APIError(
                 400, f"model {body.model!r} names the shard: leave out sift_group and sift_shard", param="model"
@@ -590,7 +689,12 @@ def _finish(tok: Any, answer: str, stops: list[str], max_tokens: int, prompt: st
 
 
 def _answer(
-    gen: Generation, body: _Request, prompts: list[str], max_tokens: int, settings: ServeSettings, infer: Gate | Batched
+    gen: Generation,
+    body: _Request,
+    prompts: list[str],
+    max_tokens: int,
+    settings: ServeSettings,
+    infer: Gate | Batched | Forwarded,
 ) -> list[tuple[Answer, str, str, int, int]]:
     """(answer, text, finish_reason, prompt tokens, completion tokens) per prompt, on the path
     the request's model id and sift_* fields choose."""
@@ -598,6 +702,8 @@ def _answer(
     stops = _stops(body)
     if isinstance(infer, Batched):
         return _answer_batched(gen, body, prompts, max_tokens, settings, infer, shard, merged, stops)
+    if isinstance(infer, Forwarded):
+        return _answer_upstream(gen, body, prompts, max_tokens, settings, infer, shard, merged, stops)
     try:
         with infer.turn():
             answers = gen.server.answer(
@@ -671,6 +777,54 @@ def _answer_batched(
     return results
 
 
+def _answer_upstream(
+    gen: Generation,
+    body: _Request,
+    prompts: list[str],
+    max_tokens: int,
+    settings: ServeSettings,
+    fwd: Forwarded,
+    shard: int | None,
+    merged: bool,
+    stops: list[str],
+) -> list[tuple[Answer, str, str, int, int]]:
+    """`_answer` with an upstream engine generating: each prompt is routed here and sent to the
+    engine under the content id of the adapter that serves it (or to its base model)."""
+    if merged or body.sift_fallback == "merged":
+        raise APIError(
+            400,
+            "the merged model is not served through --upstream: what no shard claims goes to the engine's base model",
+            param="model" if merged else "sift_fallback",
+            code="unsupported",
+        )
+    with fwd.slot():
+        with fwd.lock:
+            try:
+                targets = gen.server.targets(
+                    prompts, body.sift_router or settings.router, False, shard, body.sift_group
+                )
+            except SiftError as exc:
+                raise APIError(400, str(exc), param=_sift_param(body)) from None
+            tok = fwd.tokenizer(gen)
+            chat = bool(getattr(tok, "chat_template", None))
+        results = []
+        for p, t in zip(prompts, targets):
+            if t.shard is not None:
+                model = adapter_model_id(t.shard, gen.server.adapter_sha256(t.shard) or "")
+            else:
+                model = fwd.upstream.fallback_model
+            try:
+                text = fwd.upstream.answer(model, p, max_tokens, chat).strip()
+            except UpstreamError as exc:
+                logger.error("upstream error: %s", exc)
+                raise APIError(502, str(exc), type_="server_error", code="upstream_error") from None
+            with fwd.lock:
+                finished = _finish(tok, text, stops, max_tokens, p)
+            a = Answer(p, text, t.path if t.shard is not None else "base", t.shard, t.router, t.score)
+            results.append((a, *finished))
+        return results
+
+
 def _sift_param(body: _Request) -> str | None:
     return "sift_group" if body.sift_group is not None else "sift_shard" if body.sift_shard is not None else None
 
@@ -723,7 +877,7 @@ def _streaming(
     prompts: list[str],
     max_tokens: int,
     settings: ServeSettings,
-    infer: Gate | Batched,
+    infer: Gate | Batched | Forwarded,
     chat: bool,
 ) -> StreamingResponse:
     """Server-sent events for `stream: true`. What can be refused is refused here, with its
@@ -749,7 +903,7 @@ def _events(
     prompts: list[str],
     max_tokens: int,
     settings: ServeSettings,
-    infer: Gate | Batched,
+    infer: Gate | Batched | Forwarded,
     chat: bool,
     shard: int | None,
     merged: bool,
@@ -781,7 +935,11 @@ def _events(
         return {"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish, **extra}
 
     try:
-        if isinstance(infer, Batched):
+        if isinstance(infer, Forwarded):
+            yield from _upstream_events(
+                gen, body, prompts, max_tokens, settings, infer, shard, merged, event, choice, usage
+            )
+        elif isinstance(infer, Batched):
             yield from _batched_events(
                 gen, body, prompts, max_tokens, settings, infer, shard, merged, event, choice, usage
             )
@@ -909,3 +1067,24 @@ def _batched_events(
     finally:
         if not job.done:
             infer.batcher.withdraw(job)
+
+
+def _upstream_events(
+    gen: Generation,
+    body: _Request,
+    prompts: list[str],
+    max_tokens: int,
+    settings: ServeSettings,
+    fwd: Forwarded,
+    shard: int | None,
+    merged: bool,
+    event: Any,
+    choice: Any,
+    usage: list[int],
+) -> Iterator[str]:
+    """The events of a stream answered by the upstream engine: each answer in one piece."""
+    results = _answer_upstream(gen, body, prompts, max_tokens, settings, fwd, shard, merged, _stops(body))
+    for i, (a, text, finish, used_prompt, used) in enumerate(results):
+        yield event([choice(i, None, None, first=True, sift=_choice_sift(gen, a))])
+        yield event([choice(i, text, finish)])
+        usage[0], usage[1] = usage[0] + used_prompt, usage[1] + used

@@ -31,7 +31,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,9 +146,10 @@ class PinnedServer(WorkspaceServer):
         self._adapters_error: SiftError | None = None
         self._loaded = False
 
-    def load_all(self) -> None:
+    def load_all(self, models: bool = True) -> None:
         """Read every file this generation will ever need: shard plans (adapter hashes), both
-        routers (or why one cannot serve), the merged model and every shard's adapter."""
+        routers (or why one cannot serve), the merged model and every shard's adapter (with
+        `models=False`, no weights: an upstream engine generates, sift only routes)."""
         shards = self.serving_shards()  # caches each shard's plan, hence its adapter sha256
         for name in ROUTERS:
             try:
@@ -156,6 +157,9 @@ class PinnedServer(WorkspaceServer):
             except SiftError as exc:
                 self._router_errors[name] = exc
         self._merged_info = served_info(self.ws.merged_dir)
+        if not models:
+            self._loaded = True
+            return
         if self._merged_info is not None:
             super().merged_model()
         if self.view.cfg.train.method == "sift-masks":
@@ -239,7 +243,18 @@ class Generations:
     """Holds the current generation and replaces it when the workspace changed (see the module
     docstring for when a request waits, keeps the old generation, or is refused)."""
 
-    def __init__(self, ws: Workspace, reload_wait: float = 60.0, log: bool = True):
+    def __init__(
+        self,
+        ws: Workspace,
+        reload_wait: float = 60.0,
+        log: bool = True,
+        load_models: bool = True,
+        on_new: Callable[[Generation], None] | None = None,
+    ):
+        """`load_models=False`: generations load routers only (an upstream engine generates);
+        `on_new(gen)`: called under the workspace's read lock before a generation serves (to
+        bring an upstream engine to its adapters); raising SiftError there fails the build."""
+        self.load_models, self.on_new = load_models, on_new
         self.ws = ws
         self.reload_wait = reload_wait
         self.log = log
@@ -322,17 +337,20 @@ class Generations:
                     ledger = self.ws.read_ledger()
                     view = WorkspaceView.load(self.ws)
                     server = PinnedServer(self.ws, self._base_for(view), view)
-                    server.load_all()
+                    server.load_all(models=self.load_models)
                     if probe(self.ws).fingerprint != before.fingerprint:
                         raise WorkspaceBusy(f"workspace {self.ws.root} changed while it was being loaded")
-                    self._count += 1
-                    return Generation(
+                    gen = Generation(
                         server,
                         before.fingerprint,
                         before.ledger_size,
                         ledger[-1]["entry_sha256"] if ledger else None,
-                        self._count,
+                        self._count + 1,
                     )
+                    if self.on_new is not None:
+                        self.on_new(gen)
+                    self._count += 1
+                    return gen
             except WorkspaceBusy:
                 if time.monotonic() >= deadline:
                     raise
@@ -367,8 +385,19 @@ def iter_model_ids(gen: Generation, name: str) -> Iterator[tuple[str, dict[str, 
             },
         )
     for shard in gen.shards:
-        yield shard_model_id(shard), {"kind": "shard", "shard": shard, "adapter_sha256": server.adapter_sha256(shard)}
+        sha = server.adapter_sha256(shard)
+        yield (
+            shard_model_id(shard),
+            {"kind": "shard", "shard": shard, "adapter_sha256": sha, "content_id": adapter_model_id(shard, sha or "")},
+        )
 
 
 def shard_model_id(shard: int) -> str:
     return shard_name(shard)
+
+
+def adapter_model_id(shard: int, adapter_sha256: str) -> str:
+    """The content-addressed id of one shard adapter: `shard-0003-` and the first 12 hex digits
+    of its sha256. A retrained adapter gets a new id, so a request (or an upstream engine) that
+    names the old one can never be answered by the new weights, nor the new id by the old."""
+    return f"{shard_name(shard)}-{adapter_sha256[:12]}"
