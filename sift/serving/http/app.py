@@ -130,16 +130,11 @@ class ChatCompletionRequest(_Request):
     response_format: dict[str, Any] | None = None
 
 
-class Gate:
-    """One generation at a time through the model, with a bounded queue in front of it: a request
-    that finds `max_queue` others waiting is refused at once with 429, and one that waits longer
-    than `timeout` seconds for its turn gets 503. Requests are served in no promised order."""
+class _Bounded:
+    """A count of the requests waiting (or in flight), refused with 429 past `max_queue`."""
 
-    def __init__(self, max_queue: int = 64, timeout: float = 300.0):
-        if max_queue < 1 or timeout <= 0:
-            raise SiftError("the request queue needs room for at least 1 request and a timeout above 0 s")
-        self.max_queue, self.timeout = max_queue, timeout
-        self.lock = threading.Lock()  # held while a generation runs
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
         self._count = threading.Lock()
         self.waiting = 0
 
@@ -148,15 +143,33 @@ class Gate:
             raise _queue_full(self.waiting)
 
     @contextlib.contextmanager
-    def turn(self) -> Iterator[None]:
+    def counted(self) -> Iterator[None]:
         with self._count:
             self.check_room()
             self.waiting += 1
         try:
-            got = self.lock.acquire(timeout=self.timeout)
+            yield
         finally:
             with self._count:
                 self.waiting -= 1
+
+
+class Gate(_Bounded):
+    """One generation at a time through the model, with a bounded queue in front of it: a request
+    that finds `max_queue` others waiting is refused at once with 429, and one that waits longer
+    than `timeout` seconds for its turn gets 503. Requests are served in no promised order."""
+
+    def __init__(self, max_queue: int = 64, timeout: float = 300.0):
+        if max_queue < 1 or timeout <= 0:
+            raise SiftError("the request queue needs room for at least 1 request and a timeout above 0 s")
+        super().__init__(max_queue)
+        self.timeout = timeout
+        self.lock = threading.Lock()  # held while a generation runs
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        with self.counted():
+            got = self.lock.acquire(timeout=self.timeout)
         if not got:
             raise _timed_out(self.timeout)
         try:
@@ -215,32 +228,16 @@ class Batched:
         return job
 
 
-class Forwarded:
+class Forwarded(_Bounded):
     """Requests answered by an upstream engine (`--upstream`): routed here, generated there, at
-    most `max_queue` of them in flight (more get 429). Routing and the tokenizer (for stop
-    strings and token counts) are used by one request at a time."""
+    most `max_queue` of them in flight (more get 429; `waiting` counts those in flight). Routing
+    and the tokenizer (for stop strings and token counts) are used by one request at a time."""
 
     def __init__(self, upstream: Upstream, max_queue: int):
-        self.upstream, self.max_queue = upstream, max_queue
-        self.waiting = 0  # requests in flight
+        super().__init__(max_queue)
+        self.upstream = upstream
         self.lock = threading.Lock()  # routing and the tokenizer
-        self._count = threading.Lock()
         self._tokenizer: Any = None
-
-    def check_room(self) -> None:
-        if self.waiting >= self.max_queue:
-            raise _queue_full(self.waiting)
-
-    @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
-        with self._count:
-            self.check_room()
-            self.waiting += 1
-        try:
-            yield
-        finally:
-            with self._count:
-                self.waiting -= 1
 
     def tokenizer(self, gen: Generation) -> Any:
         if self._tokenizer is None:  # the tokenizer only: the weights are the engine's
@@ -701,9 +698,9 @@ def _answer(
     shard, merged = _path(gen, body, settings)
     stops = _stops(body)
     if isinstance(infer, Batched):
-        return _answer_batched(gen, body, prompts, max_tokens, settings, infer, shard, merged, stops)
+        return _answer_batched(_Call(gen, body, prompts, max_tokens, settings, shard, merged), infer)
     if isinstance(infer, Forwarded):
-        return _answer_upstream(gen, body, prompts, max_tokens, settings, infer, shard, merged, stops)
+        return _answer_upstream(_Call(gen, body, prompts, max_tokens, settings, shard, merged), infer)
     try:
         with infer.turn():
             answers = gen.server.answer(
@@ -721,15 +718,25 @@ def _answer(
         raise APIError(400, str(exc), param=_sift_param(body)) from None
 
 
-def _job(
-    gen: Generation,
-    body: _Request,
-    prompts: list[str],
-    max_tokens: int,
-    settings: ServeSettings,
-    shard: int | None,
-    merged: bool,
-) -> Job:
+@dataclass(frozen=True)
+class _Call:
+    """One request as the answering functions see it: the generation it was accepted on, its
+    body and prompts, and the path (`shard`, `merged`) its model id and sift_* fields chose."""
+
+    gen: Generation
+    body: _Request
+    prompts: list[str]
+    max_tokens: int
+    settings: ServeSettings
+    shard: int | None
+    merged: bool
+
+    def unpack(self) -> tuple[Generation, _Request, list[str], int, ServeSettings, int | None, bool]:
+        return self.gen, self.body, self.prompts, self.max_tokens, self.settings, self.shard, self.merged
+
+
+def _job(c: _Call) -> Job:
+    gen, body, prompts, max_tokens, settings, shard, merged = c.unpack()
     return Job(
         gen.server,
         prompts,
@@ -742,19 +749,11 @@ def _job(
     )
 
 
-def _answer_batched(
-    gen: Generation,
-    body: _Request,
-    prompts: list[str],
-    max_tokens: int,
-    settings: ServeSettings,
-    infer: Batched,
-    shard: int | None,
-    merged: bool,
-    stops: list[str],
-) -> list[tuple[Answer, str, str, int, int]]:
+def _answer_batched(c: _Call, infer: Batched) -> list[tuple[Answer, str, str, int, int]]:
     """`_answer` through the batcher: the same answers, decoded with other requests' prompts."""
-    job = _job(gen, body, prompts, max_tokens, settings, shard, merged)
+    gen, body, prompts, max_tokens, settings, shard, merged = c.unpack()
+    stops = _stops(body)
+    job = _job(c)
     results: list[Any] = [None] * len(prompts)
     paths: list[str] = [""] * len(prompts)
 
@@ -777,19 +776,11 @@ def _answer_batched(
     return results
 
 
-def _answer_upstream(
-    gen: Generation,
-    body: _Request,
-    prompts: list[str],
-    max_tokens: int,
-    settings: ServeSettings,
-    fwd: Forwarded,
-    shard: int | None,
-    merged: bool,
-    stops: list[str],
-) -> list[tuple[Answer, str, str, int, int]]:
+def _answer_upstream(c: _Call, fwd: Forwarded) -> list[tuple[Answer, str, str, int, int]]:
     """`_answer` with an upstream engine generating: each prompt is routed here and sent to the
     engine under the content id of the adapter that serves it (or to its base model)."""
+    gen, body, prompts, max_tokens, settings, shard, merged = c.unpack()
+    stops = _stops(body)
     if merged or body.sift_fallback == "merged":
         raise APIError(
             400,
@@ -797,7 +788,7 @@ def _answer_upstream(
             param="model" if merged else "sift_fallback",
             code="unsupported",
         )
-    with fwd.slot():
+    with fwd.counted():
         with fwd.lock:
             try:
                 targets = gen.server.targets(
@@ -891,23 +882,14 @@ def _streaming(
         except SiftError as exc:
             raise APIError(400, str(exc), param="sift_group") from None
     return StreamingResponse(
-        _events(gen, body, prompts, max_tokens, settings, infer, chat, shard, merged),
+        _events(_Call(gen, body, prompts, max_tokens, settings, shard, merged), infer, chat),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
     )
 
 
-def _events(
-    gen: Generation,
-    body: _Request,
-    prompts: list[str],
-    max_tokens: int,
-    settings: ServeSettings,
-    infer: Gate | Batched | Forwarded,
-    chat: bool,
-    shard: int | None,
-    merged: bool,
-) -> Iterator[str]:
+def _events(c: _Call, infer: Gate | Batched | Forwarded, chat: bool) -> Iterator[str]:
+    gen, body, prompts, max_tokens, settings, shard, merged = c.unpack()
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
     created = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -936,17 +918,11 @@ def _events(
 
     try:
         if isinstance(infer, Forwarded):
-            yield from _upstream_events(
-                gen, body, prompts, max_tokens, settings, infer, shard, merged, event, choice, usage
-            )
+            yield from _upstream_events(c, infer, event, choice, usage)
         elif isinstance(infer, Batched):
-            yield from _batched_events(
-                gen, body, prompts, max_tokens, settings, infer, shard, merged, event, choice, usage
-            )
+            yield from _batched_events(c, infer, event, choice, usage)
         else:
-            yield from _events_alone(
-                gen, body, prompts, max_tokens, settings, infer, shard, merged, event, choice, usage
-            )
+            yield from _events_alone(c, infer, event, choice, usage)
         if (body.stream_options or {}).get("include_usage"):
             yield event(
                 [],
@@ -962,20 +938,9 @@ def _events(
         yield f"data: {json.dumps({'error': {'message': 'internal server error', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
 
 
-def _events_alone(
-    gen: Generation,
-    body: _Request,
-    prompts: list[str],
-    max_tokens: int,
-    settings: ServeSettings,
-    infer: Gate,
-    shard: int | None,
-    merged: bool,
-    event: Any,
-    choice: Any,
-    usage: list[int],
-) -> Iterator[str]:
+def _events_alone(c: _Call, infer: Gate, event: Any, choice: Any, usage: list[int]) -> Iterator[str]:
     """The events of a stream answered alone, one generation at a time through the model."""
+    gen, body, prompts, max_tokens, settings, shard, merged = c.unpack()
     from sift.serving.http.stream import TextPieces, stream_tokens
 
     stops = _stops(body)
@@ -1006,28 +971,17 @@ def _events_alone(
                 yield event([choice(i, rest, finish)])
 
 
-def _batched_events(
-    gen: Generation,
-    body: _Request,
-    prompts: list[str],
-    max_tokens: int,
-    settings: ServeSettings,
-    infer: Batched,
-    shard: int | None,
-    merged: bool,
-    event: Any,
-    choice: Any,
-    usage: list[int],
-) -> Iterator[str]:
+def _batched_events(c: _Call, infer: Batched, event: Any, choice: Any, usage: list[int]) -> Iterator[str]:
     """The events of a stream whose tokens come from the batcher's shared generations: the
     worker turns tokens into text pieces (it alone uses the tokenizer) and hands the events
     over a queue; a client that goes away withdraws its request, or ends its rows."""
+    gen, body, prompts, max_tokens, settings, shard, merged = c.unpack()
     import queue
 
     from sift.serving.http.stream import TextPieces
 
     stops = _stops(body)
-    job = _job(gen, body, prompts, max_tokens, settings, shard, merged)
+    job = _job(c)
     events: queue.Queue[str | None] = queue.Queue()
     pieces: dict[int, TextPieces] = {}
 
@@ -1069,21 +1023,10 @@ def _batched_events(
             infer.batcher.withdraw(job)
 
 
-def _upstream_events(
-    gen: Generation,
-    body: _Request,
-    prompts: list[str],
-    max_tokens: int,
-    settings: ServeSettings,
-    fwd: Forwarded,
-    shard: int | None,
-    merged: bool,
-    event: Any,
-    choice: Any,
-    usage: list[int],
-) -> Iterator[str]:
+def _upstream_events(c: _Call, fwd: Forwarded, event: Any, choice: Any, usage: list[int]) -> Iterator[str]:
     """The events of a stream answered by the upstream engine: each answer in one piece."""
-    results = _answer_upstream(gen, body, prompts, max_tokens, settings, fwd, shard, merged, _stops(body))
+    gen, body, prompts, max_tokens, settings, shard, merged = c.unpack()
+    results = _answer_upstream(c, fwd)
     for i, (a, text, finish, used_prompt, used) in enumerate(results):
         yield event([choice(i, None, None, first=True, sift=_choice_sift(gen, a))])
         yield event([choice(i, text, finish)])
