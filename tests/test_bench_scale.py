@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # runs a whole script (tens of seconds); `bash scripts/test.sh -m slow`
 def test_bench_scale_runs_every_phase():
     p = subprocess.run(
         [

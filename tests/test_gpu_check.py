@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # runs a whole script (tens of seconds); `bash scripts/test.sh -m slow`
 def test_gpu_check_runs_on_the_cpu():
     p = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--device", "cpu", "--short", "--json"],

@@ -110,6 +110,7 @@ def test_changed_needs_a_recorded_verify(trained_ws):
         verify(trained_ws, changed=True, quiet=True)
 
 
+@pytest.mark.slow  # runs a whole script (tens of seconds); `bash scripts/test.sh -m slow`
 def test_bench_forget_script_runs_on_the_tiny_model():
     """scripts/bench_forget.py end to end (a smoke run): every proof it times says identical."""
     import subprocess
