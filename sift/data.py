@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sift import benchmarks
 from sift.config import DataConfig
 from sift.errors import SiftError
 from sift.hashing import sha256_hex, shard_of
@@ -52,7 +53,8 @@ def _missing(value: Any) -> bool:
 
 
 def load_records(source: str, split: str = "train", key_columns: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """Read JSONL/CSV/Parquet (by suffix), `-` for JSONL on stdin, or a Hugging Face dataset name.
+    """Read JSONL/CSV/Parquet (by suffix), `-` for JSONL on stdin, a benchmark table
+    (`tofu:forget10`, `muse-news:raw/forget`; sift.benchmarks), or a Hugging Face dataset name.
 
     Files go through `datasets` with a throw-away cache, so no copy of the rows is left behind in
     ~/.cache (a later forget could not reach it there). `key_columns` (the id and group columns)
@@ -62,6 +64,8 @@ def load_records(source: str, split: str = "train", key_columns: Iterable[str] =
         text = _utf8_text(stream.read(), "<stdin>") if stream is not None else sys.stdin.read()
         return parse_jsonl_text(text, "<stdin>")
     path = Path(source)
+    if not path.exists() and benchmarks.is_spec(source):
+        return benchmarks.load_spec(source)
     if path.suffix.lower() in _FORMATS or path.exists():
         if not path.exists():
             raise SiftError(f"data file {source} does not exist")

@@ -322,30 +322,101 @@ def _save_cache(folder: Path, model: Any, tokenizer: Any, source: str) -> Path:
 # -- how a row becomes tokens ------------------------------------------------------------------
 
 
-def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+TEMPLATES = ("chat", "tofu", "raw")
+ANSWER_SPANS = ("sift", "open-unlearning")
+# open-unlearning's non-chat template (configs/model/Llama-2-7b-hf.yaml, phi-1_5.yaml): the one
+# TOFU's released base models and MUSE's numbers are scored with
+TOFU_TAGS = ("Question: ", "\n", "Answer: ", "\n\n")  # user start, user end, assistant start, assistant end
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question (and its answer) becomes tokens. Training always uses the default; an
+    evaluation may choose another so its numbers line up with published ones, and records it.
+
+    template: "chat" the tokenizer's chat template (the prompt as is when it has none), "tofu"
+    the text "Question: {q}\nAnswer: " with BOS, "raw" the question as is with BOS.
+    answer_span: which tokens are scored as the answer. "sift": the answer's own tokens and EOS,
+    appended to the prompt's tokens (what sift trains on). "open-unlearning": as its
+    preprocess_chat_instance (src/data/utils.py @ d3d7cf9): the whole exchange is tokenised at
+    once and everything after the prompt's tokens is the answer (with a chat template, its
+    end-of-turn tokens too), plus EOS unless the last token already is one.
+    system_prompt: a system turn before the question (chat template only), as open-unlearning's
+    Llama-3 configs set ("You are a helpful assistant.").
+    """
+
+    template: str = "chat"
+    answer_span: str = "sift"
+    system_prompt: str | None = None
+
+    def check(self) -> None:
+        if self.template not in TEMPLATES:
+            raise SiftError(f"unknown template {self.template!r}: use one of {', '.join(TEMPLATES)}")
+        if self.answer_span not in ANSWER_SPANS:
+            raise SiftError(f"unknown answer span {self.answer_span!r}: use one of {', '.join(ANSWER_SPANS)}")
+        if self.system_prompt is not None and self.template != "chat":
+            raise SiftError("a system prompt applies to the chat template only")
+
+    def uses_chat(self, tokenizer: Any) -> bool:
+        return self.template == "chat" and bool(getattr(tokenizer, "chat_template", None))
+
+    def _messages(self, prompt: str, shots: tuple[tuple[str, str], ...]) -> list[dict[str, str]]:
+        chat = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        for q, a in shots:
+            chat += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return chat + [{"role": "user", "content": prompt}]
+
+    def prompt_text(self, prompt: str, shots: tuple[tuple[str, str], ...] = ()) -> str:
+        """The text a non-chat template poses the question with (in-context examples first)."""
+        if self.template == "tofu":
+            us, ue, as_, ae = TOFU_TAGS
+            return "".join(f"{us}{q}{ue}{as_}{a}{ae}" for q, a in shots) + f"{us}{prompt}{ue}{as_}"
+        return "".join(f"{q} {a}\n\n" for q, a in shots) + prompt
+
+
+DEFAULT_FORMAT = PromptFormat()
+
+
+def prompt_ids(
+    tokenizer: Any, prompt: str, fmt: PromptFormat | None = None, shots: tuple[tuple[str, str], ...] = ()
+) -> list[int]:
     """The tokens a question is posed with: the chat template when the tokenizer has one, else
-    the prompt as is. Training and generation both call this, so they always agree."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
+    the prompt as is. Training and generation both call this, so they always agree; `fmt` (an
+    evaluation's choice) may name another template, `shots` in-context examples before it."""
+    fmt = fmt or DEFAULT_FORMAT
+    if fmt.uses_chat(tokenizer):
+        text = tokenizer.apply_chat_template(fmt._messages(prompt, shots), add_generation_prompt=True, tokenize=False)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    return tokenizer(fmt.prompt_text(prompt, shots), add_special_tokens=True)["input_ids"]
 
 
 def example_ids(
-    tokenizer: Any, prompt: str | None, completion: str | None, text: str | None
+    tokenizer: Any, prompt: str | None, completion: str | None, text: str | None, fmt: PromptFormat | None = None
 ) -> tuple[list[int], list[int]]:
     """(input ids, labels) for one row: labels are -100 on the prompt, so the loss covers the
     completion (or the whole text) and the end-of-sequence token."""
+    fmt = fmt or DEFAULT_FORMAT
     eos = tokenizer.eos_token_id
     if text is not None:
         ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [eos]
         return ids, list(ids)
     assert prompt is not None and completion is not None
-    p = prompt_ids(tokenizer, prompt)
-    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
-    return p + c, [-100] * len(p) + c
+    p = prompt_ids(tokenizer, prompt, fmt)
+    if fmt.answer_span == "sift":
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
+        return p + c, [-100] * len(p) + c
+    # open-unlearning: tokenise the whole exchange at once, the answer is what follows the prompt
+    if fmt.uses_chat(tokenizer):
+        chat = fmt._messages(prompt, ()) + [{"role": "assistant", "content": completion}]
+        full_text = tokenizer.apply_chat_template(chat, add_generation_prompt=False, tokenize=False)
+        full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+    else:
+        full = tokenizer(fmt.prompt_text(prompt) + completion, add_special_tokens=True)["input_ids"]
+    if full[-1] != eos:
+        full = full + [eos]
+    if len(full) <= len(p):
+        raise SiftError(f"the answer {completion[:40]!r} leaves no tokens after the prompt {prompt[:40]!r}")
+    return full, [-100] * len(p) + full[len(p) :]
 
 
 class LazyBase:

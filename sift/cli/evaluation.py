@@ -9,6 +9,7 @@ import typer
 
 from sift.cli.app import AsJson, Wait, Ws, _command, _emit, app
 from sift.config import FALLBACKS, ROUTERS
+from sift.errors import SiftError
 from sift.unlearn.methods import UNLEARN_METHODS
 
 
@@ -150,7 +151,44 @@ def _eval_help() -> str:
 @_command
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="Workspace, served folder, peft adapter folder or model name.")],
-    data: Annotated[Path, typer.Option("--data", help="The rows (JSONL) the model was trained on.")],
+    data: Annotated[
+        Optional[Path], typer.Option("--data", help="The rows (JSONL) the model was trained on (not with --benchmark).")
+    ] = None,
+    benchmark: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Evaluate on a published benchmark's own sets instead of --data: tofu (open-unlearning's TOFU table; "
+            "--forget-split), muse-news or muse-books (MUSE's VerbMem, KnowMem, PrivLeak). Read from the hub, or "
+            "--benchmark-source."
+        ),
+    ] = None,
+    forget_split: Annotated[
+        Optional[str], typer.Option(help="TOFU: forget01, forget05 or forget10 (default forget10).")
+    ] = None,
+    benchmark_source: Annotated[
+        Optional[str],
+        typer.Option(help="The benchmark's hub repo or a local folder with its tables (docs/benchmarks-published.md)."),
+    ] = None,
+    template: Annotated[
+        str,
+        typer.Option(
+            help="How questions are posed: chat (the tokenizer's chat template, as sift trains), tofu "
+            "('Question: {q}\\nAnswer: ', what TOFU's base models and open-unlearning's Llama-2 numbers use) or raw. Recorded in the result."
+        ),
+    ] = "chat",
+    answer_span: Annotated[
+        str,
+        typer.Option(
+            help="Which tokens count as the answer: sift (the answer and EOS) or open-unlearning (its preprocessing: "
+            "everything the template puts after the prompt, end-of-turn tokens included). Recorded in the result."
+        ),
+    ] = "sift",
+    system_prompt: Annotated[
+        Optional[str],
+        typer.Option(
+            help="A system turn before each question (chat template only; open-unlearning's Llama-3 configs use 'You are a helpful assistant.')."
+        ),
+    ] = None,
     forget_ids: Annotated[
         Optional[str],
         typer.Option("--forget-ids", help="Comma-separated forget ids, or '-' for one per line on stdin."),
@@ -212,8 +250,43 @@ def eval_cmd(
     from sift.fsio import atomic_write_json
 
     settings = EvalSettings(
-        batch_size=batch_size, max_new_tokens=max_new_tokens, retain_sample=retain_sample, general_sample=general_sample
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        retain_sample=retain_sample,
+        general_sample=general_sample,
+        template=template,
+        answer_span=answer_span,
+        system_prompt=system_prompt,
     )
+    if benchmark is not None:
+        result = _eval_benchmark(
+            model,
+            benchmark,
+            forget_split,
+            benchmark_source,
+            settings,
+            reference,
+            no_reference,
+            {"merged": merged, "router": router, "fallback": fallback, "base_name": base_model},
+            given=[
+                n
+                for n, v in (
+                    ("--data", data),
+                    ("--forget-ids", forget_ids),
+                    ("--forget-ids-file", forget_ids_file),
+                    ("--holdout", holdout),
+                )
+                if v is not None
+            ],
+        )
+        if out is not None:
+            atomic_write_json(out, result)
+        _emit({k: v for k, v in result.items() if k != "per_row"}, as_json, _benchmark_human)
+        return
+    if data is None:
+        raise SiftError("give --data (the rows the model was trained on) or --benchmark tofu|muse-news|muse-books")
+    if forget_split is not None or benchmark_source is not None:
+        raise SiftError("--forget-split and --benchmark-source go with --benchmark")
     result = evaluate_model(
         model,
         data,
@@ -249,6 +322,62 @@ def eval_cmd(
         return metric_table(rows_, shown) + tail + ("\nAPPROXIMATE unlearning output" if r.get("approximate") else "")
 
     _emit(summary, as_json, human)
+
+
+def _eval_benchmark(
+    model: str,
+    benchmark: str,
+    forget_split: str | None,
+    source: str | None,
+    settings: Any,
+    reference: str | None,
+    no_reference: bool,
+    target_options: dict[str, Any],
+    given: list[str],
+) -> dict[str, Any]:
+    from sift.evaluation.benchmark import BENCHMARK_NAMES, evaluate_muse_model, evaluate_tofu
+
+    if benchmark not in BENCHMARK_NAMES:
+        raise SiftError(f"unknown benchmark {benchmark!r}: use one of {', '.join(BENCHMARK_NAMES)}")
+    if given:
+        raise SiftError(f"--benchmark reads its own sets: leave out {', '.join(given)}")
+    if benchmark == "tofu":
+        return evaluate_tofu(
+            model, forget_split or "forget10", source, reference, no_reference, settings, target_options
+        )
+    from sift.evaluation.muse import MuseSettings
+
+    if forget_split is not None:
+        raise SiftError("--forget-split is TOFU's; MUSE has one forget set")
+    if settings.template != "chat" or settings.answer_span != "sift" or settings.system_prompt is not None:
+        raise SiftError(
+            "MUSE poses its questions one way (open-unlearning's 'Question: ... Answer:' with in-context examples): leave out --template, --answer-span and --system-prompt"
+        )
+    if no_reference and reference is not None:
+        raise SiftError("give --reference or --no-reference, not both")
+    muse_settings = MuseSettings(batch_size=settings.batch_size)
+    return evaluate_muse_model(model, benchmark, source, reference, muse_settings, target_options)
+
+
+def _benchmark_human(r: dict[str, Any]) -> str:
+    from sift.evaluation.metrics import EVAL_TABLE, MUSE_TABLE
+    from sift.evaluation.run import metric_table
+
+    b = r["benchmark"]
+    names = EVAL_TABLE if b["name"] == "tofu" else MUSE_TABLE
+    rows_ = [r] + (
+        [{"model": f"reference: {r['reference']}", "metrics": r["reference_metrics"]}]
+        if r.get("reference_metrics")
+        else []
+    )
+    shown = [n for n in names if any(n in x["metrics"] for x in rows_)]
+    head = f"{b['name']}" + (f" {b['forget_split']}" if b.get("forget_split") else "") + f" from {b['source']}"
+    fmt = r["settings"]
+    if b["name"] == "tofu":
+        head += f"; template {fmt['template']}, answer span {fmt['answer_span']}"
+    else:
+        head += f"; privleak against AUC_ref {r['reference_auc']:.4f} ({r['reference']})"
+    return head + "\n" + metric_table(rows_, shown)
 
 
 @app.command("compare")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from sift.errors import SiftError
-from sift.models import example_ids, model_device
+from sift.models import PromptFormat, example_ids, model_device
 
 
 @dataclass(frozen=True)
@@ -29,12 +29,18 @@ class AnswerScore:
 
 @torch.no_grad()
 def score_answers(
-    model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 16, max_length: int = 256
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int = 16,
+    max_length: int = 256,
+    fmt: PromptFormat | None = None,
 ) -> list[AnswerScore]:
     """Scores of each (question, answer) pair, in order. Padding never changes a row's numbers
-    beyond float rounding: every row is scored with its own tokens only."""
+    beyond float rounding: every row is scored with its own tokens only. `fmt`: the template
+    and answer span (sift.models.PromptFormat); training's by default."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [example_ids(tokenizer, q, a, None) for q, a in pairs]
+    encoded = [example_ids(tokenizer, q, a, None, fmt) for q, a in pairs]
     encoded = [(ids[:max_length], labels[:max_length]) for ids, labels in encoded]
     out: list[AnswerScore] = []
     model.eval()
@@ -94,3 +100,50 @@ def rouge_l_recall(answers: Sequence[str], references: Sequence[str]) -> list[fl
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return [float(scorer.score(target=ref, prediction=ans)["rougeL"].recall) for ans, ref in zip(answers, references)]
+
+
+def rouge_l_f1(answers: Sequence[str], references: Sequence[str], stemmer: bool = True) -> list[float]:
+    """ROUGE-L F1 of each generated text against its reference: MUSE's VerbMem and KnowMem score
+    (open-unlearning's rougeL_f1 uses the Porter stemmer; MUSE's own code does not: `stemmer`)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stemmer)
+    return [float(scorer.score(target=ref, prediction=ans)["rougeL"].fmeasure) for ans, ref in zip(answers, references)]
+
+
+@torch.no_grad()
+def text_logprobs(
+    model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 8, max_length: int = 2048
+) -> list[tuple[float, ...]]:
+    """Each text's token log-probabilities as open-unlearning scores a pretraining row for MUSE's
+    Min-K% (src/data/utils.py preprocess_pretraining_instance, metrics/utils.py tokenwise_logprobs
+    @ d3d7cf9): the text with BOS, at most `max_length` tokens after it, every token after BOS
+    scored but the last."""
+    start_at = max(1, len(tokenizer("", add_special_tokens=True)["input_ids"]))
+    encoded = [tokenizer(t, add_special_tokens=True)["input_ids"][: start_at + max_length] for t in texts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[tuple[float, ...]] = []
+    model.eval()
+    for first in range(0, len(encoded), batch_size):
+        chunk = encoded[first : first + batch_size]
+        width = max(len(x) for x in chunk)
+        cpu = torch.device("cpu")
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=cpu)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long, device=cpu)
+        for i, x in enumerate(chunk):
+            ids[i, width - len(x) :] = torch.tensor(x, device=cpu)
+            mask[i, width - len(x) :] = 1
+        device = model_device(model)
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float(), -1)
+        for i, x in enumerate(chunk):
+            n = len(x)
+            if n < start_at + 2:
+                raise SiftError(f"the text {tokenizer.decode(x)[:40]!r} is too short to score (under two tokens)")
+            off = width - n
+            # token j (off+j in the row) is predicted at position off+j-1; tokens start_at .. n-2
+            pos = torch.arange(off + start_at - 1, off + n - 2, device=device)
+            tok = ids[i, pos + 1]
+            out.append(tuple(logp[i, pos].gather(-1, tok.unsqueeze(-1)).squeeze(-1).tolist()))
+    return out

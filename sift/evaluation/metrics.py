@@ -20,7 +20,7 @@ import numpy as np
 TINY = 1e-10  # open-unlearning's guard in every ratio
 
 
-SOURCES = ("model", "reference", "relearn", "cost")
+SOURCES = ("model", "reference", "relearn", "cost", "muse")
 
 
 @dataclass
@@ -53,12 +53,13 @@ class MetricInputs:
     """Everything a metric computes from; each source fills its part. `values`: the metrics
     computed so far (model_utility reads them)."""
 
-    sets: dict[str, SetScores] = field(default_factory=dict)  # forget, retain, wf, holdout
+    sets: dict[str, SetScores] = field(default_factory=dict)  # forget, retain, wf, ra, holdout
     min_k: float = 0.4
     values: dict[str, float] = field(default_factory=dict)
     reference: ReferenceScores | None = None
     relearn: dict[str, Any] | None = None  # sift.evaluation.relearn's record
     cost: dict[str, float] = field(default_factory=dict)
+    muse: dict[str, list[float]] = field(default_factory=dict)  # MUSE's per-row ROUGE-L F1 lists
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,8 @@ class Metric:
     """A registered metric: `compute(inputs)` gives its value, or None where it does not apply
     (the wf_* metrics without general questions). `source` says what it needs: "model" one
     model's scores (sift eval), "reference" the retain reference as well, "relearn" the
-    relearning attack's record (sift compare), "cost" the run's cost record."""
+    relearning attack's record (sift compare), "cost" the run's cost record, "muse" MUSE's
+    generations (sift eval --benchmark muse-news|muse-books)."""
 
     name: str
     better: str  # "higher" | "lower" | "closer to the reference" | "closer to 0"
@@ -109,6 +111,21 @@ def closer_to_1(ratios: Sequence[float]) -> float:
 def true_better(ratios: Sequence[float]) -> float:
     r = np.asarray(ratios, dtype=np.float64)
     return float(np.mean(np.maximum(0.0, 1.0 - r)))
+
+
+def prob_mean(ratios: Sequence[float]) -> float:
+    """open-unlearning's "prob_mean" aggregator, on R = P_wrong / P_correct: the mean of
+    P_correct / (P_correct + P_wrong) = 1 / (1 + R) (its code computes that per sample directly)."""
+    r = np.asarray(ratios, dtype=np.float64)
+    return float(np.mean(1.0 / (1.0 + r)))
+
+
+# open-unlearning's truth-ratio aggregators (src/evals/metrics/memorization.py @ d3d7cf9), by its names
+TRUTH_RATIO_AGGREGATORS: dict[str, Callable[[Sequence[float]], float]] = {
+    "closer_to_1_better": closer_to_1,
+    "true_better": true_better,
+    "prob_mean": prob_mean,
+}
 
 
 def prob_normalised(loss_correct: float, losses_wrong: Sequence[float]) -> float:
@@ -214,9 +231,18 @@ def _recall(name: str, key: str) -> Callable[[MetricInputs], float]:
     return lambda i: fact_recall(i.sets[name].answers, i.sets[name].rows)[key]
 
 
-def _wf(fn: Callable[[SetScores], float]) -> Callable[[MetricInputs], float | None]:
-    """A general-knowledge metric: left out when no general questions were scored."""
-    return lambda i: fn(i.sets["wf"]) if i.sets.get("wf") is not None and i.sets["wf"].rows else None
+def _wf(fn: Callable[[SetScores], float], name: str = "wf") -> Callable[[MetricInputs], float | None]:
+    """A general-knowledge metric (wf: world facts, ra: real authors): left out when that set
+    was not scored."""
+    return lambda i: fn(i.sets[name]) if i.sets.get(name) is not None and i.sets[name].rows else None
+
+
+def _ra(fn: Callable[[SetScores], float]) -> Callable[[MetricInputs], float | None]:
+    return _wf(fn, "ra")
+
+
+def _muse(key: str) -> Callable[[MetricInputs], float | None]:
+    return lambda i: _mean(i.muse[key]) if i.muse.get(key) else None
 
 
 def _general_correct(sc: SetScores) -> float:
@@ -227,8 +253,9 @@ def _general_correct(sc: SetScores) -> float:
 
 def _utility(i: MetricInputs) -> float:
     names = ["retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio"]
-    names += [n for n in ("wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio") if n in i.values]
-    return model_utility([i.values[n] for n in names])  # without general questions: the retain part's
+    general = [f"{s}_{m}" for s in ("ra", "wf") for m in ("Q_A_Prob_normalised", "Q_A_ROUGE", "Truth_Ratio")]
+    names += [n for n in general if n in i.values]
+    return model_utility([i.values[n] for n in names])  # the retain part's, and the general sets scored
 
 
 def _mia(attack: str) -> Callable[[MetricInputs], float]:
@@ -269,8 +296,20 @@ METRICS: dict[str, Metric] = {
         Metric(
             "forget_truth_ratio",
             "closer to the reference",
-            "mean min(R, 1/R), R = P(perturbed)/P(paraphrased), length-normalised, perturbed = geometric mean over options",
+            "aggregator closer_to_1_better: mean min(R, 1/R), R = P(perturbed)/P(paraphrased), length-normalised, perturbed = geometric mean over options (forget_quality's KS test reads the per-row R)",
             lambda i: closer_to_1(truth_ratios(i.sets["forget"])),
+        ),
+        Metric(
+            "forget_truth_ratio_true_better",
+            "closer to the reference",
+            "aggregator true_better: mean max(0, 1 - R), R as forget_truth_ratio",
+            lambda i: true_better(truth_ratios(i.sets["forget"])),
+        ),
+        Metric(
+            "forget_truth_ratio_prob_mean",
+            "closer to the reference",
+            "aggregator prob_mean: mean P(paraphrased) / (P(paraphrased) + P(perturbed)) = mean 1 / (1 + R)",
+            lambda i: prob_mean(truth_ratios(i.sets["forget"])),
         ),
         Metric(
             "forget_exact",
@@ -303,11 +342,35 @@ METRICS: dict[str, Metric] = {
         Metric(
             "retain_Truth_Ratio",
             "higher",
-            "mean max(0, 1 - R) on retain rows",
+            "aggregator true_better: mean max(0, 1 - R) on retain rows",
             lambda i: true_better(truth_ratios(i.sets["retain"])),
+        ),
+        Metric(
+            "retain_Truth_Ratio_prob_mean",
+            "higher",
+            "aggregator prob_mean: mean 1 / (1 + R) on retain rows",
+            lambda i: prob_mean(truth_ratios(i.sets["retain"])),
         ),
         Metric("retain_exact", "higher", "as forget_exact, on retain rows", _recall("retain", "exact")),
         Metric("retain_contains", "higher", "as forget_contains, on retain rows", _recall("retain", "contains")),
+        Metric(
+            "ra_Q_A_Prob_normalised",
+            "higher",
+            "real authors (TOFU's real_authors_perturbed): as wf_Q_A_Prob_normalised",
+            _ra(lambda sc: _mean([prob_normalised(c, w) for c, w in zip(sc.answer_loss, sc.pert_losses)])),
+        ),
+        Metric(
+            "ra_Q_A_ROUGE",
+            "higher",
+            "real authors: ROUGE-L recall of the greedy answer",
+            _ra(lambda sc: _mean(sc.rouge)),
+        ),
+        Metric(
+            "ra_Truth_Ratio",
+            "higher",
+            "real authors: aggregator true_better, mean max(0, 1 - R), R = P(wrong)/P(true answer)",
+            _ra(lambda sc: true_better(truth_ratios(sc, wrong_against_answer=True))),
+        ),
         Metric(
             "wf_Q_A_Prob_normalised",
             "higher",
@@ -323,7 +386,7 @@ METRICS: dict[str, Metric] = {
         Metric(
             "wf_Truth_Ratio",
             "higher",
-            "general questions: mean max(0, 1 - R), R = P(wrong)/P(true answer)",
+            "general questions: aggregator true_better, mean max(0, 1 - R), R = P(wrong)/P(true answer)",
             _wf(lambda sc: true_better(truth_ratios(sc, wrong_against_answer=True))),
         ),
         Metric(
@@ -335,7 +398,7 @@ METRICS: dict[str, Metric] = {
         Metric(
             "model_utility",
             "higher",
-            "scipy hmean of retain_Q_A_Prob, retain_Q_A_ROUGE, retain_Truth_Ratio, wf_Q_A_Prob_normalised, wf_Q_A_ROUGE, wf_Truth_Ratio",
+            "scipy hmean of retain_Q_A_Prob, retain_Q_A_ROUGE, retain_Truth_Ratio and, for each general set scored (ra, wf), its Q_A_Prob_normalised, Q_A_ROUGE, Truth_Ratio: 9 values on TOFU, 6 on the builtin data (no real-authors set)",
             _utility,
         ),
         Metric(
@@ -368,6 +431,27 @@ METRICS: dict[str, Metric] = {
             "((1 - AUC) - (1 - AUC_ref)) / (1 - AUC_ref) * 100 on mia_min_k; AUC_ref of the retain reference",
             _ref(lambda ref, v: privleak(v["mia_min_k"], ref.auc_min_k)),
             "reference",
+        ),
+        Metric(
+            "forget_verbmem_ROUGE",
+            "lower",
+            "MUSE VerbMem: mean ROUGE-L F1 (rouge_score, stemmer) of the greedy continuation (128 new tokens) of each verbmem prompt against its true continuation gt",
+            _muse("verbmem"),
+            "muse",
+        ),
+        Metric(
+            "forget_knowmem_ROUGE",
+            "lower",
+            "MUSE KnowMem on forget_qa: mean ROUGE-L F1 of the greedy answer (32 new tokens, cut at a blank line or 'Question') posed after the forget_qa_icl examples, against the answer",
+            _muse("forget_knowmem"),
+            "muse",
+        ),
+        Metric(
+            "retain_knowmem_ROUGE",
+            "higher",
+            "MUSE KnowMem on retain_qa (utility preservation): as forget_knowmem_ROUGE, with the retain_qa_icl examples",
+            _muse("retain_knowmem"),
+            "muse",
         ),
         Metric(
             "relearn_contains",
@@ -434,6 +518,13 @@ EVAL_TABLE = [
     "mia_min_k",
     "privleak",
 ]  # sift eval
+MUSE_TABLE = [
+    "forget_verbmem_ROUGE",
+    "forget_knowmem_ROUGE",
+    "retain_knowmem_ROUGE",
+    "mia_min_k",
+    "privleak",
+]  # sift eval --benchmark muse-news|muse-books, in open-unlearning's column order
 COMPARE_TABLE = [
     "forget_quality",
     "model_utility",
@@ -454,6 +545,6 @@ COMPARE_TABLE = [
     "seconds",
     "flops",
 ]  # sift compare's report
-_unknown = sorted(set(EVAL_TABLE + COMPARE_TABLE) - set(METRICS))
+_unknown = sorted(set(EVAL_TABLE + COMPARE_TABLE + MUSE_TABLE) - set(METRICS))
 if _unknown:  # a renamed metric must not leave a table pointing at nothing
     raise RuntimeError(f"tables name unregistered metrics: {_unknown}")

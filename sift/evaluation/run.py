@@ -26,9 +26,10 @@ from sift.evaluation import metrics as M
 from sift.evaluation.likelihood import AnswerScore, rouge_l_recall, score_answers
 from sift.evaluation.targets import Target
 from sift.hashing import hash_order
+from sift.models import PromptFormat
 from sift.serving.generate import greedy_answers
 
-SETS = ("forget", "retain", "wf", "holdout")
+SETS = ("forget", "retain", "wf", "ra", "holdout")  # ra: real authors, TOFU only
 
 
 @dataclass
@@ -38,8 +39,17 @@ class EvalSettings:
     min_k: float = 0.4  # TOFU and MUSE configs
     retain_sample: int | None = None  # score this many retain rows (a fixed, id-hashed choice); None: all
     general_sample: int | None = None  # and this many general-knowledge questions; None: all
+    # how questions and answers become tokens (sift.models.PromptFormat): training's own by
+    # default; "tofu" and "open-unlearning" score as open-unlearning's TOFU and MUSE numbers do
+    template: str = "chat"
+    answer_span: str = "sift"
+    system_prompt: str | None = None
+
+    def prompt_format(self) -> PromptFormat:
+        return PromptFormat(self.template, self.answer_span, self.system_prompt)
 
     def check(self) -> None:
+        self.prompt_format().check()
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise SiftError("batch size and max new tokens must be at least 1")
         if not 0 < self.min_k <= 1:
@@ -170,6 +180,7 @@ def check_rows(
     retain: list[dict[str, Any]],
     general: list[dict[str, Any]],
     holdout: list[dict[str, Any]],
+    ra: list[dict[str, Any]] | None = None,
 ) -> None:
     """Every field the metrics need, checked before any model is loaded or trained."""
     _check_fields(
@@ -179,6 +190,7 @@ def check_rows(
         "retain", retain, ("prompt", "completion", "answer", "paraphrased_completion", "perturbed_completions")
     )
     _check_fields("general", general, ("prompt", "completion", "perturbed_completions"))
+    _check_fields("real-authors", ra or [], ("prompt", "completion", "perturbed_completions"))
     if not holdout:
         raise SiftError(
             "membership inference needs held-out rows (people never trained on): pass --holdout "
@@ -196,17 +208,20 @@ def evaluate(
     reference: dict[str, Any] | None,
     settings: EvalSettings | None = None,
     require_reference: bool = True,
+    ra: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate `target`; `reference` is an earlier result of this function for the retain
-    reference (needed for forget_quality and privleak unless require_reference is False)."""
+    reference (needed for forget_quality and privleak unless require_reference is False).
+    `general` are world-facts rows (wf_*), `ra` real-authors rows (ra_*, TOFU's)."""
     s = settings or EvalSettings()
     s.check()
     if reference is None and require_reference:
         raise SiftError(REFERENCE_NEEDED)
-    check_rows(forget, retain, general, holdout)
+    check_rows(forget, retain, general, holdout, ra)
     started = time.perf_counter()
+    fmt = s.prompt_format()
 
-    items = [(name, r) for name, rows in zip(SETS, (forget, retain, general, holdout)) for r in rows]
+    items = [(name, r) for name, rows in zip(SETS, (forget, retain, general, ra or [], holdout)) for r in rows]
     scored: list[dict[str, Any]] = [{} for _ in items]
     answers: list[str] = [""] * len(items)
     for model, tok, idx in target.groups([r["prompt"] for _, r in items]):
@@ -222,14 +237,15 @@ def evaluate(
                 for w in r["perturbed_completions"]:
                     pairs.append((r["prompt"], w))
                     owners.append((i, "pert"))
-        for (i, key), sc in zip(owners, score_answers(model, tok, pairs, s.batch_size)):
+        for (i, key), sc in zip(owners, score_answers(model, tok, pairs, s.batch_size, fmt=fmt)):
             if key == "pert":
                 scored[i].setdefault("pert", []).append(sc)
             else:
                 scored[i][key] = sc
         ask = [i for i in idx if items[i][0] != "holdout"]
         for i, a in zip(
-            ask, greedy_answers(model, tok, [items[i][1]["prompt"] for i in ask], s.max_new_tokens, s.batch_size)
+            ask,
+            greedy_answers(model, tok, [items[i][1]["prompt"] for i in ask], s.max_new_tokens, s.batch_size, fmt=fmt),
         ):
             answers[i] = a
 
@@ -246,8 +262,9 @@ def evaluate(
         per_row[f"{name}_truth_ratio"] = dict(zip(ids, M.truth_ratios(sc)))
         per_row[f"{name}_Q_A_Prob"] = dict(zip(ids, M.answer_probs(sc)))
         per_row[f"{name}_answer"] = dict(zip(ids, sc.answers))
-    if sets["wf"].rows:
-        per_row["wf_answer"] = {r["id"]: a for r, a in zip(sets["wf"].rows, sets["wf"].answers)}
+    for name in ("wf", "ra"):
+        if sets[name].rows:
+            per_row[f"{name}_answer"] = {r["id"]: a for r, a in zip(sets[name].rows, sets[name].answers)}
     for name in ("forget", "holdout"):
         mia = M.mia_scores(sets[name], s.min_k)
         per_row[f"mia_{name}"] = {r["id"]: {a: mia[a][j] for a in mia} for j, r in enumerate(sets[name].rows)}
@@ -256,7 +273,13 @@ def evaluate(
         "model": target.label,
         "kind": target.kind,
         "approximate": target.approximate,
-        "n": {"forget": len(forget), "retain": len(retain), "wf": len(general), "holdout": len(holdout)},
+        "n": {
+            "forget": len(forget),
+            "retain": len(retain),
+            "wf": len(general),
+            "ra": len(ra or []),
+            "holdout": len(holdout),
+        },
         "metrics": out_metrics,
         "forget_quality": None,
         "reference": None,
@@ -347,6 +370,12 @@ def against_reference(result: dict[str, Any], reference: dict[str, Any]) -> dict
     ref_k, my_k = reference.get("settings", {}).get("min_k"), result["settings"]["min_k"]
     if ref_k is not None and ref_k != my_k:
         raise SiftError(f"the reference was scored with Min-K k = {ref_k}, this model with k = {my_k}")
+    for key, default in (("template", "chat"), ("answer_span", "sift"), ("system_prompt", None)):
+        theirs, mine_ = reference.get("settings", {}).get(key, default), result["settings"].get(key, default)
+        if theirs != mine_:
+            raise SiftError(
+                f"the reference was scored with {key} {theirs!r}, this model with {mine_!r}: score both the same way"
+            )
     held = list(result["per_row"]["mia_holdout"])
     lacking = [
         i

@@ -6,19 +6,26 @@ from typing import Any
 
 import torch
 
-from sift.models import model_device, prompt_ids
+from sift.models import PromptFormat, model_device, prompt_ids
 
 
 @torch.no_grad()
 def greedy_answers(
-    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    fmt: PromptFormat | None = None,
+    shots: tuple[tuple[str, str], ...] = (),
 ) -> list[str]:
     """Greedy answers, batched with left padding (the attention mask keeps pads out);
-    batch_size=1 answers each prompt alone, with no padding at all."""
+    batch_size=1 answers each prompt alone, with no padding at all. `fmt` and `shots` pose the
+    questions another way (an evaluation's template, in-context examples)."""
     pad = tokenizer.pad_token_id
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
+        chunk = [prompt_ids(tokenizer, p, fmt, shots) for p in prompts[start : start + batch_size]]
         width = max(len(c) for c in chunk)
         cpu = torch.device("cpu")  # built on the CPU by name, then moved to the model's device
         ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=cpu)
