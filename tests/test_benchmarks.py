@@ -101,3 +101,41 @@ def test_a_wrong_copy_is_refused_by_name(tofu_dir, tmp_path):
     with pytest.raises(SiftError, match="TOFU's forget split is one of"):
         tofu.eval_sets("forget07", str(tofu_dir))
     shutil.rmtree(short)
+
+
+def test_train_on_tofu_and_forget_an_author_exactly(tofu_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from sift.cli import app
+
+    ws = str(tmp_path / "ws")
+    runner = CliRunner()
+    r = runner.invoke(
+        app,
+        [
+            "train-shards",
+            "-w",
+            ws,
+            "--data",
+            f"tofu:forget01@{tofu_dir}",
+            "--group-by",
+            "author",
+            "--num-shards",
+            "2",
+            "--model",
+            "builtin-tiny",
+            "--epochs",
+            "1",
+        ],
+    )
+    assert r.exit_code == 0, r.stderr
+    r = runner.invoke(app, ["merge", "-w", ws])
+    assert r.exit_code == 0, r.stderr
+    r = runner.invoke(app, ["forget", "-w", ws, "--group", "tofu-author-199", "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["rows_removed"] == 20
+    r = runner.invoke(app, ["verify", "-w", ws, "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["identical"] is True
