@@ -195,3 +195,29 @@ def test_prompt_format_refuses_what_it_does_not_know():
     for bad in (PromptFormat("alpaca"), PromptFormat(answer_span="full"), PromptFormat("tofu", system_prompt="x")):
         with pytest.raises(SiftError):
             bad.check()
+
+
+def test_ks_resolution_lists_the_p_values_forget_quality_can_take():
+    ps = M.ks_pvalues(10)
+    assert len(ps) == 11 and ps[0] == ps[1] == 1.0
+    # the three values the embedded default's compare showed are on the list
+    for seen in (0.418, 0.787):
+        assert any(abs(p - seen) < 5e-4 for p in ps)
+    # each is what the test gives on real samples whose ranks differ by that many rows
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=10)
+    b = np.sort(a)
+    b[:4] = b[-1] + 1 + np.arange(4)  # four rows move above every other: D = 4/10
+    assert M.forget_quality(list(a), list(b))["p"] == pytest.approx(ps[4])
+    line = M.ks_resolution(10)
+    assert "n = 10" in line and "10 distinct p-values" in line and "1.08e-05" in line
+    assert "38 distinct" in M.ks_resolution(40)
+
+
+def test_every_approximate_method_gets_its_own_style_and_coinciding_points_are_named():
+    from sift.evaluation.plots import coinciding, method_style
+
+    assert len({method_style(i) for i in range(182)}) == 182
+    assert len({method_style(i)[0] for i in range(14)}) == 14 and len({method_style(i)[1] for i in range(13)}) == 13
+    groups = coinciding([("a", 0.5, 0.418), ("b", 0.5001, 0.4181), ("c", 0.6, 0.418), ("d", 0.5, 1.0), ("e", 0.5, 1.0)])
+    assert sorted(sorted(g[2]) for g in groups) == [["a", "b"], ["d", "e"]]

@@ -399,6 +399,8 @@ def report_markdown(result: dict[str, Any]) -> str:
         "against the monolithic retrain; the exact path and the sharded original against the sharded rebuild. "
         f"Exact path's served bytes identical to the sharded rebuild's: **{'yes' if result['exact_identical_to_sharded_rebuild'] else 'NO'}**.",
         "",
+        M.ks_resolution(result["data"]["forget"]) + ".",
+        "",
         metric_table(entries, TABLE_METRICS),
         "",
         "Metrics (direction; formula):",

@@ -152,6 +152,31 @@ def forget_quality(model_ratios: Sequence[float], reference_ratios: Sequence[flo
     }
 
 
+def ks_pvalues(n: int) -> list[float]:
+    """Every p-value forget_quality can take with n forget rows on each side (the model's and the
+    reference's truth ratios on the same rows): the statistic D is k/n for k = 0..n, so there are
+    at most n + 1 values, from 1 down; k = 0 and 1 both give 1. Computed by scipy itself, on two
+    samples whose empirical distributions differ by exactly k/n."""
+    from scipy.stats import ks_2samp
+
+    base = np.arange(n, dtype=np.float64)
+    return [float(ks_2samp(base, base + k - 0.5).pvalue) if k else 1.0 for k in range(n + 1)]
+
+
+def ks_resolution(n: int) -> str:
+    """One line for a report: how finely forget_quality can tell a model from its reference."""
+    distinct: list[float] = []
+    for p in sorted(ks_pvalues(n), reverse=True):
+        if not distinct or not math.isclose(p, distinct[-1], rel_tol=1e-4, abs_tol=0.0):
+            distinct.append(p)
+    shown = ", ".join(f"{p:.3g}" for p in distinct[:6])
+    return (
+        f"forget_quality is a KS test on n = {n} forget rows a side: it can take {len(distinct)} distinct p-values "
+        f"({shown}{', ...' if len(distinct) > 6 else ''}; the smallest {distinct[-1]:.3g}); one row's truth ratio "
+        "crossing the other side's moves it one step along that list"
+    )
+
+
 def model_utility(values: Sequence[float]) -> float:
     """Harmonic mean; 0 when any input is 0 (a collapsed model has no utility)."""
     from scipy.stats import hmean

@@ -14,7 +14,40 @@ from pathlib import Path
 from typing import Any
 
 COLORS = {"exact": "#1b7837", "reference": "#2166ac", "original": "#7f7f7f", "approximate": "#b2182b"}
-METHOD_COLORS = ["#b2182b", "#ef8a62", "#8c510a", "#762a83", "#e7298a"]
+# one colour and one marker per approximate method (a dozen methods and variants must stay
+# apart); greens and blues are left to the exact path and the references
+METHOD_COLORS = [
+    "#d62728",
+    "#ff7f0e",
+    "#8c564b",
+    "#9467bd",
+    "#e377c2",
+    "#bcbd22",
+    "#17becf",
+    "#7f7f7f",
+    "#f781bf",
+    "#a65628",
+    "#984ea3",
+    "#e41a1c",
+    "#fdb462",
+    "#b15928",
+]
+METHOD_MARKERS = ["o", "^", "v", "<", ">", "p", "*", "X", "h", "8", "H", "d", "P"]  # 13: coprime with 14 colours
+
+
+def method_style(i: int) -> tuple[str, str]:
+    """(colour, marker) of the i-th approximate method: cycles of coprime lengths (14 colours, 13
+    markers), so no two of the first 182 methods share both."""
+    return METHOD_COLORS[i % len(METHOD_COLORS)], METHOD_MARKERS[i % len(METHOD_MARKERS)]
+
+
+def coinciding(points: list[tuple[str, float, float]]) -> list[tuple[float, float, list[str]]]:
+    """Groups of names drawn at the same place (utility to 3 decimals, log10 forget quality to 2):
+    the plot labels each group, so points hidden under another are still named."""
+    groups: dict[tuple[float, float], list[tuple[str, float, float]]] = {}
+    for name, x, y in points:
+        groups.setdefault((round(x, 3), round(math.log10(y), 2)), []).append((name, x, y))
+    return [(g[0][1], g[0][2], [n for n, _, _ in g]) for g in groups.values() if len(g) > 1]
 
 
 def _area(seconds: float | None) -> float:
@@ -33,6 +66,7 @@ def tradeoff_plot(result: dict[str, Any], path: Path) -> None:
     markers = {"exact": ["D", "d"], "reference": ["s", "P"], "original": ["o", "h"]}
     shades = {"exact": ["#1b7837", "#5aae61"], "reference": ["#2166ac", "#67a9cf"], "original": ["#4d4d4d", "#999999"]}
     seen: dict[str, int] = {}
+    drawn: list[tuple[str, float, float]] = []  # (name, x, y) of every point's final position
     for e in result["entries"]:
         if e["role"] == "approximate":
             methods.setdefault(e["method"], []).append(e)
@@ -54,8 +88,9 @@ def tradeoff_plot(result: dict[str, Any], path: Path) -> None:
             zorder=3,
             label=e["name"],
         )
+        drawn.append((e["name"], m["model_utility"], max(m["forget_quality"], floor)))
     for i, (method, path_entries) in enumerate(sorted(methods.items())):
-        color = METHOD_COLORS[i % len(METHOD_COLORS)]
+        color, marker = method_style(i)
         xs = [e["metrics"]["model_utility"] for e in path_entries]
         ys = [max(e["metrics"]["forget_quality"], floor) for e in path_entries]
         ax.plot(xs, ys, color=color, alpha=0.7, linewidth=1.2, zorder=2)
@@ -64,10 +99,14 @@ def tradeoff_plot(result: dict[str, Any], path: Path) -> None:
             ys,
             s=[_area(e["metrics"].get("seconds")) for e in path_entries],
             color=color,
+            marker=marker,
             alpha=0.6,
+            edgecolors="black",
+            linewidths=0.4,
             zorder=3,
             label=f"{method} (approximate), epochs 1-{path_entries[-1]['epoch']}",
         )
+        drawn.append((method, xs[-1], ys[-1]))
         ax.annotate(
             str(path_entries[-1]["epoch"]),
             (xs[-1], ys[-1]),
@@ -76,6 +115,10 @@ def tradeoff_plot(result: dict[str, Any], path: Path) -> None:
             fontsize=7,
             color=color,
         )
+    notes = []
+    for k, (x, y, names) in enumerate(coinciding(drawn), 1):
+        ax.annotate(f"[{k}]", (x, y), textcoords="offset points", xytext=(7, 7), fontsize=8, fontweight="bold")
+        notes.append(f"[{k}] the same point: " + ", ".join(names))
     ax.set_yscale("log")
     ax.set_xlabel(
         "model utility (higher is better)\nharmonic mean of retain and general-knowledge Prob, ROUGE, truth ratio"
@@ -87,6 +130,8 @@ def tradeoff_plot(result: dict[str, Any], path: Path) -> None:
     for handle in getattr(legend, "legend_handles", []):
         if hasattr(handle, "set_sizes"):
             handle.set_sizes([40])
+    if notes:  # below the axes, one line a group, so no name hides under another
+        ax.text(0.0, -0.16, "\n".join(notes), transform=ax.transAxes, va="top", fontsize=7, wrap=True)
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
