@@ -343,19 +343,26 @@ class PromptFormat:
     end-of-turn tokens too), plus EOS unless the last token already is one.
     system_prompt: a system turn before the question (chat template only), as open-unlearning's
     Llama-3 configs set ("You are a helpful assistant.").
+    date_string: passed to the chat template (Llama-3's prints it in the system turn; without it
+    the template prints today's date, so scores would drift by the day): "10 Apr 2025" in
+    open-unlearning's Llama-3 configs.
     """
 
     template: str = "chat"
     answer_span: str = "sift"
     system_prompt: str | None = None
+    date_string: str | None = None
 
     def check(self) -> None:
         if self.template not in TEMPLATES:
             raise SiftError(f"unknown template {self.template!r}: use one of {', '.join(TEMPLATES)}")
         if self.answer_span not in ANSWER_SPANS:
             raise SiftError(f"unknown answer span {self.answer_span!r}: use one of {', '.join(ANSWER_SPANS)}")
-        if self.system_prompt is not None and self.template != "chat":
-            raise SiftError("a system prompt applies to the chat template only")
+        if (self.system_prompt is not None or self.date_string is not None) and self.template != "chat":
+            raise SiftError("a system prompt and a date string apply to the chat template only")
+
+    def chat_kwargs(self) -> dict[str, str]:
+        return {"date_string": self.date_string} if self.date_string is not None else {}
 
     def uses_chat(self, tokenizer: Any) -> bool:
         return self.template == "chat" and bool(getattr(tokenizer, "chat_template", None))
@@ -385,7 +392,9 @@ def prompt_ids(
     evaluation's choice) may name another template, `shots` in-context examples before it."""
     fmt = fmt or DEFAULT_FORMAT
     if fmt.uses_chat(tokenizer):
-        text = tokenizer.apply_chat_template(fmt._messages(prompt, shots), add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            fmt._messages(prompt, shots), add_generation_prompt=True, tokenize=False, **fmt.chat_kwargs()
+        )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(fmt.prompt_text(prompt, shots), add_special_tokens=True)["input_ids"]
 
@@ -408,7 +417,9 @@ def example_ids(
     # open-unlearning: tokenise the whole exchange at once, the answer is what follows the prompt
     if fmt.uses_chat(tokenizer):
         chat = fmt._messages(prompt, ()) + [{"role": "assistant", "content": completion}]
-        full_text = tokenizer.apply_chat_template(chat, add_generation_prompt=False, tokenize=False)
+        full_text = tokenizer.apply_chat_template(
+            chat, add_generation_prompt=False, tokenize=False, **fmt.chat_kwargs()
+        )
         full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
     else:
         full = tokenizer(fmt.prompt_text(prompt) + completion, add_special_tokens=True)["input_ids"]

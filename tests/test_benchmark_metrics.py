@@ -127,9 +127,12 @@ def _ou_preprocess(tokenizer, template_config, prompt, response):
         if template_config.get("system_prompt"):
             chat += [{"role": "system", "content": template_config["system_prompt"]}]
         chat += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        chat_ids = tokenizer(tokenizer.apply_chat_template(chat, tokenize=False), add_special_tokens=False)["input_ids"]
+        date = {"date_string": template_config["date_string"]} if template_config.get("date_string") else {}
+        chat_ids = tokenizer(tokenizer.apply_chat_template(chat, tokenize=False, **date), add_special_tokens=False)[
+            "input_ids"
+        ]
         prompt_ids_ = tokenizer(
-            tokenizer.apply_chat_template(chat[:-1], tokenize=False, add_generation_prompt=True),
+            tokenizer.apply_chat_template(chat[:-1], tokenize=False, add_generation_prompt=True, **date),
             add_special_tokens=False,
         )["input_ids"]
     else:
@@ -189,10 +192,31 @@ def test_answer_span_open_unlearning_is_its_preprocessing_on_the_builtin_templat
     _check_answer_span(load_tokenizer("builtin"))
 
 
+def test_date_string_reaches_a_template_that_prints_it(tiny):
+    import copy
+
+    tok = copy.deepcopy(tiny[1])
+    tok.chat_template = "Today {{ date_string | default('unset') }}\n" + tok.chat_template
+    q, a = QA[0]
+    fmt = PromptFormat(
+        answer_span="open-unlearning", system_prompt="You are a helpful assistant.", date_string="10 Apr 2025"
+    )
+    ids = example_ids(tok, q, a, None, fmt)
+    assert ids == _ou_preprocess(
+        tok, {**CHAT, "system_prompt": "You are a helpful assistant.", "date_string": "10 Apr 2025"}, q, a
+    )
+    assert "10 Apr 2025" in tok.decode(prompt_ids(tok, q, fmt)) and "unset" in tok.decode(prompt_ids(tok, q))
+
+
 def test_prompt_format_refuses_what_it_does_not_know():
     from sift.errors import SiftError
 
-    for bad in (PromptFormat("alpaca"), PromptFormat(answer_span="full"), PromptFormat("tofu", system_prompt="x")):
+    for bad in (
+        PromptFormat("alpaca"),
+        PromptFormat(answer_span="full"),
+        PromptFormat("tofu", system_prompt="x"),
+        PromptFormat("raw", date_string="1 Jan 2025"),
+    ):
         with pytest.raises(SiftError):
             bad.check()
 

@@ -189,6 +189,12 @@ def eval_cmd(
             help="A system turn before each question (chat template only; open-unlearning's Llama-3 configs use 'You are a helpful assistant.')."
         ),
     ] = None,
+    date_string: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Passed to the chat template (Llama-3 prints it; open-unlearning's configs use '10 Apr 2025')."
+        ),
+    ] = None,
     forget_ids: Annotated[
         Optional[str],
         typer.Option("--forget-ids", help="Comma-separated forget ids, or '-' for one per line on stdin."),
@@ -257,6 +263,7 @@ def eval_cmd(
         template=template,
         answer_span=answer_span,
         system_prompt=system_prompt,
+        date_string=date_string,
     )
     if benchmark is not None:
         result = _eval_benchmark(
@@ -349,9 +356,9 @@ def _eval_benchmark(
 
     if forget_split is not None:
         raise SiftError("--forget-split is TOFU's; MUSE has one forget set")
-    if settings.template != "chat" or settings.answer_span != "sift" or settings.system_prompt is not None:
+    if settings.prompt_format() != settings.__class__().prompt_format():
         raise SiftError(
-            "MUSE poses its questions one way (open-unlearning's 'Question: ... Answer:' with in-context examples): leave out --template, --answer-span and --system-prompt"
+            "MUSE poses its questions one way (open-unlearning's 'Question: ... Answer:' with in-context examples): leave out --template, --answer-span, --system-prompt and --date-string"
         )
     if no_reference and reference is not None:
         raise SiftError("give --reference or --no-reference, not both")

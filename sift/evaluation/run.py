@@ -44,9 +44,10 @@ class EvalSettings:
     template: str = "chat"
     answer_span: str = "sift"
     system_prompt: str | None = None
+    date_string: str | None = None
 
     def prompt_format(self) -> PromptFormat:
-        return PromptFormat(self.template, self.answer_span, self.system_prompt)
+        return PromptFormat(self.template, self.answer_span, self.system_prompt, self.date_string)
 
     def check(self) -> None:
         self.prompt_format().check()
@@ -370,7 +371,7 @@ def against_reference(result: dict[str, Any], reference: dict[str, Any]) -> dict
     ref_k, my_k = reference.get("settings", {}).get("min_k"), result["settings"]["min_k"]
     if ref_k is not None and ref_k != my_k:
         raise SiftError(f"the reference was scored with Min-K k = {ref_k}, this model with k = {my_k}")
-    for key, default in (("template", "chat"), ("answer_span", "sift"), ("system_prompt", None)):
+    for key, default in (("template", "chat"), ("answer_span", "sift"), ("system_prompt", None), ("date_string", None)):
         theirs, mine_ = reference.get("settings", {}).get(key, default), result["settings"].get(key, default)
         if theirs != mine_:
             raise SiftError(
