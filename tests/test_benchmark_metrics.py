@@ -236,6 +236,9 @@ def test_ks_resolution_lists_the_p_values_forget_quality_can_take():
     line = M.ks_resolution(10)
     assert "n = 10" in line and "10 distinct p-values" in line and "1.08e-05" in line
     assert "38 distinct" in M.ks_resolution(40)
+    # the floors at TOFU's sizes are the published GradAscent values (every forget row's ratio beyond every reference row's)
+    assert M.ks_pvalues(200)[-1] == pytest.approx(1.94e-119, rel=1e-3)  # forget05
+    assert M.ks_pvalues(400)[-1] == pytest.approx(1.06e-239, rel=1e-3)  # forget10
 
 
 def test_every_approximate_method_gets_its_own_style_and_coinciding_points_are_named():
