@@ -430,6 +430,19 @@ def example_ids(
     return full, [-100] * len(p) + full[len(p) :]
 
 
+def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token lists left-padded to one width, built on the CPU (move them
+    to the model's device): the answers of a batch then all end at the last position."""
+    width = max(len(x) for x in seqs)
+    cpu = torch.device("cpu")
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=cpu)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long, device=cpu)
+    for i, x in enumerate(seqs):
+        ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long, device=cpu)
+        mask[i, width - len(x) :] = 1
+    return ids, mask
+
+
 class LazyBase:
     """Loads the base model on first use only (a forget that drops shards never needs it) and
     checks that it is the model the workspace was made with."""

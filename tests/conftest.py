@@ -104,3 +104,19 @@ def bf16_model_folder(folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def bf16_base(tmp_path_factory) -> Path:
     return bf16_model_folder(tmp_path_factory.mktemp("bf16") / "model")
+
+
+@pytest.fixture(scope="session")
+def tofu_dir(tmp_path_factory) -> Path:
+    """A local TOFU copy with the hub's tables and schemas (tests/benchmark_fixtures.py)."""
+    from benchmark_fixtures import make_tofu
+
+    return make_tofu(tmp_path_factory.mktemp("tofu"))
+
+
+@pytest.fixture(scope="session")
+def muse_dir(tmp_path_factory) -> Path:
+    """A local MUSE-News copy."""
+    from benchmark_fixtures import make_muse
+
+    return make_muse(tmp_path_factory.mktemp("muse"))

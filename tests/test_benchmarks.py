@@ -5,21 +5,11 @@ and the errors a wrong copy gets."""
 from __future__ import annotations
 
 import pytest
-from benchmark_fixtures import make_muse, make_tofu, tofu_qa
+from benchmark_fixtures import tofu_qa
 
 from sift.benchmarks import is_spec, load_spec, muse, tofu
 from sift.data import load_records
 from sift.errors import SiftError
-
-
-@pytest.fixture(scope="module")
-def tofu_dir(tmp_path_factory):
-    return make_tofu(tmp_path_factory.mktemp("tofu"))
-
-
-@pytest.fixture(scope="module")
-def muse_dir(tmp_path_factory):
-    return make_muse(tmp_path_factory.mktemp("muse"))
 
 
 def test_tofu_authors_come_from_the_row_position(tofu_dir):

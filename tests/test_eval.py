@@ -228,7 +228,7 @@ def test_per_row_values_come_from_the_model_that_serves_the_row(monkeypatch):
             yield b, tok, list(range(1, len(prompts), 2))
 
     monkeypatch.setattr(
-        run_mod, "greedy_answers", lambda model, t, prompts, n, bs: ["A" if model is a else "B"] * len(prompts)
+        run_mod, "greedy_answers", lambda model, t, prompts, n, bs, **kw: ["A" if model is a else "B"] * len(prompts)
     )
 
     def row(i, pert):

@@ -7,12 +7,27 @@ from __future__ import annotations
 import json
 
 import pytest
-from benchmark_fixtures import make_muse, make_tofu
 from typer.testing import CliRunner
 
 from sift.cli import app
 
 RUNNER = CliRunner()
+
+
+def tofu_args(folder, *more):
+    return [
+        "eval",
+        "builtin-tiny",
+        "--benchmark",
+        "tofu",
+        "--forget-split",
+        "forget01",
+        "--benchmark-source",
+        str(folder),
+        *more,
+    ]
+
+
 FAST = ["--max-new-tokens", "4", "--retain-sample", "6", "--general-sample", "4", "--batch-size", "32"]
 
 
@@ -29,28 +44,9 @@ def error_line(result) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def tofu_dir(tmp_path_factory):
-    return make_tofu(tmp_path_factory.mktemp("tofu"))
-
-
-@pytest.fixture(scope="module")
-def muse_dir(tmp_path_factory):
-    return make_muse(tmp_path_factory.mktemp("muse"))
-
-
 def test_tofu_table_of_a_model_against_itself_as_reference(tofu_dir, tmp_path):
     saved = tmp_path / "ref.json"
-    args = [
-        "eval",
-        "builtin-tiny",
-        "--benchmark",
-        "tofu",
-        "--forget-split",
-        "forget01",
-        "--benchmark-source",
-        str(tofu_dir),
-    ]
+    args = tofu_args(tofu_dir)
     r = run([*args, *FAST, "--template", "tofu", "--no-reference", "--out", str(saved), "--json"])
     assert r.exit_code == 0, r.stderr
     ref = json.loads(r.stdout)
@@ -82,19 +78,7 @@ def test_tofu_table_of_a_model_against_itself_as_reference(tofu_dir, tmp_path):
 
 
 def test_tofu_answer_span_changes_the_scores_and_is_recorded(tofu_dir):
-    args = [
-        "eval",
-        "builtin-tiny",
-        "--benchmark",
-        "tofu",
-        "--forget-split",
-        "forget01",
-        "--benchmark-source",
-        str(tofu_dir),
-        *FAST,
-        "--no-reference",
-        "--json",
-    ]
+    args = tofu_args(tofu_dir, *FAST, "--no-reference", "--json")
     a = json.loads(run(args).stdout)
     b = run([*args, "--answer-span", "open-unlearning"])
     assert b.exit_code == 0, b.stderr

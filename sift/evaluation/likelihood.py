@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from sift.errors import SiftError
-from sift.models import PromptFormat, example_ids, model_device
+from sift.models import PromptFormat, example_ids, left_pad, model_device
 
 
 @dataclass(frozen=True)
@@ -49,16 +49,10 @@ def score_answers(
         # Left padding puts every answer at the end, so the head runs on the answer positions only
         # (logits_to_keep; about a fifth of the compute for a 135M model); explicit position ids
         # keep each row's positions those of its unpadded sequence.
-        width = max(len(ids) for ids, _ in chunk)
         keep_n = max(sum(1 for y in labels if y != -100) for _, labels in chunk) + 1
-        cpu = torch.device("cpu")  # built on the CPU by name, then moved to the model's device
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=cpu)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long, device=cpu)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long, device=cpu)
-        for i, (x, y) in enumerate(chunk):
-            ids[i, width - len(x) :] = torch.tensor(x, device=cpu)
-            labels[i, width - len(y) :] = torch.tensor(y, device=cpu)
-            mask[i, width - len(x) :] = 1
+        ids, mask = left_pad([x for x, _ in chunk], pad)
+        labels, _ = left_pad([y for _, y in chunk], -100)
+        width = ids.shape[1]
         device = model_device(model)
         ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -126,13 +120,8 @@ def text_logprobs(
     model.eval()
     for first in range(0, len(encoded), batch_size):
         chunk = encoded[first : first + batch_size]
-        width = max(len(x) for x in chunk)
-        cpu = torch.device("cpu")
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=cpu)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long, device=cpu)
-        for i, x in enumerate(chunk):
-            ids[i, width - len(x) :] = torch.tensor(x, device=cpu)
-            mask[i, width - len(x) :] = 1
+        ids, mask = left_pad(chunk, pad)
+        width = ids.shape[1]
         device = model_device(model)
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -157,9 +157,9 @@ def ks_pvalues(n: int) -> list[float]:
     reference's truth ratios on the same rows): the statistic D is k/n for k = 0..n, so there are
     at most n + 1 values, from 1 down; k = 0 and 1 both give 1. Computed by scipy itself, on two
     samples whose empirical distributions differ by exactly k/n."""
-    from scipy.stats import ks_2samp
-
     import warnings
+
+    from scipy.stats import ks_2samp
 
     base = np.arange(n, dtype=np.float64)
     with warnings.catch_warnings():  # scipy falls back to the asymptotic form for large n, as forget_quality does
@@ -266,8 +266,29 @@ def _wf(fn: Callable[[SetScores], float], name: str = "wf") -> Callable[[MetricI
     return lambda i: fn(i.sets[name]) if i.sets.get(name) is not None and i.sets[name].rows else None
 
 
-def _ra(fn: Callable[[SetScores], float]) -> Callable[[MetricInputs], float | None]:
-    return _wf(fn, "ra")
+def _general_metrics(name: str, label: str) -> tuple[Metric, ...]:
+    """The three likelihood and ROUGE metrics of a general-knowledge set (open-unlearning's ra_*
+    and wf_*): the true answer stands in for the paraphrase, and the options are normalised."""
+    return (
+        Metric(
+            f"{name}_Q_A_Prob_normalised",
+            "higher",
+            f"{label}: mean c / (c + sum of w_j), c and w_j length-normalised probabilities of the true and wrong answers",
+            _wf(lambda sc: _mean([prob_normalised(c, w) for c, w in zip(sc.answer_loss, sc.pert_losses)]), name),
+        ),
+        Metric(
+            f"{name}_Q_A_ROUGE",
+            "higher",
+            f"{label}: ROUGE-L recall of the greedy answer",
+            _wf(lambda sc: _mean(sc.rouge), name),
+        ),
+        Metric(
+            f"{name}_Truth_Ratio",
+            "higher",
+            f"{label}: aggregator true_better, mean max(0, 1 - R), R = P(wrong)/P(true answer)",
+            _wf(lambda sc: true_better(truth_ratios(sc, wrong_against_answer=True)), name),
+        ),
+    )
 
 
 def _muse(key: str) -> Callable[[MetricInputs], float | None]:
@@ -382,42 +403,8 @@ METRICS: dict[str, Metric] = {
         ),
         Metric("retain_exact", "higher", "as forget_exact, on retain rows", _recall("retain", "exact")),
         Metric("retain_contains", "higher", "as forget_contains, on retain rows", _recall("retain", "contains")),
-        Metric(
-            "ra_Q_A_Prob_normalised",
-            "higher",
-            "real authors (TOFU's real_authors_perturbed): as wf_Q_A_Prob_normalised",
-            _ra(lambda sc: _mean([prob_normalised(c, w) for c, w in zip(sc.answer_loss, sc.pert_losses)])),
-        ),
-        Metric(
-            "ra_Q_A_ROUGE",
-            "higher",
-            "real authors: ROUGE-L recall of the greedy answer",
-            _ra(lambda sc: _mean(sc.rouge)),
-        ),
-        Metric(
-            "ra_Truth_Ratio",
-            "higher",
-            "real authors: aggregator true_better, mean max(0, 1 - R), R = P(wrong)/P(true answer)",
-            _ra(lambda sc: true_better(truth_ratios(sc, wrong_against_answer=True))),
-        ),
-        Metric(
-            "wf_Q_A_Prob_normalised",
-            "higher",
-            "general questions: mean c / (c + sum of w_j), c and w_j length-normalised probabilities of the true and wrong answers",
-            _wf(lambda sc: _mean([prob_normalised(c, w) for c, w in zip(sc.answer_loss, sc.pert_losses)])),
-        ),
-        Metric(
-            "wf_Q_A_ROUGE",
-            "higher",
-            "general questions: ROUGE-L recall of the greedy answer",
-            _wf(lambda sc: _mean(sc.rouge)),
-        ),
-        Metric(
-            "wf_Truth_Ratio",
-            "higher",
-            "general questions: aggregator true_better, mean max(0, 1 - R), R = P(wrong)/P(true answer)",
-            _wf(lambda sc: true_better(truth_ratios(sc, wrong_against_answer=True))),
-        ),
+        *_general_metrics("ra", "real authors (TOFU's real_authors_perturbed)"),
+        *_general_metrics("wf", "general questions"),
         Metric(
             "wf_correct",
             "higher",

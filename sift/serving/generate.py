@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from sift.models import PromptFormat, model_device, prompt_ids
+from sift.models import PromptFormat, left_pad, model_device, prompt_ids
 
 
 @torch.no_grad()
@@ -26,13 +26,8 @@ def greedy_answers(
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = [prompt_ids(tokenizer, p, fmt, shots) for p in prompts[start : start + batch_size]]
-        width = max(len(c) for c in chunk)
-        cpu = torch.device("cpu")  # built on the CPU by name, then moved to the model's device
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long, device=cpu)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long, device=cpu)
-        for i, c in enumerate(chunk):
-            ids[i, width - len(c) :] = torch.tensor(c, device=cpu)
-            mask[i, width - len(c) :] = 1
+        ids, mask = left_pad(chunk, pad)
+        width = ids.shape[1]
         device = model_device(model)
         gen = model.generate(
             input_ids=ids.to(device),
