@@ -139,6 +139,9 @@ def test_compare_with_seeds_tiny(tmp_path):
     for r in rows_.values():
         assert 0.0 <= r["F"] <= 1.0 and r["interval"][0] <= r["F"] <= r["interval"][1]
     assert "Unlearning-challenge" in (tmp_path / "r" / "table.md").read_text()
+    # N = 3: ceil(ln 2) = 1, so two bins of width 0.5 (the organisers' rule), stated in the report
+    assert result["challenge"]["bins"] == {"width": 0.5, "count": 2, "max_epsilon": 1}
+    assert "up to ceil(ln(N - 1)) = 1 (2 bins" in (tmp_path / "r" / "table.md").read_text()
 
 
 def test_compare_checks_row_fields_before_training(tmp_path):

@@ -23,6 +23,7 @@ model was tuned on; the challenge used test accuracy), each averaged over the N 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,7 @@ def challenge_scores(
 ) -> dict[str, Any]:
     from sift.adapters import open_peft_adapter
     from sift.evaluation.builds import build_trained, recipe_config
+    from sift.evaluation.challenge import BIN_WIDTH, bin_count
     from sift.exact.forget import forget as do_forget
     from sift.serving.answer import WorkspaceServer
     from sift.unlearn.run import UnlearnSettings, unlearn
@@ -199,8 +201,13 @@ def challenge_scores(
         "n_models": n,
         "statistic": "logit-scaled confidence log p - log(1 - p), p = exp(-mean answer-token NLL) of the forget row's completion",
         "delta": 1e-5,
+        "bins": {"width": BIN_WIDTH, "count": bin_count(n), "max_epsilon": math.ceil(math.log(n - 1))},
         "note": (
-            f"N = {n} models per side, seeds varied run to run. F of two independently seeded sets of references is the "
+            f"N = {n} models per side, seeds varied run to run. Per forget row and model the statistic is the "
+            "logit-scaled confidence log p - log(1 - p), p = exp(-mean answer-token NLL); threshold attacks on it give "
+            f"epsilon at delta = 1e-5, scored in bins of width {BIN_WIDTH} up to ceil(ln(N - 1)) = "
+            f"{math.ceil(math.log(n - 1))} ({bin_count(n)} bins: 1, 1/2, 1/4, ...; beyond the last, 0), as the organisers' "
+            "code defines them. F of two independently seeded sets of references is the "
             "ceiling a method can reach with this N (finite samples keep it below 1). Final = F x retain utility ratio "
             "(mean retain_Q_A_Prob) x held-out utility ratio (mean wf_Q_A_Prob_normalised), unlearned over reference."
         ),
