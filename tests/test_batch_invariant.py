@@ -132,3 +132,41 @@ def test_a_machine_whose_kernels_differ_gets_no_batching(trained_template, tmp_p
     with serving(app) as url:
         r = client_for(url).completions.create(model=NAME, prompt="What is the capital of France?", max_tokens=4)
         assert r.choices[0].text is not None
+
+
+def test_ctrl_c_mid_round_stops_the_worker_and_fails_what_it_held(monkeypatch):
+    """A KeyboardInterrupt raised while a round decodes (Ctrl-C lands on the main thread that runs
+    the worker under `sift serve`) ends `run`; an ordinary error fails the round and the worker
+    goes on. The first version caught both, so Ctrl-C mid-round left the server running."""
+    from sift.serving.http.batcher import Batcher, Job
+
+    def job() -> Job:
+        return Job(
+            server=None,
+            prompts=["hi"],
+            max_tokens=1,
+            router=None,
+            merged=False,
+            shard=None,
+            group=None,
+            fallback="merged",
+        )
+
+    b = Batcher(start=False, window=0.0)
+    calls = []
+
+    def boom(jobs):
+        calls.append(len(jobs))
+        raise RuntimeError("one bad batch") if len(calls) == 1 else KeyboardInterrupt()
+
+    monkeypatch.setattr(b, "_run", boom)
+    first, second = b.submit(job()), b.submit(job())
+    stop = threading.Event()
+    threading.Timer(10, stop.set).start()  # a worker that swallowed the Ctrl-C ends here, and the test fails
+    b._pending.pop()  # one job a round
+    with pytest.raises(KeyboardInterrupt):
+        t = threading.Timer(0.2, lambda: b.submit(second))
+        t.start()
+        b.run(stop)
+    assert isinstance(first.error, RuntimeError) and isinstance(second.error, KeyboardInterrupt)
+    assert calls == [1, 1]

@@ -177,10 +177,17 @@ class Batcher:
     def _run_all(self, jobs: list[Job]) -> None:
         try:
             self._run(jobs)
-        except BaseException as exc:  # noqa: BLE001 - never let the worker die: fail what it held
+        except Exception as exc:  # a failed batch must not kill the worker: fail what it held
             log.error("sift serve: batch failed", exc_info=exc)
             for job in jobs:
                 job.fail(exc)
+        except BaseException as exc:
+            # Ctrl-C (or an exit) while a round decodes on the main thread: fail what it held and
+            # stop. Swallowing it here kept `sift serve` running after Ctrl-C whenever the signal
+            # landed mid-round (a test under load caught it).
+            for job in jobs:
+                job.fail(exc)
+            raise
 
     def _run(self, jobs: list[Job]) -> None:
         groups: dict[tuple[Any, ...], tuple[Any, int | None, str, bool, list[tuple[Job, int, list[int]]]]] = {}
