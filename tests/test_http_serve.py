@@ -412,7 +412,14 @@ def test_api_keys_guard_v1_and_health_answers_without(trained_template, tmp_path
         create_app(ws, log=False, api_keys=[" "])
 
 
-def test_cli_serve_starts_answers_and_stops(trained_template, tmp_path, facts):
+def _default_sigint() -> None:
+    # a shell starts background jobs with SIGINT ignored, and Python then keeps it ignored: give
+    # the server the Ctrl-C a user's terminal would deliver, wherever the tests run
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_cli_serve_starts_answers_and_stops(trained_template, tmp_path, facts, stop_signal):
     ws = copy_ws(trained_template, tmp_path)
     bad = subprocess.run(
         [sys.executable, "-m", "sift.cli", "serve", "-w", str(tmp_path / "none")],
@@ -429,6 +436,7 @@ def test_cli_serve_starts_answers_and_stops(trained_template, tmp_path, facts):
         stderr=subprocess.PIPE,
         text=True,
         env=dict(os.environ),
+        preexec_fn=_default_sigint,
     )
     try:
         line = proc.stderr.readline()
@@ -446,8 +454,8 @@ def test_cli_serve_starts_answers_and_stops(trained_template, tmp_path, facts):
                 time.sleep(0.1)
         assert r.sift["served_by"]["path"] == "routed" and r.usage.completion_tokens <= 3
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(90)  # seconds on an idle machine; the bound leaves room for a loaded one
+        proc.send_signal(stop_signal)
+        assert proc.wait(90) == 0  # seconds on an idle machine; the bound leaves room for a loaded one
 
 
 def test_an_internal_error_is_logged_and_the_client_gets_a_generic_500(trained_template, tmp_path, monkeypatch, caplog):

@@ -174,6 +174,17 @@ def route(
         )
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (`kill`, `docker stop`, systemd) stops the server as Ctrl-C does: in-flight work is
+    failed cleanly and the HTTP server shut down, instead of the process dying mid-write."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 @app.command()
 @_command
 def serve(
@@ -281,6 +292,7 @@ def serve(
             file=sys.stderr,
             flush=True,
         )
+    _stop_on_sigterm()
     batcher = getattr(application.state.gate, "batcher", None)
     if batcher is None:
         try:
