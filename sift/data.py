@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import tempfile
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sift import benchmarks
+from sift.benchmarks.hub import dataset_rows
 from sift.config import DataConfig
 from sift.errors import SiftError
 from sift.hashing import sha256_hex, shard_of
@@ -140,24 +140,10 @@ def parse_jsonl_text(text: str, name: str) -> list[dict[str, Any]]:
 def _load_with_datasets(
     builder: str, data_file: str | None, split: str, name: str, options: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    with tempfile.TemporaryDirectory(prefix="sift-datasets-") as cache:
-        try:
-            kwargs: dict[str, Any] = {"split": split, "cache_dir": cache, "keep_in_memory": True, **(options or {})}
-            if data_file is not None:
-                kwargs["data_files"] = data_file
-            ds = datasets.load_dataset(builder, **kwargs)
-        except Exception as exc:  # datasets raises many types; the user needs one line
-            raise SiftError(
-                f"could not read {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            ) from None
-        rows = ds.to_list()
-    if not rows:
-        raise SiftError(f"{name} holds no rows")
-    return rows
+    kwargs: dict[str, Any] = {"split": split, **(options or {})}
+    if data_file is not None:
+        kwargs["data_files"] = data_file
+    return dataset_rows(name, builder, **kwargs)
 
 
 def key_columns(cfg: DataConfig) -> list[str]:

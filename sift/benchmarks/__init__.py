@@ -21,8 +21,6 @@ class Benchmark:
     name: str
     hub: str
     load: Callable[[str, str], list[dict[str, Any]]]  # (table, source) -> rows
-    group_by: str  # the column that names a row's owner
-    card: str  # where its tables and columns are defined
 
 
 def _tofu(table: str, source: str) -> list[dict[str, Any]]:
@@ -43,21 +41,9 @@ def _muse(corpus: str) -> Callable[[str, str], list[dict[str, Any]]]:
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in (
-        Benchmark("tofu", "locuslab/TOFU", _tofu, "author", "https://huggingface.co/datasets/locuslab/TOFU"),
-        Benchmark(
-            "muse-news",
-            "muse-bench/MUSE-News",
-            _muse("muse-news"),
-            "document",
-            "https://huggingface.co/datasets/muse-bench/MUSE-News",
-        ),
-        Benchmark(
-            "muse-books",
-            "muse-bench/MUSE-Books",
-            _muse("muse-books"),
-            "document",
-            "https://huggingface.co/datasets/muse-bench/MUSE-Books",
-        ),
+        Benchmark("tofu", "locuslab/TOFU", _tofu),
+        Benchmark("muse-news", "muse-bench/MUSE-News", _muse("muse-news")),
+        Benchmark("muse-books", "muse-bench/MUSE-Books", _muse("muse-books")),
     )
 }
 

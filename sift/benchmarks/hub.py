@@ -32,36 +32,38 @@ def local_table(folder: Path, config: str, split: str) -> Path | None:
     return None
 
 
-def read_table(source: str, config: str, split: str = "train") -> list[dict[str, Any]]:
-    """The rows of one (config, split): `source` is a hub repo name or a local folder."""
+def dataset_rows(name: str, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    """The rows of `datasets.load_dataset(*args, **kwargs)`, read through a throw-away cache; any
+    failure is one line naming `name`, and no rows is an error. sift.data reads files with it too."""
     import datasets
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    folder = Path(source)
     with tempfile.TemporaryDirectory(prefix="sift-datasets-") as cache:
         try:
-            if folder.is_dir():
-                path = local_table(folder, config, split)
-                if path is None:
-                    raise SiftError(
-                        f"{source} holds no table {config}/{split} (looked for {config}.parquet|json "
-                        f"and {config}/{split}.parquet|json)"
-                    )
-                ds = datasets.load_dataset(
-                    _SUFFIXES[path.suffix], data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True
-                )
-            else:
-                ds = datasets.load_dataset(source, config, split=split, cache_dir=cache, keep_in_memory=True)
-        except SiftError:
-            raise
+            ds = datasets.load_dataset(*args, cache_dir=cache, keep_in_memory=True, **kwargs)
         except Exception as exc:  # datasets raises many types; the user needs one line
             first = str(exc).splitlines()[0] if str(exc) else ""
-            raise SiftError(f"could not read {source} {config}/{split}: {type(exc).__name__}: {first}") from None
+            raise SiftError(f"could not read {name}: {type(exc).__name__}: {first}") from None
         rows = ds.to_list()
     if not rows:
-        raise SiftError(f"{source} {config}/{split} holds no rows")
+        raise SiftError(f"{name} holds no rows")
     return rows
+
+
+def read_table(source: str, config: str, split: str = "train") -> list[dict[str, Any]]:
+    """The rows of one (config, split): `source` is a hub repo name or a local folder."""
+    name = f"{source} {config}/{split}"
+    folder = Path(source)
+    if not folder.is_dir():
+        return dataset_rows(name, source, config, split=split)
+    path = local_table(folder, config, split)
+    if path is None:
+        raise SiftError(
+            f"{source} holds no table {config}/{split} (looked for {config}.parquet|json "
+            f"and {config}/{split}.parquet|json)"
+        )
+    return dataset_rows(name, _SUFFIXES[path.suffix], data_files=str(path), split="train")
 
 
 def require_columns(rows: list[dict[str, Any]], columns: tuple[str, ...], where: str) -> None:
@@ -69,3 +71,11 @@ def require_columns(rows: list[dict[str, Any]], columns: tuple[str, ...], where:
     missing = sorted({c for r in rows for c in columns if c not in r})
     if missing:
         raise SiftError(f"{where}: missing column(s) {', '.join(missing)}; expected {', '.join(columns)}")
+
+
+def text_field(r: dict[str, Any], column: str, where: str, i: int) -> str:
+    """A non-empty string cell of row i (a wrong copy fails here, naming the row and column)."""
+    v = r.get(column)
+    if not isinstance(v, str) or not v.strip():
+        raise SiftError(f"{where} row {i + 1}: {column!r} must be a non-empty string")
+    return v

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sift.benchmarks.hub import read_table, require_columns
+from sift.benchmarks.hub import read_table, require_columns, text_field
 from sift.errors import SiftError
 
 HUBS = {"muse-news": "muse-bench/MUSE-News", "muse-books": "muse-bench/MUSE-Books"}
@@ -46,7 +46,7 @@ def load(corpus: str, part: str, source: str | None = None) -> list[dict[str, An
             {
                 "id": f"{corpus}-{config}-{split}-{i:04d}",
                 "document": f"{corpus}-{config}-{split}-{i:04d}",
-                "text": _text(r, "text", where, i),
+                "text": text_field(r, "text", where, i),
             }
             for i, r in enumerate(raw)
         ]
@@ -56,8 +56,8 @@ def load(corpus: str, part: str, source: str | None = None) -> list[dict[str, An
         return [
             {
                 "id": f"{corpus}-knowmem-{split}-{i:04d}",
-                "prompt": _text(r, "question", where, i),
-                "completion": _text(r, "answer", where, i),
+                "prompt": text_field(r, "question", where, i),
+                "completion": text_field(r, "answer", where, i),
             }
             for i, r in enumerate(raw)
         ]
@@ -65,19 +65,16 @@ def load(corpus: str, part: str, source: str | None = None) -> list[dict[str, An
         raw = read_table(src, config, split)
         require_columns(raw, ("prompt", "gt"), where)
         return [
-            {"id": f"{corpus}-verbmem-{i:04d}", "prompt": _text(r, "prompt", where, i), "gt": _text(r, "gt", where, i)}
+            {
+                "id": f"{corpus}-verbmem-{i:04d}",
+                "prompt": text_field(r, "prompt", where, i),
+                "gt": text_field(r, "gt", where, i),
+            }
             for i, r in enumerate(raw)
         ]
     tables = [f"{c}/{s}" for c, ss in TEXT_TABLES.items() for s in ss]
     tables += [f"knowmem/{s}" for s in QA_SPLITS] + ["verbmem/forget"]
     raise SiftError(f"MUSE has no table {part!r} sift reads: use one of {', '.join(tables)}")
-
-
-def _text(r: dict[str, Any], column: str, where: str, i: int) -> str:
-    v = r.get(column)
-    if not isinstance(v, str) or not v.strip():
-        raise SiftError(f"{where} row {i + 1}: {column!r} must be a non-empty string")
-    return v
 
 
 @dataclass

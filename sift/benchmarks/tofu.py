@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sift.benchmarks.hub import read_table, require_columns
+from sift.benchmarks.hub import read_table, require_columns, text_field
 from sift.errors import SiftError
 
 HUB = "locuslab/TOFU"
@@ -102,34 +102,27 @@ def load(config: str, source: str = HUB) -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "id": row_id(a, q, holdout),
             "author": author_name(a, holdout),
-            "prompt": _text(r, "question", where, i),
-            "completion": _text(r, "answer", where, i),
+            "prompt": text_field(r, "question", where, i),
+            "completion": text_field(r, "answer", where, i),
         }
         row["answer"] = row["completion"]  # TOFU's answers are sentences: "contains" asks for all of it
         if table.role == "perturbed":
-            row["paraphrased_completion"] = _text(r, "paraphrased_answer", where, i)
-            row["paraphrased_prompt"] = _text(r, "paraphrased_question", where, i)
+            row["paraphrased_completion"] = text_field(r, "paraphrased_answer", where, i)
+            row["paraphrased_prompt"] = text_field(r, "paraphrased_question", where, i)
             row["perturbed_completions"] = _texts(r, "perturbed_answer", where, i)
         out.append(row)
     return out
 
 
 def _general_row(r: dict[str, Any], rid: str, where: str, i: int) -> dict[str, Any]:
-    answer = _text(r, "answer", where, i)
+    answer = text_field(r, "answer", where, i)
     return {
         "id": rid,
-        "prompt": _text(r, "question", where, i),
+        "prompt": text_field(r, "question", where, i),
         "completion": answer,
         "answers": [answer],
         "perturbed_completions": _texts(r, "perturbed_answer", where, i),
     }
-
-
-def _text(r: dict[str, Any], column: str, where: str, i: int) -> str:
-    v = r.get(column)
-    if not isinstance(v, str) or not v.strip():
-        raise SiftError(f"{where} row {i + 1}: {column!r} must be a non-empty string")
-    return v
 
 
 def _texts(r: dict[str, Any], column: str, where: str, i: int) -> list[str]:

@@ -9,7 +9,6 @@ The benchmark, its source and the template are recorded in every result.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from sift.errors import SiftError
@@ -18,16 +17,11 @@ from sift.evaluation.run import (
     _hashed_sample,
     check_reference_choice,
     evaluate,
-    read_reference_result,
     sample_general,
+    saved_reference,
 )
 
 BENCHMARK_NAMES = ("tofu", "muse-news", "muse-books")
-
-
-def _saved_or_model(reference: str) -> dict[str, Any] | None:
-    path = Path(reference)
-    return read_reference_result(path) if path.is_file() and path.suffix == ".json" else None
 
 
 def evaluate_tofu(
@@ -60,7 +54,7 @@ def evaluate_tofu(
 
     ref_result = None
     if reference is not None:
-        ref_result = _saved_or_model(reference) or run(reference, None, {"base_name": base}, False)
+        ref_result = saved_reference(reference) or run(reference, None, {"base_name": base}, False)
     result = run(model, ref_result, opts, not no_reference)
     if ref_result is not None:
         result["reference_metrics"] = ref_result["metrics"]
@@ -87,7 +81,7 @@ def evaluate_muse_model(
     sets = muse.eval_sets(corpus, source)
     ref_result = None
     if reference is not None:
-        ref_result = _saved_or_model(reference)
+        ref_result = saved_reference(reference)
         if ref_result is None:
             base = (target_options or {}).get("base_name")
             ref_result = evaluate_muse(open_target(reference, base_name=base), sets, s)

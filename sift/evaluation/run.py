@@ -129,6 +129,12 @@ def read_reference_result(path: Path) -> dict[str, Any]:
     return result
 
 
+def saved_reference(reference: str) -> dict[str, Any] | None:
+    """The saved result a --reference names (a .json file), or None when it names a model."""
+    path = Path(reference)
+    return read_reference_result(path) if path.is_file() and path.suffix == ".json" else None
+
+
 def _hashed_sample(rows: list[dict[str, Any]], n: int | None) -> list[dict[str, Any]]:
     """The n rows whose ids hash lowest: the same choice for the same ids, in any order."""
     if n is None or n >= len(rows):
@@ -342,10 +348,8 @@ def evaluate_model(
     gen_rows = sample_general(general_eval_rows(), s.general_sample) if general else []
     ref_result = None
     if reference is not None:
-        ref_path = Path(reference)
-        if ref_path.is_file() and ref_path.suffix == ".json":
-            ref_result = read_reference_result(ref_path)
-        else:
+        ref_result = saved_reference(reference)
+        if ref_result is None:
             ref_target = open_target(reference, base_name=base_model)
             ref_result = evaluate(ref_target, forget, retain, gen_rows, held, None, s, require_reference=False)
     target = open_target(model, merged=merged, router=router, fallback=fallback, base_name=base_model)
