@@ -314,11 +314,7 @@ def eval_cmd(
     from sift.evaluation.metrics import EVAL_TABLE as names
 
     def human(r: dict[str, Any]) -> str:
-        rows_ = [r] + (
-            [{"model": f"reference: {r['reference']}", "metrics": r["reference_metrics"]}]
-            if r.get("reference_metrics")
-            else []
-        )
+        rows_ = _with_reference_row(r)
         shown = [n for n in names if any(n in x["metrics"] for x in rows_)]
         fq = r.get("forget_quality")
         tail = (
@@ -353,6 +349,7 @@ def _eval_benchmark(
             model, forget_split or "forget10", source, reference, no_reference, settings, target_options
         )
     from sift.evaluation.muse import MuseSettings
+    from sift.evaluation.run import check_reference_choice
 
     if forget_split is not None:
         raise SiftError("--forget-split is TOFU's; MUSE has one forget set")
@@ -360,10 +357,19 @@ def _eval_benchmark(
         raise SiftError(
             "MUSE poses its questions one way (open-unlearning's 'Question: ... Answer:' with in-context examples): leave out --template, --answer-span, --system-prompt and --date-string"
         )
-    if no_reference and reference is not None:
-        raise SiftError("give --reference or --no-reference, not both")
+    if reference is not None:  # MUSE's reference is optional (AUC_ref 0.5 without one), but not beside --no-reference
+        check_reference_choice(reference, no_reference)
     muse_settings = MuseSettings(batch_size=settings.batch_size)
     return evaluate_muse_model(model, benchmark, source, reference, muse_settings, target_options)
+
+
+def _with_reference_row(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """A result, and its reference's metrics as a second table row when it was scored here."""
+    return [r] + (
+        [{"model": f"reference: {r['reference']}", "metrics": r["reference_metrics"]}]
+        if r.get("reference_metrics")
+        else []
+    )
 
 
 def _benchmark_human(r: dict[str, Any]) -> str:
@@ -372,11 +378,7 @@ def _benchmark_human(r: dict[str, Any]) -> str:
 
     b = r["benchmark"]
     names = EVAL_TABLE if b["name"] == "tofu" else MUSE_TABLE
-    rows_ = [r] + (
-        [{"model": f"reference: {r['reference']}", "metrics": r["reference_metrics"]}]
-        if r.get("reference_metrics")
-        else []
-    )
+    rows_ = _with_reference_row(r)
     shown = [n for n in names if any(n in x["metrics"] for x in rows_)]
     head = f"{b['name']}" + (f" {b['forget_split']}" if b.get("forget_split") else "") + f" from {b['source']}"
     fmt = r["settings"]
