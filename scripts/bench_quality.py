@@ -113,8 +113,42 @@ def make_config(args: argparse.Namespace, S: int) -> SiftConfig:
         cfg.sift_masks.lr = args.sift_masks_lr
     if args.mask_density:
         cfg.sift_masks.density = args.mask_density
+    if args.lr:
+        cfg.train.lr = args.lr
+    if args.train_batch_size:  # e.g. a shard's whole row count: the paper's full-batch recipe
+        cfg.train.batch_size = args.train_batch_size
+    if args.lora_r:  # the LoRA rank, also B's columns in sift-masks' LoRA form
+        cfg.lora.r = args.lora_r
+        cfg.lora.alpha = float(args.lora_alpha or 2 * args.lora_r)  # alpha / r stays 2, as the default's 32 / 16
+    elif args.lora_alpha:
+        cfg.lora.alpha = float(args.lora_alpha)
+    if args.mask_targets:
+        cfg.sift_masks.target_modules = [m for m in args.mask_targets.split(",") if m]
     cfg.sift_masks.form = args.mask_form
     return cfg
+
+
+RECIPE_ARGS = (
+    "people", "model", "epochs", "min_steps", "sift_masks_lr", "mask_density", "mask_form",
+    "lr", "train_batch_size", "lora_r", "lora_alpha", "mask_targets", "max_new_tokens",
+)  # fmt: skip
+
+
+def check_recipe(work: Path, args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
+    """A resumed --workdir must be asked for the recipe it was made with: its workspaces and its
+    answer cache are keyed by S alone, so another recipe would silently reuse the old shards."""
+    recipe = {k: getattr(args, k) for k in RECIPE_ARGS}
+    path = work / "recipe.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = {k: (before.get(k), v) for k, v in recipe.items() if before.get(k) != v}
+        if changed:
+            ap.error(
+                f"{work} was made with another recipe ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); "
+                "use another --workdir"
+            )
+    else:
+        path.write_text(json.dumps(recipe, indent=2) + "\n")
 
 
 def score(
@@ -160,6 +194,15 @@ def main() -> None:
     ap.add_argument("--min-steps", type=int, default=None, help="train.min_steps: a floor on each shard's steps")
     ap.add_argument("--sift-masks-lr", type=float, default=None, help="override sift_masks.lr")
     ap.add_argument("--mask-density", type=float, default=None, help="sift_masks.density: share of entries kept")
+    ap.add_argument("--lr", type=float, default=None, help="train.lr of the LoRA rows (the gentler-recipe frontier)")
+    ap.add_argument("--train-batch-size", type=int, default=None, help="train.batch_size (default 8)")
+    ap.add_argument("--lora-r", type=int, default=None, help="lora.r (alpha follows as 2r unless --lora-alpha)")
+    ap.add_argument("--lora-alpha", type=float, default=None, help="lora.alpha")
+    ap.add_argument(
+        "--mask-targets",
+        default=None,
+        help="sift_masks.target_modules, comma-separated (default down_proj), e.g. down_proj,up_proj,gate_proj",
+    )
     ap.add_argument(
         "--mask-form",
         choices=("dense", "lora"),
@@ -192,6 +235,7 @@ def main() -> None:
     general = general_rows()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sift-bench-quality-"))
     work.mkdir(parents=True, exist_ok=True)
+    check_recipe(work, args, ap)
     data = work / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cache = AnswerCache(work / "answers.json")

@@ -117,37 +117,44 @@ def test_bench_quality_runs_and_keys_routing_reuses_the_owners_answers(tmp_path)
 
 
 def test_bench_quality_measures_the_lora_form_of_sift_masks(tmp_path):
-    """--mask-form lora: the same rows for sift-masks-lora and its per-coordinate variant."""
-    p = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "bench_quality.py"),
-            "--model",
-            "builtin-tiny",
-            "--people",
-            "3",
-            "--shards",
-            "2",
-            "--epochs",
-            "1",
-            "--max-new-tokens",
-            "2",
-            "--methods",
-            "sift-masks",
-            "--mask-form",
-            "lora",
-            "--routers",
-            "keys",
-            "--workdir",
-            str(tmp_path / "bq"),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """--mask-form lora: the same rows for sift-masks-lora and its per-coordinate variant, at the
+    rank and target weights asked for; a resumed --workdir refuses another recipe."""
+    argv = [
+        sys.executable,
+        str(ROOT / "scripts" / "bench_quality.py"),
+        "--model",
+        "builtin-tiny",
+        "--people",
+        "3",
+        "--shards",
+        "2",
+        "--epochs",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--methods",
+        "sift-masks",
+        "--mask-form",
+        "lora",
+        "--lora-r",
+        "4",
+        "--mask-targets",
+        "down_proj,up_proj",
+        "--routers",
+        "keys",
+        "--workdir",
+        str(tmp_path / "bq"),
+        "--json",
+    ]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
+    from sift.workspace.layout import Workspace
+
+    cfg = Workspace(tmp_path / "bq" / "ws-S2-sift-masks-lora-form").load_config()
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.sift_masks.target_modules) == (4, 8.0, ["down_proj", "up_proj"])
     paths = {r["path"] for r in json.loads(p.stdout)["results"] if r["S"] == 2}
+    again = subprocess.run([*argv[:-1], "--lora-r", "8"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "another recipe (lora_r: 4 -> 8" in again.stderr, again.stderr[-500:]
     assert "sift-masks (LoRA form): each shard alone (base + tau_c, owner's questions)" in paths
     for label, formula in {"sift-masks-lora: ": "sum/T", "sift-masks-lora-coordinate: ": "sum/count"}.items():
         assert f"{label}merged, no mask (base + {formula})" in paths
