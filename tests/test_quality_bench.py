@@ -54,31 +54,23 @@ def test_fact_recall_on_paraphrases_accepts_either_full_sentence():
     assert fact_recall(["She was born in Oslo"], [row], paraphrased=True) == {"n": 1, "exact": 0.0, "contains": 1.0}
 
 
+def bench_quality_argv(workdir: Path, *extra: str) -> list[str]:
+    """The quality script on the tiny model: 3 people in 2 shards, one epoch, `extra` on top."""
+    common = ["--model", "builtin-tiny", "--people", "3", "--shards", "2", "--epochs", "1"]
+    return [
+        sys.executable,
+        str(ROOT / "scripts" / "bench_quality.py"),
+        *common,
+        *extra,
+        "--workdir",
+        str(workdir),
+        "--json",
+    ]
+
+
 def test_bench_quality_runs_and_keys_routing_reuses_the_owners_answers(tmp_path):
-    p = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "bench_quality.py"),
-            "--model",
-            "builtin-tiny",
-            "--people",
-            "3",
-            "--shards",
-            "2",
-            "--epochs",
-            "1",
-            "--max-new-tokens",
-            "3",
-            "--scales",
-            "0.5,1",
-            "--workdir",
-            str(tmp_path / "bq"),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    argv = bench_quality_argv(tmp_path / "bq", "--max-new-tokens", "3", "--scales", "0.5,1")
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     report = json.loads(p.stdout)
     paths = [(r["S"], r["path"]) for r in report["results"]]
@@ -119,33 +111,8 @@ def test_bench_quality_runs_and_keys_routing_reuses_the_owners_answers(tmp_path)
 def test_bench_quality_measures_the_lora_form_of_sift_masks(tmp_path):
     """--mask-form lora: the same rows for sift-masks-lora and its per-coordinate variant, at the
     rank and target weights asked for; a resumed --workdir refuses another recipe."""
-    argv = [
-        sys.executable,
-        str(ROOT / "scripts" / "bench_quality.py"),
-        "--model",
-        "builtin-tiny",
-        "--people",
-        "3",
-        "--shards",
-        "2",
-        "--epochs",
-        "1",
-        "--max-new-tokens",
-        "2",
-        "--methods",
-        "sift-masks",
-        "--mask-form",
-        "lora",
-        "--lora-r",
-        "4",
-        "--mask-targets",
-        "down_proj,up_proj",
-        "--routers",
-        "keys",
-        "--workdir",
-        str(tmp_path / "bq"),
-        "--json",
-    ]
+    extra = ["--max-new-tokens", "2", "--methods", "sift-masks", "--mask-form", "lora", "--routers", "keys"]
+    argv = bench_quality_argv(tmp_path / "bq", *extra, "--lora-r", "4", "--mask-targets", "down_proj,up_proj")
     p = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     from sift.workspace.layout import Workspace
@@ -153,7 +120,8 @@ def test_bench_quality_measures_the_lora_form_of_sift_masks(tmp_path):
     cfg = Workspace(tmp_path / "bq" / "ws-S2-sift-masks-lora-form").load_config()
     assert (cfg.lora.r, cfg.lora.alpha, cfg.sift_masks.target_modules) == (4, 8.0, ["down_proj", "up_proj"])
     paths = {r["path"] for r in json.loads(p.stdout)["results"] if r["S"] == 2}
-    again = subprocess.run([*argv[:-1], "--lora-r", "8"], capture_output=True, text=True, timeout=120)
+    argv = bench_quality_argv(tmp_path / "bq", *extra, "--lora-r", "8", "--mask-targets", "down_proj,up_proj")
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "another recipe (lora_r: 4 -> 8" in again.stderr, again.stderr[-500:]
     assert "sift-masks (LoRA form): each shard alone (base + tau_c, owner's questions)" in paths
     for label, formula in {"sift-masks-lora: ": "sum/T", "sift-masks-lora-coordinate: ": "sum/count"}.items():
