@@ -30,10 +30,10 @@ from torch.nn.utils import parametrize
 from sift.config import SiftConfig
 from sift.determinism import derive_seed
 from sift.errors import SiftError
-from sift.loop import Example, LoopResult, LoopSettings, StepHooks, run_loop
+from sift.loop import Example, LoopResult
 from sift.models import target_weights
 from sift.siftmasks.signs import disagrees, positive_signs
-from sift.siftmasks.tune import keep_largest
+from sift.siftmasks.tune import keep_largest, run_projected
 
 
 def frozen_a(name: str, rank: int, cols: int, seed: int) -> torch.Tensor:
@@ -123,20 +123,7 @@ def tune_sign_fixed_lowrank(
                 for name, b in bs.items():
                     b.masked_fill_(disagrees(b, v_pos[name]), 0.0)
 
-        settings = LoopSettings.for_training(cfg.train, lr=cfg.sift_masks.lr, examples=len(examples))
-        model.train()
-        result = run_loop(
-            model,
-            list(bs.values()),
-            examples,
-            pad_id,
-            settings,
-            seed,
-            loss_fn,
-            hooks=StepHooks(after_step=[project]),
-            progress=progress,
-        )
-        model.eval()
+        result = run_projected(model, bs, project, examples, pad_id, cfg, seed, loss_fn, progress)
         out = {name: b.detach().to("cpu", torch.float32).contiguous() for name, b in bs.items()}
     if cfg.sift_masks.density < 1.0:
         out = {name: keep_largest(b, cfg.sift_masks.density) for name, b in out.items()}

@@ -90,6 +90,29 @@ def keep_largest(tau: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau)).contiguous()
 
 
+def run_projected(
+    model: Any,
+    params: dict[str, torch.nn.Parameter],
+    project: Callable[[int], None],
+    examples: Sequence[Example],
+    pad_id: int,
+    cfg: SiftConfig,
+    seed: int,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    progress: Callable[[int, int, float], None] | None,
+) -> LoopResult:
+    """Train `params` with sift-masks' recipe (train's loop at sift_masks.lr), `project` after
+    every step putting them back on the sign-fixed side; both forms (dense, LoRA) run this."""
+    settings = LoopSettings.for_training(cfg.train, lr=cfg.sift_masks.lr, examples=len(examples))
+    model.train()
+    hooks = StepHooks(after_step=[project])
+    result = run_loop(
+        model, list(params.values()), examples, pad_id, settings, seed, loss_fn, hooks=hooks, progress=progress
+    )
+    model.eval()
+    return result
+
+
 def tune_sign_fixed(
     model: Any,
     examples: Sequence[Example],
@@ -118,20 +141,7 @@ def tune_sign_fixed(
                     wrong = disagrees(p - start[name], v_pos[name])
                     p.copy_(torch.where(wrong, start[name], p))
 
-        settings = LoopSettings.for_training(cfg.train, lr=cfg.sift_masks.lr, examples=len(examples))
-        model.train()
-        result = run_loop(
-            model,
-            list(weights.values()),
-            examples,
-            pad_id,
-            settings,
-            seed,
-            loss_fn,
-            hooks=StepHooks(after_step=[project]),
-            progress=progress,
-        )
-        model.eval()
+        result = run_projected(model, weights, project, examples, pad_id, cfg, seed, loss_fn, progress)
         with torch.no_grad():
             deltas = {name: (p.detach() - start[name]).contiguous() for name, p in weights.items()}
             if cfg.sift_masks.density < 1.0:
