@@ -93,7 +93,10 @@ def test_compare_refuses_bad_input_before_training(tmp_path):
     assert "--seeds" in one_error_line(
         sift(*common, "--forget-ids", "p000-pet", "--holdout", str(held), "--seeds", "2")
     )
-    assert not (tmp_path / "r").exists()
+    assert "give --seeds N too" in one_error_line(
+        sift(*common, "--forget-ids", "p000-pet", "--holdout", str(held), "--seeds-cache", str(tmp_path / "c"))
+    )
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()
 
 
 def test_seed_statistic_is_the_logit_of_the_normalised_probability():
@@ -120,15 +123,28 @@ def test_score_sets_identical_models_reach_F_1_and_ratios_multiply():
 def test_compare_with_seeds_tiny(tmp_path):
     rows = make_rows(people=3, seed=0)
     forget_ids = [r["id"] for r in rows if r["id"].startswith("p001-")][:4]
-    result = compare(
-        rows,
-        forget_ids,
-        make_rows(people=1, seed=0, split="holdout"),
-        tmp_path / "r",
-        settings(methods=("ga",), unlearn_epochs=1, seeds=3),
-        progress=lambda m: None,
-        general=general_eval_rows()[:3],
-    )
+
+    def run(out: str, **kw):
+        messages: list[str] = []
+        s = settings(methods=("ga",), unlearn_epochs=1, seeds=3, seeds_cache=str(tmp_path / "cache"), **kw)
+        held = make_rows(people=1, seed=0, split="holdout")
+        result = compare(
+            rows, forget_ids, held, tmp_path / out, s, progress=messages.append, general=general_eval_rows()[:3]
+        )
+        return result, messages
+
+    result, _ = run("r")
+    # N = 3: 2N monolithic references, N unlearned runs of the one method, N exact paths, 2N sharded references
+    assert result["challenge"]["cache"]["computed"] == 6 + 3 + 3 + 6
+    # a second run with the same inputs reads every seeded model's numbers: nothing of the seeds
+    # stage is trained again, and the challenge's table is the same to the last bit
+    again, messages = run("r2")
+    assert again["challenge"]["cache"] == {"folder": str(tmp_path / "cache"), "reused": 18, "computed": 0}
+    assert again["challenge"]["rows"] == result["challenge"]["rows"]
+    assert not (tmp_path / "r2" / "work" / "seeds").exists()  # no seeded workspace was built
+    # other unlearning settings: the unlearned runs are computed again, the references reused
+    third, _ = run("r3", unlearn_lr=2e-4)
+    assert third["challenge"]["cache"]["computed"] == 3 and third["challenge"]["cache"]["reused"] == 15
     rows_ = {r["method"]: r for r in result["challenge"]["rows"]}
     assert set(rows_) == {
         "reference vs reference (monolithic)",

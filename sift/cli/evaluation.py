@@ -431,6 +431,12 @@ def compare_cmd(
             help="Also compute the NeurIPS 2023 challenge's forgetting score with N seeded models per side (0: off; costly: about 4N monolithic and 3N sharded trainings)."
         ),
     ] = 0,
+    seeds_cache: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="With --seeds: keep each seeded model's numbers in this folder as soon as they are known; a later run with the same data and settings reads them instead of training again (a cut run resumes; a larger N reuses the first models)."
+        ),
+    ] = None,
     retain_sample: Annotated[
         Optional[int], typer.Option(help="Retain rows scored for utility (a fixed choice by id hash).")
     ] = 15,
@@ -500,6 +506,7 @@ def compare_cmd(
         unlearn_epochs=unlearn_epochs,
         unlearn_lr=unlearn_lr,
         seeds=seeds,
+        seeds_cache=None if seeds_cache is None else str(seeds_cache),
         sharded_original=sharded_original,
         eval=EvalSettings(
             batch_size=batch_size,

@@ -73,6 +73,8 @@ class CompareSettings:
     unlearn_epochs: int = 3
     unlearn_lr: float = 1e-4
     seeds: int = 0  # > 0: the challenge's forgetting score with this many models per side
+    # a folder keeping each seeded model's numbers, so a cut --seeds run resumes (sift.evaluation.statscache)
+    seeds_cache: str | None = None
     sharded_original: bool = False  # also evaluate the sharded workspace before the forget
     variants: tuple[
         str, ...
@@ -101,6 +103,8 @@ class CompareSettings:
             )
         if self.seeds < 0 or self.seeds in (1, 2):
             raise SiftError("--seeds must be 0 (off) or at least 3 (the challenge's bins need ceil(ln(N - 1)) > 0)")
+        if self.seeds_cache is not None and not self.seeds:
+            raise SiftError("--seeds-cache keeps the numbers of a --seeds run: give --seeds N too")
         for m in self.methods:
             UnlearnSettings(method=m, epochs=self.unlearn_epochs, lr=self.unlearn_lr).resolved()
         for v in self.variants:

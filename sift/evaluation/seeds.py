@@ -19,16 +19,21 @@ beside every F its ceiling: F of one set of references against a second, indepen
 set. Final score = F x (retain utility ratio) x (held-out utility ratio), with retain utility the
 mean retain_Q_A_Prob and held-out utility the mean wf_Q_A_Prob_normalised (general knowledge no
 model was tuned on; the challenge used test accuracy), each averaged over the N models.
+
+Every model's numbers go through sift.evaluation.statscache: with --seeds-cache they are kept on
+disk as soon as they are known, so a cut run resumes and a larger N reuses the first models.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from sift.evaluation import metrics as M
 from sift.evaluation.likelihood import score_answers
@@ -136,61 +141,91 @@ def challenge_scores(
     base: Any,
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
-    from sift.adapters import open_peft_adapter
+    from safetensors.torch import load_file
+
+    from sift import __version__
+    from sift.adapters import open_peft_adapter, weights_file
+    from sift.config import config_to_toml
     from sift.evaluation.builds import build_trained, recipe_config
     from sift.evaluation.challenge import BIN_WIDTH, bin_count
+    from sift.evaluation.statscache import StatsCache
     from sift.exact.forget import forget as do_forget
+    from sift.hashing import tensors_sha256
     from sift.serving.answer import WorkspaceServer
     from sift.unlearn.run import UnlearnSettings, unlearn
 
     n, bs = s.seeds, s.eval.batch_size
     b = base.get()
     forget_ids = sorted(r["id"] for r in forget)
+    cache = StatsCache(
+        Path(s.seeds_cache) if s.seeds_cache else None,
+        {
+            "sift": __version__,
+            "base": b.fingerprint,
+            "device": str(base.device()),
+            "threads": torch.get_num_threads(),
+            "rows": rows,
+            "forget": forget_ids,
+            "retain": retain,
+            "general": general,
+            "batch_size": bs,
+        },
+    )
 
     def adapter_stats(adapter_dir: Path) -> dict[str, Any]:
         model = open_peft_adapter(b.model, adapter_dir).eval()
         return model_stats(model, b.tokenizer, forget, retain, general, bs)
 
+    def trained(name: str, on: str, cfg: Any, then_forget: bool = False) -> dict[str, Any]:
+        """The numbers of one model trained from scratch on `on` ("all" rows or the "remaining"
+        ones; sharded ones served routed, after a forget with then_forget), cached."""
+        data = rows if on == "all" else remaining
+
+        def compute() -> dict[str, Any]:
+            sharded = cfg.shards.num_shards > 1
+            ws, _ = build_trained(folder / name, data, cfg, merge=sharded)
+            if then_forget:
+                do_forget(ws, forget_ids, base=base, quiet=True)
+            if not sharded:
+                return adapter_stats(ws.adapter_dir(0))
+            return _routed_stats(WorkspaceServer(ws, base=base), forget, retain, general, bs)
+
+        inputs = {"recipe": config_to_toml(cfg), "rows": on, "forget": then_forget}
+        return cache.get(name, inputs, compute)
+
     refs: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
     for side, offset in (("a", 100), ("b", 200)):
         for i in range(1, n + 1):
             progress(f"seeds: monolithic reference {side}{i}/{n} (seed {offset + i})")
-            ws, _ = build_trained(
-                folder / f"mono-ref-{side}{i}", remaining, recipe_config(s, 1, seed=offset + i), merge=False
-            )
-            refs[side].append(adapter_stats(ws.adapter_dir(0)))
+            refs[side].append(trained(f"mono-ref-{side}{i}", "remaining", recipe_config(s, 1, seed=offset + i)))
     rows_out = [{"method": "reference vs reference (monolithic)", **score_sets(refs["a"], refs["b"])}]
     ceiling_mono = rows_out[0]["F"]
 
+    original = tensors_sha256(load_file(str(weights_file(mono.adapter_dir(0)))))[0]  # what every run starts from
     for method in s.methods:
         runs = []
         for i in range(1, n + 1):
             progress(f"seeds: {method} run {i}/{n} (unlearning seed {i})")
             out = folder / "unlearned" / f"{method}-{i}"
-            unlearn(
-                mono,
-                forget_ids,
-                out,
-                UnlearnSettings(method=method, epochs=s.unlearn_epochs, lr=s.unlearn_lr, seed=i),
-                base=base,
-                quiet=True,
-            )
-            runs.append(adapter_stats(out))
+            settings = UnlearnSettings(method=method, epochs=s.unlearn_epochs, lr=s.unlearn_lr, seed=i)
+
+            def compute(out: Path = out, settings: UnlearnSettings = settings) -> dict[str, Any]:
+                unlearn(mono, forget_ids, out, settings, base=base, quiet=True)
+                return adapter_stats(out)
+
+            inputs = {"original": original, "unlearn": asdict(settings)}
+            runs.append(cache.get(f"{method}-{i}", inputs, compute))
         rows_out.append({"method": method, **score_sets(runs, refs["a"]), "ceiling": ceiling_mono})
 
     exact, shard_refs = [], {"a": [], "b": []}
     for i in range(1, n + 1):
         progress(f"seeds: exact path {i}/{n} (sharded, seed {300 + i}, then sift forget)")
-        ws, _ = build_trained(folder / f"exact-{i}", rows, recipe_config(s, s.num_shards, seed=300 + i), merge=True)
-        do_forget(ws, forget_ids, base=base, quiet=True)
-        exact.append(_routed_stats(WorkspaceServer(ws, base=base), forget, retain, general, bs))
+        exact.append(trained(f"exact-{i}", "all", recipe_config(s, s.num_shards, seed=300 + i), then_forget=True))
     for side, offset in (("a", 400), ("b", 500)):
         for i in range(1, n + 1):
             progress(f"seeds: sharded reference {side}{i}/{n} (seed {offset + i})")
-            ws, _ = build_trained(
-                folder / f"shard-ref-{side}{i}", remaining, recipe_config(s, s.num_shards, seed=offset + i), merge=True
-            )
-            shard_refs[side].append(_routed_stats(WorkspaceServer(ws, base=base), forget, retain, general, bs))
+            cfg = recipe_config(s, s.num_shards, seed=offset + i)
+            shard_refs[side].append(trained(f"shard-ref-{side}{i}", "remaining", cfg))
     ceiling_shard = score_sets(shard_refs["a"], shard_refs["b"])
     rows_out.append({"method": "reference vs reference (sharded)", **ceiling_shard, "ceiling": ceiling_shard["F"]})
     rows_out.append(
@@ -212,4 +247,9 @@ def challenge_scores(
             "(mean retain_Q_A_Prob) x held-out utility ratio (mean wf_Q_A_Prob_normalised), unlearned over reference."
         ),
         "rows": rows_out,
+        **(
+            {"cache": {"folder": s.seeds_cache, "reused": len(cache.reused), "computed": len(cache.computed)}}
+            if s.seeds_cache
+            else {}
+        ),
     }
