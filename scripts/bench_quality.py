@@ -131,6 +131,7 @@ def make_config(args: argparse.Namespace, S: int) -> SiftConfig:
 RECIPE_ARGS = (
     "people", "model", "epochs", "min_steps", "sift_masks_lr", "mask_density", "mask_form",
     "lr", "train_batch_size", "lora_r", "lora_alpha", "mask_targets", "max_new_tokens",
+    "batch_size",  # answers are cached by prompt; the padding of a batch can change them
 )  # fmt: skip
 
 
@@ -147,6 +148,8 @@ def check_recipe(work: Path, args: argparse.Namespace, ap: argparse.ArgumentPars
                 f"{work} was made with another recipe ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); "
                 "use another --workdir"
             )
+    elif any(work.glob("ws-S*")):
+        ap.error(f"{work} holds workspaces but no recipe.json (made before the check): use another --workdir")
     else:
         path.write_text(json.dumps(recipe, indent=2) + "\n")
 

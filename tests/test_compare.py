@@ -136,15 +136,20 @@ def test_compare_with_seeds_tiny(tmp_path):
     result, _ = run("r")
     # N = 3: 2N monolithic references, N unlearned runs of the one method, N exact paths, 2N sharded references
     assert result["challenge"]["cache"]["computed"] == 6 + 3 + 3 + 6
-    # a second run with the same inputs reads every seeded model's numbers: nothing of the seeds
-    # stage is trained again, and the challenge's table is the same to the last bit
-    again, messages = run("r2")
-    assert again["challenge"]["cache"] == {"folder": str(tmp_path / "cache"), "reused": 18, "computed": 0}
+    # a run cut before two models (their files gone) resumes: those two are trained and scored
+    # again, every other model's numbers are read, and the challenge's table is the same to the last bit
+    for name in ("exact-2", "ga-3"):
+        next((tmp_path / "cache").glob(f"*/{name}.json")).unlink()
+    again, _ = run("r2")
+    assert again["challenge"]["cache"] == {"folder": str(tmp_path / "cache"), "reused": 16, "computed": 2}
     assert again["challenge"]["rows"] == result["challenge"]["rows"]
-    assert not (tmp_path / "r2" / "work" / "seeds").exists()  # no seeded workspace was built
+    assert sorted(p.name for p in (tmp_path / "r2" / "work" / "seeds").iterdir()) == ["exact-2", "unlearned"]
     # other unlearning settings: the unlearned runs are computed again, the references reused
     third, _ = run("r3", unlearn_lr=2e-4)
     assert third["challenge"]["cache"]["computed"] == 3 and third["challenge"]["cache"]["reused"] == 15
+    # another training recipe changes every model (the original too): nothing is reused
+    fourth, _ = run("r4", epochs=2)
+    assert fourth["challenge"]["cache"] == {"folder": str(tmp_path / "cache"), "reused": 0, "computed": 18}
     rows_ = {r["method"]: r for r in result["challenge"]["rows"]}
     assert set(rows_) == {
         "reference vs reference (monolithic)",

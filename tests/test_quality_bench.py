@@ -123,6 +123,9 @@ def test_bench_quality_measures_the_lora_form_of_sift_masks(tmp_path):
     argv = bench_quality_argv(tmp_path / "bq", *extra, "--lora-r", "8", "--mask-targets", "down_proj,up_proj")
     again = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "another recipe (lora_r: 4 -> 8" in again.stderr, again.stderr[-500:]
+    (tmp_path / "bq" / "recipe.json").unlink()  # a folder from before the check: its recipe is unknown
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "no recipe.json" in again.stderr, again.stderr[-500:]
     assert "sift-masks (LoRA form): each shard alone (base + tau_c, owner's questions)" in paths
     for label, formula in {"sift-masks-lora: ": "sum/T", "sift-masks-lora-coordinate: ": "sum/count"}.items():
         assert f"{label}merged, no mask (base + {formula})" in paths

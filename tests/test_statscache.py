@@ -23,21 +23,24 @@ def test_same_inputs_read_the_saved_numbers_bit_for_bit(tmp_path):
     second = again.get("mono-ref-a1", {"recipe": "x"}, compute)
     assert first == second == stats and len(calls) == 1 and again.reused == ["mono-ref-a1"]
     assert all(a.hex() == b.hex() for a, b in zip(second["stat"], stats["stat"]))  # the same doubles
-    assert not list(tmp_path.glob(".*.tmp"))  # written through a temp file, renamed
+    assert not list(tmp_path.glob("*/.*.tmp"))  # written through a temp file, renamed
 
 
-def test_any_change_of_inputs_computes_again_and_replaces_the_file(tmp_path):
+def test_any_change_of_inputs_computes_again_and_experiments_keep_apart(tmp_path):
     compute, calls = counting({"retain": 1.0})
     StatsCache(tmp_path, {"rows": [1]}).get("m", {"seed": 1}, compute)
-    StatsCache(tmp_path, {"rows": [1]}).get("m", {"seed": 2}, compute)  # the model's own inputs
-    StatsCache(tmp_path, {"rows": [2]}).get("m", {"seed": 2}, compute)  # what every model shares
+    StatsCache(tmp_path, {"rows": [1]}).get("m", {"seed": 2}, compute)  # the model's own inputs: replaced
+    StatsCache(tmp_path, {"rows": [2]}).get("m", {"seed": 2}, compute)  # what every model shares: a new subfolder
     assert len(calls) == 3
-    saved = json.loads((tmp_path / "m.json").read_text())
+    saved = json.loads((tmp_path / digest({"rows": [2]})[:16] / "m.json").read_text())
     assert saved["key"] == digest({"shared": digest({"rows": [2]}), "name": "m", "inputs": {"seed": 2}})
+    StatsCache(tmp_path, {"rows": [1]}).get("m", {"seed": 2}, compute)  # the first experiment's file is intact
+    assert len(calls) == 3 and len(list(tmp_path.glob("*/m.json"))) == 2
 
 
 def test_an_unreadable_file_is_computed_again_and_no_folder_keeps_nothing(tmp_path):
-    (tmp_path / "m.json").write_text('{"key": "tru')  # cut mid-write by something other than sift
+    (tmp_path / digest({})[:16]).mkdir()
+    (tmp_path / digest({})[:16] / "m.json").write_text('{"key": "tru')  # cut mid-write by something other than sift
     compute, calls = counting({"retain": 0.5})
     cache = StatsCache(tmp_path, {})
     assert cache.get("m", {}, compute) == {"retain": 0.5} and cache.computed == ["m"]

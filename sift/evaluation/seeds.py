@@ -143,8 +143,8 @@ def challenge_scores(
 ) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    from sift import __version__
     from sift.adapters import open_peft_adapter, weights_file
+    from sift.compute import base_stack
     from sift.config import config_to_toml
     from sift.evaluation.builds import build_trained, recipe_config
     from sift.evaluation.challenge import BIN_WIDTH, bin_count
@@ -157,13 +157,13 @@ def challenge_scores(
     n, bs = s.seeds, s.eval.batch_size
     b = base.get()
     forget_ids = sorted(r["id"] for r in forget)
+    stack = base_stack(base, torch.get_num_threads())  # device, libraries, dtype, threads: the bytes depend on them
+    stack.pop("driver", None)  # a driver update alone changes no kernel's result
     cache = StatsCache(
         Path(s.seeds_cache) if s.seeds_cache else None,
         {
-            "sift": __version__,
+            "stack": stack,
             "base": b.fingerprint,
-            "device": str(base.device()),
-            "threads": torch.get_num_threads(),
             "rows": rows,
             "forget": forget_ids,
             "retain": retain,
@@ -201,7 +201,9 @@ def challenge_scores(
     rows_out = [{"method": "reference vs reference (monolithic)", **score_sets(refs["a"], refs["b"])}]
     ceiling_mono = rows_out[0]["F"]
 
-    original = tensors_sha256(load_file(str(weights_file(mono.adapter_dir(0)))))[0]  # what every run starts from
+    # what every run starts from: the original's weights and its recipe (LoRA scale, max_length)
+    original = tensors_sha256(load_file(str(weights_file(mono.adapter_dir(0)))))[0]
+    original_recipe = config_to_toml(recipe_config(s, 1))
     for method in s.methods:
         runs = []
         for i in range(1, n + 1):
@@ -213,7 +215,7 @@ def challenge_scores(
                 unlearn(mono, forget_ids, out, settings, base=base, quiet=True)
                 return adapter_stats(out)
 
-            inputs = {"original": original, "unlearn": asdict(settings)}
+            inputs = {"original": original, "original_recipe": original_recipe, "unlearn": asdict(settings)}
             runs.append(cache.get(f"{method}-{i}", inputs, compute))
         rows_out.append({"method": method, **score_sets(runs, refs["a"]), "ceiling": ceiling_mono})
 

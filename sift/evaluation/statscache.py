@@ -7,13 +7,15 @@ their own as soon as they are known (written atomically), and a later run with t
 them instead of training the model again: a run cut at model 40 of 56 resumes at model 41.
 
 A file holds the sha256 of everything its numbers depend on: the rows, the forget, retain and
-general rows scored, the base model's fingerprint, sift's version, the evaluation batch size, and the
-model's own recipe (its full sift.toml, seed included) or, for an unlearned run, the original
-adapter's tensor hash (as its sift-meta.json records it) and the unlearning settings. A file whose key differs is computed again and
-replaced, so one folder can serve runs on other data or settings without mixing their numbers. N is
-not part of the key: model i has the same seed at every N, so raising N reuses the first models.
-JSON keeps every float exactly (Python writes the shortest repr that reads back the same double),
-so a resumed run's report equals an uncut run's.
+general rows scored, the base model's fingerprint, the stack (device kind and name, torch,
+transformers, peft and sift versions, dtype, attention, threads), the evaluation batch size, and
+the model's own recipe (its full sift.toml, seed included) or, for an unlearned run, the original
+adapter's tensor hash and recipe and the unlearning settings. What every model of a run shares
+names a subfolder, so runs on other data or settings keep their files apart; a file whose key
+differs is computed again and replaced. N is not part of the key: model i has the same seed at
+every N, so raising N reuses the first models. JSON keeps every float exactly (Python writes the
+shortest repr that reads back the same double), so a resumed run's challenge table equals an
+uncut run's.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class StatsCache:
             self.computed.append(name)
             return compute()
         key = digest({"shared": self.shared, "name": name, "inputs": inputs})
-        path = self.folder / f"{name}.json"
+        path = self.folder / self.shared[:16] / f"{name}.json"  # one subfolder per experiment
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
