@@ -59,22 +59,31 @@ def _adapter(shard: int, seed: int) -> Adapter:
     return Adapter(shard=shard, sha256=f"h{shard}-{seed}", scaling=2.0, modules=modules)
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3)), min_size=1, max_size=25), st.integers(8, 52))
-def test_any_order_of_adds_and_subtracts_equals_a_fresh_sum(ops, bits):
-    """ops: (shard, version) pairs; each op replaces the shard's adapter with that version (subtract
-    the held one, add the new), or removes it when the version is 0."""
-    acc = MergeState(bits=bits, base_fingerprint="fp")
+def _replay(ops, bits: int, make, counts: bool) -> tuple[MergeState, MergeState, dict[int, Adapter]]:
+    """Apply ops, (shard, version) pairs, to one accumulator: each replaces the shard's adapter
+    with that version (subtract the held one, add the new) or removes it when the version is 0.
+    Returns it, a fresh accumulator of the adapters left (added in another order on purpose), and
+    those adapters."""
+    acc = MergeState(bits=bits, base_fingerprint="fp", counts=counts)
     held: dict[int, Adapter] = {}
     for shard, version in ops:
         if shard in held:
             acc.subtract(held.pop(shard))
         if version:
-            held[shard] = _adapter(shard, 100 * shard + version)
+            held[shard] = make(shard, 100 * shard + version)
             acc.add(held[shard])
-    fresh = MergeState(bits=bits, base_fingerprint="fp")
-    for shard in sorted(held, reverse=True):  # another order on purpose
+    fresh = MergeState(bits=bits, base_fingerprint="fp", counts=counts)
+    for shard in sorted(held, reverse=True):
         fresh.add(held[shard])
+    return acc, fresh, held
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3)), min_size=1, max_size=25), st.integers(8, 52))
+def test_any_order_of_adds_and_subtracts_equals_a_fresh_sum(ops, bits):
+    """ops: (shard, version) pairs; each op replaces the shard's adapter with that version (subtract
+    the held one, add the new), or removes it when the version is 0."""
+    acc, fresh, _ = _replay(ops, bits, _adapter, counts=False)
     assert acc.members == fresh.members
     assert set(acc.acc) == set(fresh.acc)
     for name in fresh.acc:
@@ -104,17 +113,7 @@ def test_the_count_accumulator_of_any_add_and_subtract_order_equals_a_fresh_one(
     entry: any replace/remove order leaves sums and counts equal to a fresh merge of the shards
     held, the count is the number of held masks at each entry, and an entry's served value is the
     mean over the shards that moved it."""
-    acc = MergeState(bits=bits, base_fingerprint="fp", counts=True)
-    held: dict[int, Adapter] = {}
-    for shard, version in ops:
-        if shard in held:
-            acc.subtract(held.pop(shard))
-        if version:
-            held[shard] = _masked_adapter(shard, 100 * shard + version)
-            acc.add(held[shard])
-    fresh = MergeState(bits=bits, base_fingerprint="fp", counts=True)
-    for shard in sorted(held, reverse=True):
-        fresh.add(held[shard])
+    acc, fresh, held = _replay(ops, bits, _masked_adapter, counts=True)
     assert acc.members == fresh.members and set(acc.acc) == set(fresh.acc)
     for name in fresh.acc:
         assert torch.equal(acc.acc[name], fresh.acc[name])
