@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from sift.exact.verify import verify
 
 
@@ -41,6 +43,7 @@ def _train(root, rows, hash_seed: str) -> bytes:
     return b"".join((root / "adapters" / f"shard-{s:04d}" / "adapter_config.json").read_bytes() for s in range(2))
 
 
+@pytest.mark.slow  # over 10 s on 2 cores; keeps the default run under 10 minutes
 def test_adapter_config_is_the_same_bytes_whatever_the_hash_seed(tmp_path, facts):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps(r) + "\n" for r in facts))

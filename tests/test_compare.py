@@ -181,6 +181,7 @@ def test_compare_checks_row_fields_before_training(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # over 10 s on 2 cores; keeps the default run under 10 minutes
 def test_compare_with_variants_relearning_and_a_worst_case_forget_set(tmp_path):
     from sift.evaluation.relearn import RelearnSettings
 

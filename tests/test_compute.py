@@ -61,6 +61,7 @@ def _moved(ws, **changes):
     ws.state_path.write_text(json.dumps(state))
 
 
+@pytest.mark.slow  # over 10 s on 2 cores; keeps the default run under 10 minutes
 def test_the_stack_is_recorded_and_another_refuses_until_retrain_all(trained_ws, facts, tmp_path):
     state = json.loads(trained_ws.state_path.read_text())
     here = workspace_stack(trained_ws.load_config().compute, trained_ws.load_config().train.threads)

@@ -132,6 +132,7 @@ def test_log_level_follows_the_cli_flags(capsys):
     assert err == ["shown at the default level", "a warning with -q", "shown with -v"]
 
 
+@pytest.mark.slow  # over 10 s on 2 cores; keeps the default run under 10 minutes
 def test_quiet_cli_flag_silences_progress(tmp_path, facts):
     from conftest import write_rows
 

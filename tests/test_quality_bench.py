@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from sift.builtin.general import GENERAL_QUESTIONS, general_rows
 from sift.evaluation.recall import fact_recall, general_correct, general_recall
 
@@ -108,6 +110,7 @@ def test_bench_quality_runs_and_keys_routing_reuses_the_owners_answers(tmp_path)
     assert all(r["stored_bytes_per_shard"] > 0 for r in list(by.values()) + list(sm.values()))
 
 
+@pytest.mark.slow  # over 10 s on 2 cores; keeps the default run under 10 minutes
 def test_bench_quality_measures_the_lora_form_of_sift_masks(tmp_path):
     """--mask-form lora: the same rows for sift-masks-lora and its per-coordinate variant, at the
     rank and target weights asked for; a resumed --workdir refuses another recipe."""

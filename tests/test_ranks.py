@@ -89,6 +89,7 @@ def test_three_ranks_train_each_shard_once_with_the_bytes_of_one_process(tmp_pat
     assert _adapters(tmp_path / "ranks") == alone
 
 
+@pytest.mark.slow  # over 10 s on 2 cores; keeps the default run under 10 minutes
 def test_verify_under_a_launch_shares_one_rebuild_and_rank_0_compares(alone_run):
     rows, alone, root = alone_run
     _finish(_start(["merge", "-w", str(root), "--json"]))
@@ -123,6 +124,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow  # over 10 s on 2 cores; keeps the default run under 10 minutes
 def test_a_shard_whose_worker_is_killed_is_trained_by_another(tmp_path, rows_and_alone):
     """A worker holds the largest shard's lock mid-shard and is killed (SIGKILL) while a second
     worker runs: the second passes the held shard over, trains the rest, and takes the killed

@@ -148,6 +148,7 @@ def test_the_ties_merge_streams_one_weight_at_a_time(tmp_path, facts, monkeypatc
     assert not loaded["streamed"] and loaded["served_sha256"] == out["served_sha256"] == served_hashes(ws.merged_dir)[0]
 
 
+@pytest.mark.slow  # over 10 s on 2 cores; keeps the default run under 10 minutes
 def test_merge_params_reach_the_method_from_the_cli_and_the_config(trained_ws, facts):
     """`--param key=value` is the generic way (--density is its alias): same bytes, saved as the
     workspace's [merge.params], used again by the forget's re-merge and by verify's rebuild."""
